@@ -1,0 +1,194 @@
+//! Map layouts shared by the kernel programs (`sidecar-ebpf`) and the userspace loader
+//! (`sidecar-user`). Every type here is `#[repr(C)]` with explicit padding fields, so
+//! both compilers agree on every byte; flags are integers rather than `bool` because
+//! `aya::Pod` must have no invalid bit patterns.
+#![no_std]
+
+/// `AF_INET`, as the kernel numbers it.
+pub const AF_INET: u16 = 2;
+/// `AF_INET6`, as the kernel numbers it.
+pub const AF_INET6: u16 = 10;
+
+/// Names of the maps, so the loader never repeats a string literal of the kernel crate.
+pub mod map_names {
+    /// [`crate::CaptureConfig`] at index 0.
+    pub const CONFIG: &str = "CONFIG";
+    /// `u16` destination port → [`crate::port_rule`] bits.
+    pub const PORT_RULES: &str = "PORT_RULES";
+    /// LPM trie of IPv4 destinations that are never captured.
+    pub const EXCLUDED_V4: &str = "EXCLUDED_V4";
+    /// LPM trie of IPv6 destinations that are never captured.
+    pub const EXCLUDED_V6: &str = "EXCLUDED_V6";
+    /// Socket cookie → [`crate::SockAddr`] written at connect, before the local port is known.
+    pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
+    /// [`crate::FlowKey`] → [`crate::SockAddr`], the table the proxy reads at accept.
+    pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
+    /// Per-CPU `u64` counters indexed by [`crate::Counter`].
+    pub const COUNTERS: &str = "COUNTERS";
+}
+
+/// Names of the programs in the object.
+pub mod program_names {
+    /// `cgroup/connect4`.
+    pub const CONNECT4: &str = "connect4";
+    /// `cgroup/connect6`.
+    pub const CONNECT6: &str = "connect6";
+    /// `sockops`, re-keys original destinations by 4-tuple.
+    pub const SOCK_OPS: &str = "sock_ops";
+}
+
+/// Capacity of the original-destination LRU maps. Entries live only from `connect()`
+/// until the proxy accepts, so this bounds connects in flight, not open connections.
+pub const ORIG_DST_MAP_CAPACITY: u32 = 32_768;
+/// Capacity of the port rule map (every port could be listed).
+pub const PORT_RULES_CAPACITY: u32 = 65_536;
+/// Capacity of each excluded-CIDR trie.
+pub const EXCLUDED_CIDRS_CAPACITY: u32 = 1_024;
+
+/// Bits of a [`map_names::PORT_RULES`] value.
+pub mod port_rule {
+    /// Connections to this port are never captured.
+    pub const EXCLUDE: u32 = 1;
+    /// With [`crate::capture_flags::INCLUDE_PORTS_ONLY`], only ports with this bit are captured.
+    pub const INCLUDE: u32 = 2;
+}
+
+/// Bits of [`CaptureConfig::flags`].
+pub mod capture_flags {
+    /// Capture only ports marked [`crate::port_rule::INCLUDE`].
+    pub const INCLUDE_PORTS_ONLY: u32 = 1;
+}
+
+/// Settings of the capture programs, stored at index 0 of [`map_names::CONFIG`].
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CaptureConfig {
+    /// Connects made by this UID are never captured: the proxy's own upstream traffic.
+    pub proxy_uid: u32,
+    /// [`capture_flags`] bits.
+    pub flags: u32,
+    /// IPv4 address of the outbound listener, network byte order.
+    pub outbound_ip4: u32,
+    /// IPv6 address of the outbound listener, network byte order words.
+    pub outbound_ip6: [u32; 4],
+    /// Port of the outbound listener, host byte order.
+    pub outbound_port: u16,
+    /// Explicit padding to a multiple of 4 bytes.
+    pub _pad: u16,
+}
+
+/// An IPv4 or IPv6 socket address as the kernel hands it out: address words in network
+/// byte order (IPv4 in `addr[0]`, the rest zero), port in host byte order. 20 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct SockAddr {
+    /// Address words, network byte order.
+    pub addr: [u32; 4],
+    /// Port, host byte order.
+    pub port: u16,
+    /// [`AF_INET`] or [`AF_INET6`].
+    pub family: u16,
+}
+
+impl SockAddr {
+    /// An IPv4 address from its network-order word and a host-order port.
+    pub const fn v4(addr: u32, port: u16) -> Self {
+        Self {
+            addr: [addr, 0, 0, 0],
+            port,
+            family: AF_INET,
+        }
+    }
+
+    /// An IPv6 address from its network-order words and a host-order port.
+    pub const fn v6(addr: [u32; 4], port: u16) -> Self {
+        Self {
+            addr,
+            port,
+            family: AF_INET6,
+        }
+    }
+}
+
+/// The 4-tuple of a captured connection as seen from the application's socket: `src` is
+/// the app's local address, `dst` the proxy listener it was redirected to. The proxy's
+/// accepted socket sees the same pair as (peer, local). 40 bytes.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct FlowKey {
+    /// The application's end.
+    pub src: SockAddr,
+    /// The proxy listener's end.
+    pub dst: SockAddr,
+}
+
+/// Kernel-side counters, the index into [`map_names::COUNTERS`].
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Counter {
+    /// TCP connects redirected to the outbound listener.
+    Captured = 0,
+    /// Connects skipped because the socket is not TCP (UDP `connect()`, ...).
+    SkippedNotTcp,
+    /// Connects skipped because the proxy made them.
+    SkippedProxy,
+    /// Connects skipped because the destination is loopback.
+    SkippedLoopback,
+    /// Connects skipped by a port rule (excluded, or not included).
+    ExcludedPort,
+    /// Connects skipped because the destination is in an excluded CIDR.
+    ExcludedCidr,
+    /// A captured connect whose original destination could not be stored.
+    OrigDstStoreFailed,
+    /// Original destinations moved from cookie to 4-tuple key by `sock_ops`.
+    OrigDstRekeyed,
+    /// A `sock_ops` re-key whose insert failed.
+    OrigDstRekeyFailed,
+}
+
+impl Counter {
+    /// Every counter, in index order.
+    pub const ALL: [Counter; 9] = [
+        Counter::Captured,
+        Counter::SkippedNotTcp,
+        Counter::SkippedProxy,
+        Counter::SkippedLoopback,
+        Counter::ExcludedPort,
+        Counter::ExcludedCidr,
+        Counter::OrigDstStoreFailed,
+        Counter::OrigDstRekeyed,
+        Counter::OrigDstRekeyFailed,
+    ];
+    /// Number of counters, the size of the counter array.
+    pub const COUNT: u32 = Self::ALL.len() as u32;
+
+    /// A stable snake_case name, used as a metric label.
+    pub const fn name(self) -> &'static str {
+        match self {
+            Counter::Captured => "captured",
+            Counter::SkippedNotTcp => "skipped_not_tcp",
+            Counter::SkippedProxy => "skipped_proxy",
+            Counter::SkippedLoopback => "skipped_loopback",
+            Counter::ExcludedPort => "excluded_port",
+            Counter::ExcludedCidr => "excluded_cidr",
+            Counter::OrigDstStoreFailed => "orig_dst_store_failed",
+            Counter::OrigDstRekeyed => "orig_dst_rekeyed",
+            Counter::OrigDstRekeyFailed => "orig_dst_rekey_failed",
+        }
+    }
+}
+
+#[cfg(feature = "user")]
+mod pod {
+    // SAFETY: plain `#[repr(C)]` integers with explicit padding; every bit pattern is valid.
+    unsafe impl aya::Pod for super::CaptureConfig {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::SockAddr {}
+    // SAFETY: as above.
+    unsafe impl aya::Pod for super::FlowKey {}
+}
+
+// Layout checks: a size change here is a change of the kernel ABI between the crates.
+const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<SockAddr>() == 20);
+const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);

@@ -1,0 +1,159 @@
+//! `cgroup/connect4` and `cgroup/connect6`: redirect an application's TCP connect to
+//! the proxy's outbound listener, storing the original destination under the socket
+//! cookie. Every path returns "allow": a bug here must never block the app's connect.
+
+use aya_ebpf::{
+    bindings::bpf_sock_addr,
+    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    macros::cgroup_sock_addr,
+    maps::lpm_trie::Key,
+    programs::SockAddrContext,
+};
+use sidecar_common::{CaptureConfig, Counter, SockAddr, capture_flags, port_rule};
+
+use crate::{
+    counters::bump,
+    maps::{CONFIG, EXCLUDED_V4, EXCLUDED_V6, ORIG_DST_BY_COOKIE, PORT_RULES},
+};
+
+/// Return code that lets the syscall proceed.
+const ALLOW: i32 = 1;
+const SOCK_STREAM: u32 = 1;
+const IPPROTO_TCP: u32 = 6;
+/// `::ffff:0:0/96`, the third word of an IPv4-mapped IPv6 address (network order).
+const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+
+/// Redirects IPv4 TCP connects.
+#[cgroup_sock_addr(connect4)]
+pub fn connect4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's lifetime.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(cfg) = capture_config(sa) else {
+        return ALLOW;
+    };
+    let dst = SockAddr::v4(sa.user_ip4, u16::from_be(sa.user_port as u16));
+    if should_capture_v4(cfg, dst.addr[0], dst.port) {
+        record(&ctx, &dst);
+        sa.user_ip4 = cfg.outbound_ip4;
+        sa.user_port = u32::from(cfg.outbound_port.to_be());
+    }
+    ALLOW
+}
+
+/// Redirects IPv6 TCP connects, including IPv4-mapped destinations (`::ffff:a.b.c.d`),
+/// which run only this hook and get the IPv4 rules and an IPv4-mapped listener address.
+#[cgroup_sock_addr(connect6)]
+pub fn connect6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in `connect4`.
+    let sa = unsafe { &mut *ctx.sock_addr };
+    let Some(cfg) = capture_config(sa) else {
+        return ALLOW;
+    };
+    let ip6 = sa.user_ip6;
+    let port = u16::from_be(sa.user_port as u16);
+    if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
+        if should_capture_v4(cfg, ip6[3], port) {
+            record(&ctx, &SockAddr::v4(ip6[3], port));
+            sa.user_ip6[3] = cfg.outbound_ip4;
+            sa.user_port = u32::from(cfg.outbound_port.to_be());
+        }
+    } else if should_capture_v6(cfg, ip6, port) {
+        record(&ctx, &SockAddr::v6(ip6, port));
+        set_user_ip6(sa, cfg.outbound_ip6);
+        sa.user_port = u32::from(cfg.outbound_port.to_be());
+    }
+    ALLOW
+}
+
+/// Writes the IPv6 address word by word: the verifier only accepts aligned 4-byte
+/// stores into `user_ip6`, and a plain array assignment may become a `memmove`.
+#[inline(always)]
+fn set_user_ip6(sa: &mut bpf_sock_addr, ip6: [u32; 4]) {
+    for (i, word) in ip6.into_iter().enumerate() {
+        // SAFETY: `i < 4`, inside the context's `user_ip6` field.
+        unsafe { core::ptr::write_volatile(&mut sa.user_ip6[i], word) };
+    }
+}
+
+/// The capture settings, or `None` when this connect is not ours to capture
+/// (not TCP, made by the proxy itself, or no config loaded yet).
+#[inline(always)]
+fn capture_config(sa: &bpf_sock_addr) -> Option<&'static CaptureConfig> {
+    if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != 0) {
+        bump(Counter::SkippedNotTcp);
+        return None;
+    }
+    let cfg = CONFIG.get(0)?;
+    if cfg.outbound_port == 0 {
+        return None;
+    }
+    // The low 32 bits are the UID. The proxy's upstream connects carry its UID, so they
+    // are never redirected back into itself, even from inside this cgroup.
+    if bpf_get_current_uid_gid() as u32 == cfg.proxy_uid {
+        bump(Counter::SkippedProxy);
+        return None;
+    }
+    Some(cfg)
+}
+
+#[inline(always)]
+fn should_capture_v4(cfg: &CaptureConfig, ip: u32, port: u16) -> bool {
+    if u32::from_be(ip) >> 24 == 127 {
+        bump(Counter::SkippedLoopback);
+        return false;
+    }
+    if !port_allowed(cfg, port) {
+        return false;
+    }
+    if EXCLUDED_V4.get(Key::new(32, ip.to_ne_bytes())).is_some() {
+        bump(Counter::ExcludedCidr);
+        return false;
+    }
+    true
+}
+
+#[inline(always)]
+fn should_capture_v6(cfg: &CaptureConfig, ip: [u32; 4], port: u16) -> bool {
+    if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be() {
+        bump(Counter::SkippedLoopback);
+        return false;
+    }
+    if !port_allowed(cfg, port) {
+        return false;
+    }
+    // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size and any bit pattern is valid.
+    let bytes: [u8; 16] = unsafe { core::mem::transmute(ip) };
+    if EXCLUDED_V6.get(Key::new(128, bytes)).is_some() {
+        bump(Counter::ExcludedCidr);
+        return false;
+    }
+    true
+}
+
+#[inline(always)]
+fn port_allowed(cfg: &CaptureConfig, port: u16) -> bool {
+    // SAFETY: the value is a plain u32 that nothing writes concurrently but the loader.
+    let rule = unsafe { PORT_RULES.get(port) }.copied().unwrap_or(0);
+    let include_only = cfg.flags & capture_flags::INCLUDE_PORTS_ONLY != 0;
+    if port == 0
+        || rule & port_rule::EXCLUDE != 0
+        || (include_only && rule & port_rule::INCLUDE == 0)
+    {
+        bump(Counter::ExcludedPort);
+        return false;
+    }
+    true
+}
+
+/// Stores the original destination under the socket cookie. Capture proceeds even if
+/// this fails: the proxy then finds no destination and refuses the connection, which
+/// fails closed instead of letting traffic go around the proxy.
+#[inline(always)]
+fn record(ctx: &SockAddrContext, dst: &SockAddr) {
+    bump(Counter::Captured);
+    // SAFETY: a sock_addr context is a valid argument for this helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
+    if ORIG_DST_BY_COOKIE.insert(cookie, dst, 0).is_err() {
+        bump(Counter::OrigDstStoreFailed);
+    }
+}

@@ -1,0 +1,45 @@
+//! Every map of the object, in one place. Names come from `sidecar_common::map_names`
+//! by matching the static's identifier.
+
+use aya_ebpf::{
+    macros::map,
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+};
+use sidecar_common::{
+    CaptureConfig, Counter, EXCLUDED_CIDRS_CAPACITY, FlowKey, ORIG_DST_MAP_CAPACITY,
+    PORT_RULES_CAPACITY, SockAddr,
+};
+
+/// Capture settings at index 0, written by the loader before attaching.
+#[map]
+pub static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+
+/// Destination port → `port_rule` bits.
+#[map]
+pub static PORT_RULES: HashMap<u16, u32> = HashMap::with_max_entries(PORT_RULES_CAPACITY, 0);
+
+/// IPv4 destinations never captured (key bytes in network order).
+#[map]
+pub static EXCLUDED_V4: LpmTrie<[u8; 4], u32> =
+    LpmTrie::with_max_entries(EXCLUDED_CIDRS_CAPACITY, 0);
+
+/// IPv6 destinations never captured (key bytes in network order).
+#[map]
+pub static EXCLUDED_V6: LpmTrie<[u8; 16], u32> =
+    LpmTrie::with_max_entries(EXCLUDED_CIDRS_CAPACITY, 0);
+
+/// Socket cookie → original destination, from `connect` until `sock_ops` re-keys it.
+/// LRU: a connect that fails before SYN leaves an entry that simply ages out.
+#[map]
+pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
+    LruHashMap::with_max_entries(ORIG_DST_MAP_CAPACITY, 0);
+
+/// 4-tuple → original destination, consumed by the proxy at accept. LRU: connects
+/// aborted before the proxy accepts age out instead of filling the map.
+#[map]
+pub static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, SockAddr> =
+    LruHashMap::with_max_entries(ORIG_DST_MAP_CAPACITY, 0);
+
+/// Per-CPU event counters indexed by `Counter`.
+#[map]
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);

@@ -1,0 +1,109 @@
+//! `sockops`: when a redirected socket sends its SYN (`TCP_CONNECT_CB`), its local port
+//! is known; move its original destination from the cookie key to the 4-tuple key the
+//! proxy can compute from the socket it accepts. This runs before the SYN leaves, so
+//! the entry exists before the proxy can possibly accept the connection.
+
+use aya_ebpf::{
+    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops},
+    helpers::bpf_get_socket_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use sidecar_common::{AF_INET6, Counter, FlowKey, SockAddr};
+
+use crate::{
+    counters::bump,
+    maps::{ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW},
+};
+
+const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
+
+/// Re-keys original destinations of redirected connects.
+#[sock_ops]
+pub fn sock_ops(ctx: SockOpsContext) -> u32 {
+    if ctx.op() == BPF_SOCK_OPS_TCP_CONNECT_CB {
+        rekey(&ctx);
+    }
+    // 1 = the program ran fine; the kernel then uses the (unset) reply as-is.
+    1
+}
+
+#[inline(always)]
+fn rekey(ctx: &SockOpsContext) {
+    // SAFETY: a sock_ops context is a valid argument for this helper.
+    let cookie = unsafe { bpf_get_socket_cookie(ctx.ops.cast()) };
+    // SAFETY: the value is copied out at once; a concurrent delete at worst yields a
+    // stale copy of a destination that was right for this cookie.
+    let Some(orig) = (unsafe { ORIG_DST_BY_COOKIE.get(cookie) }).copied() else {
+        return;
+    };
+    let key = flow_key(ctx);
+    if ORIG_DST_BY_FLOW.insert(key, orig, 0).is_ok() {
+        bump(Counter::OrigDstRekeyed);
+    } else {
+        bump(Counter::OrigDstRekeyFailed);
+    }
+    let _ = ORIG_DST_BY_COOKIE.remove(cookie);
+}
+
+/// The connection's 4-tuple from the app socket's side. An IPv6 socket connected to an
+/// IPv4-mapped address is really an IPv4 connection (the proxy accepts it on its IPv4
+/// listener), so it is keyed as IPv4. Its IPv6 source field is not filled in yet at this
+/// point, but the IPv4 fields are.
+#[inline(always)]
+fn flow_key(ctx: &SockOpsContext) -> FlowKey {
+    let local_port = ctx.local_port() as u16;
+    let remote_port = remote_port(ctx.remote_port());
+    // SAFETY: `ctx.ops` is the valid context the kernel passed in.
+    let remote6 = unsafe { ip6_words(&raw const (*ctx.ops).remote_ip6) };
+    let v6 = ctx.family() == u32::from(AF_INET6)
+        && !(remote6[0] == 0 && remote6[1] == 0 && remote6[2] == V4_MAPPED_WORD);
+    if v6 {
+        FlowKey {
+            // SAFETY: as above.
+            src: SockAddr::v6(
+                unsafe { ip6_words(&raw const (*ctx.ops).local_ip6) },
+                local_port,
+            ),
+            dst: SockAddr::v6(remote6, remote_port),
+        }
+    } else {
+        FlowKey {
+            src: SockAddr::v4(ctx.local_ip4(), local_port),
+            dst: SockAddr::v4(ctx.remote_ip4(), remote_port),
+        }
+    }
+}
+
+/// Reads an IPv6 address field of the context one word at a time: the verifier
+/// rejects loads through a ctx pointer moved to the field's start, which is what an
+/// array copy compiles to.
+///
+/// # Safety
+/// `field` must point at a `[u32; 4]` inside a live `bpf_sock_ops` context.
+#[inline(always)]
+unsafe fn ip6_words(field: *const [u32; 4]) -> [u32; 4] {
+    let _: Option<&bpf_sock_ops> = None; // the field belongs to this context type
+    let base = field.cast::<u32>();
+    // SAFETY: the caller guarantees four readable words at `field`.
+    unsafe {
+        [
+            core::ptr::read_volatile(base),
+            core::ptr::read_volatile(base.add(1)),
+            core::ptr::read_volatile(base.add(2)),
+            core::ptr::read_volatile(base.add(3)),
+        ]
+    }
+}
+
+/// `bpf_sock_ops.remote_port` is in network byte order, and on little-endian kernels
+/// the 16-bit port sits in the upper half of the u32 (the context rewrite shifts it).
+#[inline(always)]
+fn remote_port(raw: u32) -> u16 {
+    let be = if raw > 0xffff {
+        (raw >> 16) as u16
+    } else {
+        raw as u16
+    };
+    u16::from_be(be)
+}

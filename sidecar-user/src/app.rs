@@ -1,0 +1,187 @@
+//! Wiring: [`build`] binds every listener and attaches the kernel programs, returning
+//! a [`Bound`] that holds all of it; [`Bound::run`] serves until a signal, then drains
+//! and detaches. Building fails on anything wrong; running does not fail on config.
+
+use std::{
+    net::SocketAddr,
+    path::Path,
+    sync::{Arc, atomic::Ordering},
+    time::Instant,
+};
+
+use tokio::{net::TcpListener, signal::unix::SignalKind, task::JoinSet};
+use tracing::{info, warn};
+
+use crate::{
+    admin::{self, AdminState, Surface},
+    config::Config,
+    drain::{self, DrainOutcome},
+    ebpf::{Capture, CaptureError, KernelMaps},
+    proxy::{
+        ProxyStats,
+        listener::{self, BindError},
+        outbound::{self, Inputs},
+    },
+};
+
+/// Why the sidecar could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A listener could not be bound (the address is named).
+    #[error(transparent)]
+    Bind(#[from] BindError),
+    /// The kernel programs could not be loaded or attached.
+    #[error(transparent)]
+    Capture(#[from] CaptureError),
+}
+
+/// Every address the sidecar listens on.
+#[derive(Clone, Debug)]
+pub struct BoundAddrs {
+    /// Outbound listeners (captured connects land here).
+    pub outbound: Vec<SocketAddr>,
+    /// Loopback-only admin listener.
+    pub admin: SocketAddr,
+    /// Health listener on the pod IP.
+    pub health: SocketAddr,
+}
+
+/// A started-but-not-serving sidecar: listeners bound, programs attached.
+pub struct Bound {
+    /// Where it listens.
+    pub addrs: BoundAddrs,
+    config: Config,
+    capture: Capture,
+    kernel: Arc<KernelMaps>,
+    outbound: Vec<std::net::TcpListener>,
+    admin: std::net::TcpListener,
+    health: std::net::TcpListener,
+}
+
+/// Binds the listeners, then loads and attaches the programs to `cgroup`. Listeners
+/// come first so that a redirected connect always finds one.
+pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
+    let admin = listener::bind(config.admin.address, "admin.address")?;
+    let health = listener::bind(config.health.address, "health.address")?;
+    let outbound = config
+        .outbound_addrs()
+        .into_iter()
+        .map(|addr| listener::bind(addr, "proxy.outbound_port"))
+        .collect::<Result<Vec<_>, _>>()?;
+    let local = |l: &std::net::TcpListener, addr: SocketAddr| l.local_addr().unwrap_or(addr);
+    let addrs = BoundAddrs {
+        outbound: outbound
+            .iter()
+            .zip(config.outbound_addrs())
+            .map(|(l, a)| local(l, a))
+            .collect(),
+        admin: local(&admin, config.admin.address),
+        health: local(&health, config.health.address),
+    };
+    let mut capture = Capture::load(&config)?;
+    capture.attach(cgroup, config.proxy.ipv6)?;
+    let kernel = Arc::new(capture.kernel_maps()?);
+    Ok(Bound {
+        addrs,
+        config,
+        capture,
+        kernel,
+        outbound,
+        admin,
+        health,
+    })
+}
+
+// === impl Bound ===
+
+impl Bound {
+    /// Starts the runtime and serves until SIGTERM or SIGINT, then drains and detaches.
+    pub fn run(self) -> std::io::Result<()> {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(self.config.proxy.worker_threads)
+            .thread_name("sidecar-worker")
+            .enable_all()
+            .build()?
+            .block_on(self.serve())
+    }
+
+    async fn serve(self) -> std::io::Result<()> {
+        let Bound {
+            addrs,
+            config,
+            capture,
+            kernel,
+            outbound,
+            admin,
+            health,
+        } = self;
+        let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
+        let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
+
+        let stats = Arc::new(ProxyStats::default());
+        let state = Arc::new(AdminState {
+            ready: false.into(),
+            stats: stats.clone(),
+            kernel: kernel.clone(),
+            cgroup: capture.cgroup().to_owned(),
+            started: Instant::now(),
+        });
+        let admin = tokio::spawn(admin::serve(
+            TcpListener::from_std(admin)?,
+            Surface::Admin,
+            state.clone(),
+        ));
+        let health = tokio::spawn(admin::serve(
+            TcpListener::from_std(health)?,
+            Surface::Health,
+            state.clone(),
+        ));
+
+        let (trigger, watcher) = drain::channel();
+        let inputs = Arc::new(Inputs {
+            kernel,
+            own_addrs: addrs.outbound.clone(),
+            connect_timeout: config.proxy.connect_timeout,
+            idle_timeout: config.proxy.idle_timeout,
+            stats,
+        });
+        let mut accept_loops = JoinSet::new();
+        for listener in outbound {
+            let listener = TcpListener::from_std(listener)?;
+            accept_loops.spawn(outbound::accept_loop(
+                listener,
+                inputs.clone(),
+                watcher.clone(),
+            ));
+        }
+        state.ready.store(true, Ordering::SeqCst);
+        info!(
+            outbound = ?addrs.outbound,
+            admin = %addrs.admin,
+            health = %addrs.health,
+            cgroup = %capture.cgroup().display(),
+            "sidecar ready: capture attached"
+        );
+
+        let signal = tokio::select! {
+            _ = terminate.recv() => "SIGTERM",
+            _ = interrupt.recv() => "SIGINT",
+        };
+        info!(signal, grace = ?config.proxy.drain_timeout, "draining: listeners closing");
+        state.ready.store(false, Ordering::SeqCst);
+        let outcome = trigger.drain(config.proxy.drain_timeout).await;
+        accept_loops.join_all().await;
+        match outcome {
+            DrainOutcome::Completed => info!("drained: every connection finished"),
+            DrainOutcome::Forced(open) => {
+                warn!(open, "drain timeout: closed remaining connections")
+            }
+        }
+        let cgroup = capture.cgroup().to_owned();
+        capture.detach();
+        info!(cgroup = %cgroup.display(), "programs detached");
+        admin.abort();
+        health.abort();
+        Ok(())
+    }
+}

@@ -1,0 +1,51 @@
+//! Command-line interface.
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+use sidecar::telemetry::LogFormat;
+
+/// eBPF-assisted transparent sidecar proxy.
+#[derive(Debug, Parser)]
+#[command(name = "sidecar", version, about)]
+pub struct Cli {
+    /// Log line format.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Plain, env = "SIDECAR_LOG_FORMAT")]
+    pub log_format: LogFormat,
+    /// What to do.
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Subcommands.
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Attach capture to a pod's cgroup and run the proxy until SIGTERM.
+    Run(RunArgs),
+    /// Validate a config file and exit (non-zero, naming the field, if invalid).
+    Check(CheckArgs),
+}
+
+/// `sidecar run`.
+#[derive(Debug, Args)]
+pub struct RunArgs {
+    /// YAML config file; without it, every field takes its default.
+    #[arg(long, env = "SIDECAR_CONFIG")]
+    pub config: Option<PathBuf>,
+    /// cgroup v2 directory to capture (absolute, or relative to the cgroup2 mount).
+    /// Default: the sidecar's own cgroup.
+    #[arg(long)]
+    pub cgroup: Option<PathBuf>,
+    /// Network namespace to enter before binding (e.g. /run/netns/NAME or
+    /// /proc/PID/ns/net). Default: the current one.
+    #[arg(long)]
+    pub netns: Option<PathBuf>,
+}
+
+/// `sidecar check`.
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    /// YAML config file to validate.
+    #[arg(long)]
+    pub config: PathBuf,
+}

@@ -1,0 +1,516 @@
+//! The sidecar's configuration: one typed [`Config`] read from YAML (a Kubernetes
+//! ConfigMap fits), overridden by `SIDECAR__SECTION__FIELD` environment variables, and
+//! validated before anything binds or attaches. Every field has a default, so an empty
+//! file (or no file) is a working configuration.
+
+use std::{
+    collections::BTreeSet,
+    net::{IpAddr, SocketAddr},
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use ipnet::IpNet;
+use serde::{Deserialize, Deserializer};
+use serde_yaml_ng::Value;
+
+/// Prefix of environment variables that override config fields; `__` separates path
+/// segments: `SIDECAR__PROXY__CONNECT_TIMEOUT=2s`, `SIDECAR__CAPTURE__EXCLUDE_PORTS=[22,443]`.
+pub const ENV_PREFIX: &str = "SIDECAR__";
+
+/// Why a configuration was refused. Each variant names the file, field or variable.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// The file could not be read.
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        /// The file.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// The YAML is malformed or a field has the wrong type or name.
+    #[error("{origin}: field `{field}`: {message}")]
+    Parse {
+        /// The file, or the environment variable that set the field.
+        origin: String,
+        /// Dotted path of the field at fault.
+        field: String,
+        /// What is wrong with it.
+        message: String,
+    },
+    /// A field parsed but its value is not allowed.
+    #[error("field `{field}`: {reason}")]
+    Invalid {
+        /// Dotted path of the field at fault.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// An override variable names no valid path or holds unparsable YAML.
+    #[error("environment variable {var}: {reason}")]
+    Env {
+        /// The variable.
+        var: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// The whole configuration.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// The transparent proxy.
+    pub proxy: ProxyConfig,
+    /// Which connects the kernel programs capture.
+    pub capture: CaptureConfig,
+    /// The loopback-only debug listener.
+    pub admin: AdminConfig,
+    /// The pod-IP listener for the kubelet and Prometheus.
+    pub health: HealthConfig,
+}
+
+/// Settings of the proxy's data path.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// UID the proxy runs as once attached. Connects made by this UID are never
+    /// captured, which is how the proxy's own upstream connections avoid a loop
+    /// (Istio uses 1337 the same way). Must not be 0.
+    pub uid: u32,
+    /// Port of the outbound listener on 127.0.0.1 and `[::1]`.
+    pub outbound_port: u16,
+    /// Also capture IPv6 and listen on `[::1]`.
+    pub ipv6: bool,
+    /// Budget for connecting to the original destination.
+    #[serde(deserialize_with = "duration")]
+    pub connect_timeout: Duration,
+    /// A connection with no bytes either way for this long is closed.
+    #[serde(deserialize_with = "duration")]
+    pub idle_timeout: Duration,
+    /// On SIGTERM, how long open connections may take to finish before they are closed.
+    #[serde(deserialize_with = "duration")]
+    pub drain_timeout: Duration,
+    /// Runtime worker threads. Two matches Istio's default sidecar concurrency and
+    /// leaves the app its share of a small node.
+    pub worker_threads: usize,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        Self {
+            uid: 1337,
+            outbound_port: 15001,
+            ipv6: true,
+            // Envoy's and Istio's default connect timeout is 10 s; 5 s keeps a dead
+            // destination from holding an app's connect for long.
+            connect_timeout: Duration::from_secs(5),
+            // Istio's default TCP idle timeout.
+            idle_timeout: Duration::from_secs(3600),
+            // Kubernetes' default grace period is 30 s; leave room for the rest of it.
+            drain_timeout: Duration::from_secs(10),
+            worker_threads: 2,
+        }
+    }
+}
+
+/// Which connects are captured. Loopback destinations and the sidecar's own ports
+/// are never captured, whatever is configured here.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CaptureConfig {
+    /// Destination ports never captured.
+    pub exclude_ports: Vec<u16>,
+    /// When not empty, only these destination ports are captured.
+    pub include_ports: Vec<u16>,
+    /// Destination networks never captured (for example the API server's address).
+    pub exclude_cidrs: Vec<IpNet>,
+}
+
+/// The loopback-only debug listener.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Address; must be a loopback address, since debug endpoints name peers.
+    pub address: SocketAddr,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from(([127, 0, 0, 1], 15000)),
+        }
+    }
+}
+
+/// The health/metrics listener the kubelet and Prometheus reach on the pod IP.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HealthConfig {
+    /// Address; `[::]` listens dual-stack.
+    pub address: SocketAddr,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        Self {
+            address: SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, 15020)),
+        }
+    }
+}
+
+// === impl Config ===
+
+impl Config {
+    /// Reads `path` (or defaults when `None`), applies overrides from `env`, validates.
+    pub fn load(
+        path: Option<&Path>,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let (text, origin) = match path {
+            Some(path) => (
+                std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+                    path: path.to_owned(),
+                    source,
+                })?,
+                path.display().to_string(),
+            ),
+            None => (String::new(), "defaults".to_string()),
+        };
+        Self::from_yaml(&text, &origin, env)
+    }
+
+    /// Parses YAML `text` (named `origin` in errors), applies `env` overrides, validates.
+    pub fn from_yaml(
+        text: &str,
+        origin: &str,
+        env: impl IntoIterator<Item = (String, String)>,
+    ) -> Result<Self, ConfigError> {
+        let mut tree: Value = if text.trim().is_empty() {
+            Value::Mapping(Default::default())
+        } else {
+            serde_yaml_ng::from_str(text).map_err(|e| ConfigError::Parse {
+                origin: origin.to_string(),
+                field: "(document)".to_string(),
+                message: e.to_string(),
+            })?
+        };
+        if tree.is_null() {
+            tree = Value::Mapping(Default::default());
+        }
+        let mut overridden = Vec::new();
+        for (var, value) in env {
+            let Some(path) = var.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
+            let segments: Vec<String> = path.split("__").map(str::to_ascii_lowercase).collect();
+            let parsed: Value = serde_yaml_ng::from_str(&value).map_err(|e| ConfigError::Env {
+                var: var.clone(),
+                reason: e.to_string(),
+            })?;
+            set_path(&mut tree, &segments, parsed).map_err(|reason| ConfigError::Env {
+                var: var.clone(),
+                reason,
+            })?;
+            overridden.push((segments.join("."), var));
+        }
+        let config: Config = serde_path_to_error::deserialize(tree).map_err(|e| {
+            let field = e.path().to_string();
+            let origin = overridden
+                .iter()
+                .find(|(path, _)| field.starts_with(path.as_str()))
+                .map(|(_, var)| format!("environment variable {var}"))
+                .unwrap_or_else(|| origin.to_string());
+            ConfigError::Parse {
+                origin,
+                field,
+                message: e.into_inner().to_string(),
+            }
+        })?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what types alone cannot: ranges, overlaps, loopback-only admin.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let invalid = |field, reason: &str| {
+            Err(ConfigError::Invalid {
+                field,
+                reason: reason.into(),
+            })
+        };
+        if self.proxy.uid == 0 {
+            return invalid(
+                "proxy.uid",
+                "must not be 0: every root process would bypass capture",
+            );
+        }
+        if self.proxy.outbound_port == 0 {
+            return invalid("proxy.outbound_port", "port 0 is not a valid port");
+        }
+        for (field, d) in [
+            ("proxy.connect_timeout", self.proxy.connect_timeout),
+            ("proxy.idle_timeout", self.proxy.idle_timeout),
+        ] {
+            if d.is_zero() {
+                return invalid(field, "must be greater than 0");
+            }
+        }
+        if !(1..=64).contains(&self.proxy.worker_threads) {
+            return invalid("proxy.worker_threads", "must be between 1 and 64");
+        }
+        if self.capture.exclude_ports.contains(&0) {
+            return invalid("capture.exclude_ports", "port 0 is not a valid port");
+        }
+        if self.capture.include_ports.contains(&0) {
+            return invalid("capture.include_ports", "port 0 is not a valid port");
+        }
+        let excluded: BTreeSet<u16> = self.capture.exclude_ports.iter().copied().collect();
+        if let Some(port) = self
+            .capture
+            .include_ports
+            .iter()
+            .find(|p| excluded.contains(p))
+        {
+            return Err(ConfigError::Invalid {
+                field: "capture.include_ports",
+                reason: format!("port {port} is also in capture.exclude_ports"),
+            });
+        }
+        if !self.admin.address.ip().is_loopback() {
+            return invalid(
+                "admin.address",
+                "must be a loopback address: debug endpoints name peers",
+            );
+        }
+        if self.admin.address.port() == 0 || self.health.address.port() == 0 {
+            let field = if self.admin.address.port() == 0 {
+                "admin.address"
+            } else {
+                "health.address"
+            };
+            return invalid(field, "port 0 is not a valid port");
+        }
+        let ports = [
+            ("proxy.outbound_port", self.proxy.outbound_port),
+            ("admin.address", self.admin.address.port()),
+            ("health.address", self.health.address.port()),
+        ];
+        for (i, (field, port)) in ports.iter().enumerate() {
+            if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {
+                return Err(ConfigError::Invalid {
+                    field,
+                    reason: format!("port {port} is already used by {other}"),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The sidecar's own ports, which are never captured.
+    pub fn own_ports(&self) -> [u16; 3] {
+        [
+            self.proxy.outbound_port,
+            self.admin.address.port(),
+            self.health.address.port(),
+        ]
+    }
+
+    /// Excluded networks, plus loopback (the kernel also skips loopback on its own).
+    pub fn excluded_cidrs(&self) -> impl Iterator<Item = IpNet> + '_ {
+        self.capture.exclude_cidrs.iter().copied()
+    }
+
+    /// Outbound listener addresses: IPv4 loopback, plus IPv6 loopback when enabled.
+    pub fn outbound_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = vec![SocketAddr::new(
+            IpAddr::from([127, 0, 0, 1]),
+            self.proxy.outbound_port,
+        )];
+        if self.proxy.ipv6 {
+            addrs.push(SocketAddr::new(
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                self.proxy.outbound_port,
+            ));
+        }
+        addrs
+    }
+}
+
+/// Sets `value` at `path` in `tree`, creating mappings on the way.
+fn set_path(tree: &mut Value, path: &[String], value: Value) -> Result<(), String> {
+    let Some((last, parents)) = path.split_last() else {
+        return Err("names no field".into());
+    };
+    let mut node = tree;
+    for segment in parents {
+        let Value::Mapping(map) = node else {
+            return Err(format!(
+                "`{segment}` is inside a field that is not a section"
+            ));
+        };
+        node = map
+            .entry(Value::String(segment.clone()))
+            .or_insert_with(|| Value::Mapping(Default::default()));
+    }
+    let Value::Mapping(map) = node else {
+        return Err(format!("`{last}` is inside a field that is not a section"));
+    };
+    map.insert(Value::String(last.clone()), value);
+    Ok(())
+}
+
+/// Deserializes "500ms", "5s", "1h 30m" (humantime syntax).
+fn duration<'de, D: Deserializer<'de>>(d: D) -> Result<Duration, D::Error> {
+    let text = String::deserialize(d)?;
+    humantime::parse_duration(&text).map_err(|e| {
+        serde::de::Error::custom(format!(
+            "invalid duration {text:?}: {e} (use e.g. \"500ms\", \"5s\", \"1m\")"
+        ))
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_yaml(text, "test.yaml", Vec::new())
+    }
+
+    fn error(text: &str) -> String {
+        match parse(text) {
+            Ok(c) => panic!("expected an error, got {c:?}"),
+            Err(e) => e.to_string(),
+        }
+    }
+
+    #[test]
+    fn empty_file_is_the_defaults() {
+        assert_eq!(parse("").expect("empty is valid"), Config::default());
+        assert_eq!(
+            parse("# only a comment\n").expect("comment is valid"),
+            Config::default()
+        );
+        assert_eq!(parse("{}").expect("{} is valid"), Config::default());
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let text = include_str!("../../examples/sidecar.yaml");
+        let config = parse(text).expect("the documented example is valid");
+        assert_eq!(config.proxy.connect_timeout, Duration::from_secs(5));
+    }
+
+    #[test]
+    fn full_file_parses() {
+        let config = parse(
+            "proxy:\n  uid: 1500\n  connect_timeout: 250ms\n  idle_timeout: 2m\n\
+             capture:\n  exclude_ports: [22, 6443]\n  exclude_cidrs: [10.96.0.1/32, 'fd00::/8']\n",
+        )
+        .expect("valid");
+        assert_eq!(config.proxy.uid, 1500);
+        assert_eq!(config.proxy.connect_timeout, Duration::from_millis(250));
+        assert_eq!(config.capture.exclude_ports, vec![22, 6443]);
+        assert_eq!(config.capture.exclude_cidrs.len(), 2);
+    }
+
+    #[test]
+    fn unknown_field_is_named() {
+        let e = error("proxy:\n  conect_timeout: 1s\n");
+        assert!(e.contains("proxy") && e.contains("conect_timeout"), "{e}");
+        let e = error("bogus: 1\n");
+        assert!(e.contains("bogus"), "{e}");
+    }
+
+    #[test]
+    fn bad_cidr_is_named() {
+        let e = error("capture:\n  exclude_cidrs: [10.0.0.0/8, 10.0.0.300/8]\n");
+        assert!(e.contains("capture.exclude_cidrs[1]"), "{e}");
+    }
+
+    #[test]
+    fn port_out_of_range_is_named() {
+        let e = error("capture:\n  exclude_ports: [80, 70000]\n");
+        assert!(e.contains("capture.exclude_ports[1]"), "{e}");
+        let e = error("capture:\n  include_ports: [0]\n");
+        assert!(e.contains("capture.include_ports"), "{e}");
+    }
+
+    #[test]
+    fn bad_duration_is_named() {
+        let e = error("proxy:\n  connect_timeout: soon\n");
+        assert!(
+            e.contains("proxy.connect_timeout") && e.contains("soon"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn admin_must_be_loopback() {
+        let e = error("admin:\n  address: 0.0.0.0:15000\n");
+        assert!(e.contains("admin.address") && e.contains("loopback"), "{e}");
+    }
+
+    #[test]
+    fn port_clash_is_named() {
+        let e = error("proxy:\n  outbound_port: 15020\n");
+        assert!(
+            e.contains("health.address") && e.contains("proxy.outbound_port"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn proxy_uid_zero_is_refused() {
+        assert!(error("proxy:\n  uid: 0\n").contains("proxy.uid"));
+    }
+
+    #[test]
+    fn env_overrides_fields_and_is_named_on_error() {
+        let env = vec![
+            (
+                "SIDECAR__PROXY__CONNECT_TIMEOUT".to_string(),
+                "2s".to_string(),
+            ),
+            (
+                "SIDECAR__CAPTURE__EXCLUDE_PORTS".to_string(),
+                "[22, 443]".to_string(),
+            ),
+            ("UNRELATED".to_string(), "x".to_string()),
+        ];
+        let config = Config::from_yaml("proxy:\n  connect_timeout: 9s\n", "f", env).expect("valid");
+        assert_eq!(config.proxy.connect_timeout, Duration::from_secs(2));
+        assert_eq!(config.capture.exclude_ports, vec![22, 443]);
+
+        let env = vec![(
+            "SIDECAR__PROXY__OUTBOUND_PORT".to_string(),
+            "99999".to_string(),
+        )];
+        let e = Config::from_yaml("", "f", env)
+            .expect_err("out of range")
+            .to_string();
+        assert!(
+            e.contains("SIDECAR__PROXY__OUTBOUND_PORT") && e.contains("proxy.outbound_port"),
+            "{e}"
+        );
+
+        let env = vec![("SIDECAR__PROXY__NOPE".to_string(), "1".to_string())];
+        let e = Config::from_yaml("", "f", env)
+            .expect_err("unknown")
+            .to_string();
+        assert!(
+            e.contains("SIDECAR__PROXY__NOPE") && e.contains("nope"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn missing_file_is_named() {
+        let e = Config::load(Some(Path::new("/nonexistent/sidecar.yaml")), Vec::new())
+            .expect_err("missing")
+            .to_string();
+        assert!(e.contains("/nonexistent/sidecar.yaml"), "{e}");
+    }
+}

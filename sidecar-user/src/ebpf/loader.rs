@@ -1,0 +1,347 @@
+//! Loads the embedded eBPF object, writes the capture rules into its maps and attaches
+//! the programs to a pod's cgroup. [`Capture`] owns every link: dropping it (or
+//! [`Capture::detach`]) detaches the programs.
+
+use std::{
+    net::IpAddr,
+    os::fd::AsFd,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf,
+    maps::{Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+};
+use sidecar_common::{
+    CaptureConfig, Counter, FlowKey, SockAddr, capture_flags, map_names, port_rule, program_names,
+};
+
+use crate::{config::Config, ebpf::orig_dst::OrigDstTable};
+
+/// The compiled kernel programs, embedded so one file deploys.
+static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDECAR_EBPF_OBJECT"));
+
+/// Why loading or attaching failed.
+#[derive(Debug, thiserror::Error)]
+pub enum CaptureError {
+    /// The object itself could not be loaded (maps created, relocations applied).
+    #[error("loading the eBPF object: {0}")]
+    Object(#[from] aya::EbpfError),
+    /// The object lacks a program or map the loader expects.
+    #[error("the eBPF object has no {kind} named {name}")]
+    Missing {
+        /// "program" or "map".
+        kind: &'static str,
+        /// Its name.
+        name: &'static str,
+    },
+    /// The verifier refused a program, or attaching failed.
+    #[error("program {name}: {source}")]
+    Program {
+        /// The program.
+        name: &'static str,
+        /// The error, with the verifier log when it is a load error.
+        source: ProgramError,
+    },
+    /// A map could not be opened or written.
+    #[error("map {name}: {source}")]
+    Map {
+        /// The map.
+        name: &'static str,
+        /// The error.
+        source: MapError,
+    },
+    /// The cgroup directory could not be opened.
+    #[error("opening cgroup {path}: {source}")]
+    Cgroup {
+        /// The directory.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
+    /// A descriptor could not be duplicated.
+    #[error("duplicating a map descriptor: {0}")]
+    Dup(std::io::Error),
+}
+
+/// Loaded and attached capture programs. Dropping it detaches them.
+pub struct Capture {
+    /// Owns the programs and their links (closing a link fd detaches it).
+    ebpf: Ebpf,
+    cgroup: PathBuf,
+}
+
+/// Views of the maps the running proxy reads; independent of [`Capture`]'s lifetime.
+pub struct KernelMaps {
+    /// Original destinations by 4-tuple.
+    pub orig_dst: OrigDstTable,
+    counters: PerCpuArray<MapData, u64>,
+    by_cookie: HashMap<MapData, u64, SockAddr>,
+    by_flow: HashMap<MapData, FlowKey, SockAddr>,
+}
+
+// === impl Capture ===
+
+impl Capture {
+    /// Loads the programs and writes `config`'s capture rules into the maps. Nothing
+    /// is attached yet, so a failure here leaves the pod untouched.
+    pub fn load(config: &Config) -> Result<Self, CaptureError> {
+        raise_memlock_limit();
+        let mut ebpf = Ebpf::load(OBJECT)?;
+        write_rules(&mut ebpf, config)?;
+        for name in [program_names::CONNECT4, program_names::CONNECT6] {
+            let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
+            prog.load()
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
+        let name = program_names::SOCK_OPS;
+        let prog: &mut SockOps = program(&mut ebpf, name)?;
+        prog.load()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        Ok(Self {
+            ebpf,
+            cgroup: PathBuf::new(),
+        })
+    }
+
+    /// Attaches to `cgroup` with `bpf_link`s in multi mode, so other programs in the
+    /// subtree (a CNI's, say) keep running beside ours. `sock_ops` goes first, so no
+    /// redirected connect can miss its re-key.
+    pub fn attach(&mut self, cgroup: &Path, ipv6: bool) -> Result<(), CaptureError> {
+        let dir = std::fs::File::open(cgroup).map_err(|source| CaptureError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let name = program_names::SOCK_OPS;
+        let prog: &mut SockOps = program(&mut self.ebpf, name)?;
+        prog.attach(dir.as_fd(), link_attach_mode())
+            .map_err(|source| CaptureError::Program { name, source })?;
+        let mut names = vec![program_names::CONNECT4];
+        if ipv6 {
+            names.push(program_names::CONNECT6);
+        }
+        for name in names {
+            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
+            prog.attach(dir.as_fd(), link_attach_mode())
+                .map_err(|source| CaptureError::Program { name, source })?;
+        }
+        self.cgroup = cgroup.to_owned();
+        Ok(())
+    }
+
+    /// The cgroup the programs are attached to (empty before [`Capture::attach`]).
+    pub fn cgroup(&self) -> &Path {
+        &self.cgroup
+    }
+
+    /// Opens the maps the proxy needs at run time.
+    pub fn kernel_maps(&mut self) -> Result<KernelMaps, CaptureError> {
+        let flow = map_names::ORIG_DST_BY_FLOW;
+        let by_flow: HashMap<MapData, FlowKey, SockAddr> = owned_map(&mut self.ebpf, flow)?;
+        let fd = by_flow
+            .map()
+            .fd()
+            .as_fd()
+            .try_clone_to_owned()
+            .map_err(CaptureError::Dup)?;
+        Ok(KernelMaps {
+            orig_dst: OrigDstTable::new(fd),
+            counters: owned_map(&mut self.ebpf, map_names::COUNTERS)?,
+            by_cookie: owned_map(&mut self.ebpf, map_names::ORIG_DST_BY_COOKIE)?,
+            by_flow,
+        })
+    }
+
+    /// Detaches every program now (closing the links).
+    pub fn detach(self) {
+        drop(self);
+    }
+}
+
+// === impl KernelMaps ===
+
+impl KernelMaps {
+    /// Each kernel counter summed over CPUs.
+    pub fn counters(&self) -> Vec<(Counter, u64)> {
+        Counter::ALL
+            .iter()
+            .map(|&c| {
+                let sum = self
+                    .counters
+                    .get(&(c as u32), 0)
+                    .map(|per_cpu| per_cpu.iter().sum())
+                    .unwrap_or(0);
+                (c, sum)
+            })
+            .collect()
+    }
+
+    /// Entries in the (cookie, flow) original-destination maps: connects recorded but
+    /// not yet re-keyed, and re-keyed but not yet accepted.
+    pub fn orig_dst_entries(&self) -> (usize, usize) {
+        (self.by_cookie.keys().count(), self.by_flow.keys().count())
+    }
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or(CaptureError::Missing {
+        kind: "program",
+        name,
+    })?;
+    prog.try_into()
+        .map_err(|source| CaptureError::Program { name, source })
+}
+
+fn owned_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
+where
+    T: TryFrom<aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .take_map(name)
+        .ok_or(CaptureError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+fn map_mut<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<T, CaptureError>
+where
+    T: TryFrom<&'a mut aya::maps::Map, Error = MapError>,
+{
+    let map = ebpf
+        .map_mut(name)
+        .ok_or(CaptureError::Missing { kind: "map", name })?;
+    T::try_from(map).map_err(|source| CaptureError::Map { name, source })
+}
+
+/// Writes the config map, port rules and excluded networks.
+fn write_rules(ebpf: &mut Ebpf, config: &Config) -> Result<(), CaptureError> {
+    let settings = capture_settings(config);
+    let name = map_names::CONFIG;
+    let mut array: Array<&mut MapData, CaptureConfig> = map_mut(ebpf, name)?;
+    array
+        .set(0, settings, 0)
+        .map_err(|source| CaptureError::Map { name, source })?;
+
+    let name = map_names::PORT_RULES;
+    let mut ports: HashMap<&mut MapData, u16, u32> = map_mut(ebpf, name)?;
+    for (port, rule) in port_rules(config) {
+        ports
+            .insert(port, rule, 0)
+            .map_err(|source| CaptureError::Map { name, source })?;
+    }
+
+    for net in config.excluded_cidrs() {
+        match net.network() {
+            IpAddr::V4(ip) => {
+                let name = map_names::EXCLUDED_V4;
+                let mut trie: LpmTrie<&mut MapData, [u8; 4], u32> = map_mut(ebpf, name)?;
+                let key = Key::new(u32::from(net.prefix_len()), ip.octets());
+                trie.insert(&key, 1, 0)
+                    .map_err(|source| CaptureError::Map { name, source })?;
+            }
+            IpAddr::V6(ip) => {
+                let name = map_names::EXCLUDED_V6;
+                let mut trie: LpmTrie<&mut MapData, [u8; 16], u32> = map_mut(ebpf, name)?;
+                let key = Key::new(u32::from(net.prefix_len()), ip.octets());
+                trie.insert(&key, 1, 0)
+                    .map_err(|source| CaptureError::Map { name, source })?;
+            }
+        }
+    }
+    Ok(())
+}
+
+/// The kernel's view of the proxy settings.
+pub fn capture_settings(config: &Config) -> CaptureConfig {
+    let flags = if config.capture.include_ports.is_empty() {
+        0
+    } else {
+        capture_flags::INCLUDE_PORTS_ONLY
+    };
+    CaptureConfig {
+        proxy_uid: config.proxy.uid,
+        flags,
+        outbound_ip4: u32::from_ne_bytes([127, 0, 0, 1]),
+        outbound_ip6: crate::ebpf::orig_dst::words(std::net::Ipv6Addr::LOCALHOST.octets()),
+        outbound_port: config.proxy.outbound_port,
+        _pad: 0,
+    }
+}
+
+/// Port → rule bits: configured exclusions and inclusions, plus the sidecar's own ports,
+/// which are always excluded.
+pub fn port_rules(config: &Config) -> std::collections::BTreeMap<u16, u32> {
+    let mut rules = std::collections::BTreeMap::new();
+    for &port in &config.capture.include_ports {
+        *rules.entry(port).or_default() |= port_rule::INCLUDE;
+    }
+    for &port in config
+        .capture
+        .exclude_ports
+        .iter()
+        .chain(config.own_ports().iter())
+    {
+        *rules.entry(port).or_default() |= port_rule::EXCLUDE;
+    }
+    rules
+}
+
+/// The attach mode that yields a multi-mode attachment. aya attaches with `bpf_link`
+/// from Linux 5.7 on, and cgroup links are always multi-mode: the kernel rejects any
+/// flag there, so "Single" (flags 0) is what must be passed. Older kernels fall back to
+/// `BPF_PROG_ATTACH`, where only `AllowMultiple` keeps other programs in the subtree.
+fn link_attach_mode() -> CgroupAttachMode {
+    match aya::util::KernelVersion::current() {
+        Ok(v) if v >= aya::util::KernelVersion::new(5, 7, 0) => CgroupAttachMode::Single,
+        _ => CgroupAttachMode::AllowMultiple,
+    }
+}
+
+/// Kernels before 5.11 charge maps to `RLIMIT_MEMLOCK`; raise it so they load there too.
+fn raise_memlock_limit() {
+    let limit = libc::rlimit {
+        rlim_cur: libc::RLIM_INFINITY,
+        rlim_max: libc::RLIM_INFINITY,
+    };
+    // SAFETY: plain syscall with a valid pointer; failure only matters on old kernels.
+    let ret = unsafe { libc::setrlimit(libc::RLIMIT_MEMLOCK, &limit) };
+    if ret != 0 {
+        tracing::debug!("could not raise RLIMIT_MEMLOCK (fine on kernels >= 5.11)");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn own_ports_are_always_excluded() {
+        let mut config = Config::default();
+        config.capture.include_ports = vec![80];
+        config.capture.exclude_ports = vec![22];
+        let rules = port_rules(&config);
+        assert_eq!(rules[&80], port_rule::INCLUDE);
+        assert_eq!(rules[&22], port_rule::EXCLUDE);
+        for port in [15000, 15001, 15020] {
+            assert_eq!(rules[&port], port_rule::EXCLUDE, "port {port}");
+        }
+    }
+
+    #[test]
+    fn include_list_sets_the_flag() {
+        let mut config = Config::default();
+        assert_eq!(capture_settings(&config).flags, 0);
+        config.capture.include_ports = vec![443];
+        assert_eq!(
+            capture_settings(&config).flags,
+            capture_flags::INCLUDE_PORTS_ONLY
+        );
+        assert_eq!(
+            capture_settings(&config).outbound_ip4.to_ne_bytes(),
+            [127, 0, 0, 1]
+        );
+    }
+}

@@ -1,0 +1,9 @@
+//! Everything that touches the kernel programs: finding the cgroup, loading and
+//! attaching the object, and the typed views of its maps the proxy uses.
+
+pub mod cgroup;
+pub mod loader;
+pub mod orig_dst;
+
+pub use loader::{Capture, CaptureError, KernelMaps};
+pub use orig_dst::OrigDstTable;

@@ -1,0 +1,59 @@
+//! `sidecar`: the binary. Parses the CLI, validates config before touching anything,
+//! then builds (bind + attach), drops root, and runs.
+
+mod cli;
+
+use std::process::ExitCode;
+
+use anyhow::Context;
+use clap::Parser;
+use sidecar::{app, config::Config, ebpf::cgroup, process, telemetry};
+
+use crate::cli::{Cli, Command, RunArgs};
+
+/// Exit code for a bad configuration (EX_USAGE), distinct from runtime failures.
+const EXIT_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    telemetry::init(cli.log_format);
+    match cli.command {
+        Command::Check(args) => match Config::load(Some(&args.config), std::env::vars()) {
+            Ok(_) => {
+                println!("{}: valid", args.config.display());
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("invalid configuration: {error}");
+                ExitCode::from(EXIT_CONFIG)
+            }
+        },
+        Command::Run(args) => {
+            let config = match Config::load(args.config.as_deref(), std::env::vars()) {
+                Ok(config) => config,
+                Err(error) => {
+                    tracing::error!("invalid configuration: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            match run(config, &args) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(error) => {
+                    tracing::error!("{error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}
+
+fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {
+    if let Some(netns) = &args.netns {
+        process::enter_netns(netns)?;
+    }
+    let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
+    let uid = config.proxy.uid;
+    let bound = app::build(config, &cgroup).context("starting the sidecar")?;
+    process::become_proxy_user(uid)?;
+    bound.run().context("running the proxy")
+}

@@ -1,0 +1,69 @@
+//! Process-level setup done before the async runtime starts threads: entering the
+//! pod's network namespace and dropping root for the proxy UID (both change only the
+//! calling thread's state in the kernel, so they must happen while it is the only one).
+
+use std::{fs::File, path::Path};
+
+use nix::{
+    sched::{CloneFlags, setns},
+    unistd::{Gid, Uid, getegid, geteuid, setgroups, setresgid, setresuid},
+};
+
+/// Why process setup failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ProcessError {
+    /// The namespace file could not be opened or entered.
+    #[error("entering network namespace {path}: {reason}")]
+    Netns {
+        /// The namespace file.
+        path: String,
+        /// What failed.
+        reason: String,
+    },
+    /// Switching to the proxy UID failed.
+    #[error("switching to proxy.uid {uid}: {reason}")]
+    Identity {
+        /// The target UID.
+        uid: u32,
+        /// What failed.
+        reason: String,
+    },
+}
+
+/// Moves this (single-threaded) process into the network namespace at `path`.
+pub fn enter_netns(path: &Path) -> Result<(), ProcessError> {
+    let err = |reason: String| ProcessError::Netns {
+        path: path.display().to_string(),
+        reason,
+    };
+    let file = File::open(path).map_err(|e| err(e.to_string()))?;
+    setns(&file, CloneFlags::CLONE_NEWNET).map_err(|e| err(e.desc().to_string()))
+}
+
+/// Becomes `uid` (and the group of the same number) so that the kernel programs
+/// recognise the proxy's own connects. Running as root, this gives up root (and with it
+/// every capability). Already running as `uid` is fine; running as another non-root
+/// user is an error, since the proxy's connects would be captured again.
+pub fn become_proxy_user(uid: u32) -> Result<(), ProcessError> {
+    let current = geteuid();
+    if current.as_raw() == uid {
+        return Ok(());
+    }
+    let err = |reason: String| ProcessError::Identity { uid, reason };
+    if !current.is_root() {
+        return Err(err(format!(
+            "running as uid {current} without the right to switch; run as root or as uid {uid}"
+        )));
+    }
+    let gid = Gid::from_raw(uid);
+    setgroups(&[gid]).map_err(|e| err(format!("setgroups: {}", e.desc())))?;
+    setresgid(gid, gid, gid).map_err(|e| err(format!("setresgid: {}", e.desc())))?;
+    let user = Uid::from_raw(uid);
+    setresuid(user, user, user).map_err(|e| err(format!("setresuid: {}", e.desc())))?;
+    tracing::info!(
+        uid,
+        gid = getegid().as_raw(),
+        "dropped root; proxy runs as proxy.uid"
+    );
+    Ok(())
+}

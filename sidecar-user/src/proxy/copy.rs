@@ -1,0 +1,246 @@
+//! Copying bytes both ways between the application and its destination.
+//!
+//! Each direction runs until its reader sends EOF, then half-closes the other side
+//! (FIN) while the opposite direction keeps flowing. An error in either direction ends
+//! both, and so does a period with no bytes either way. Buffers are allocated when a
+//! direction first has data, so idle connections hold none.
+
+use std::{
+    io,
+    sync::atomic::{AtomicU64, Ordering::Relaxed},
+    time::Duration,
+};
+
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
+    time::Instant,
+};
+
+/// Size of each direction's buffer: one read fills most of a 64 KiB socket buffer
+/// in a few calls while keeping per-connection memory small.
+const BUF_SIZE: usize = 16 * 1024;
+
+/// Why a copy ended before both sides closed cleanly.
+#[derive(Debug, thiserror::Error)]
+pub enum CopyError {
+    /// Reading from or writing to the application failed (typically a reset).
+    #[error("client disconnected: {0}")]
+    Client(#[source] io::Error),
+    /// Reading from or writing to the destination failed.
+    #[error("upstream disconnected: {0}")]
+    Upstream(#[source] io::Error),
+    /// No bytes moved either way for the idle timeout.
+    #[error("idle for {0:?}")]
+    Idle(Duration),
+}
+
+/// Byte counts of one connection, readable while it runs.
+#[derive(Debug, Default)]
+pub struct Transfer {
+    /// Application → destination.
+    pub sent: AtomicU64,
+    /// Destination → application.
+    pub received: AtomicU64,
+}
+
+/// Process-wide byte totals each direction also adds to.
+#[derive(Clone, Copy, Debug)]
+pub struct Totals<'a> {
+    /// Application → destination.
+    pub sent: &'a AtomicU64,
+    /// Destination → application.
+    pub received: &'a AtomicU64,
+}
+
+#[derive(Clone, Copy)]
+enum Side {
+    Client,
+    Upstream,
+}
+
+impl Side {
+    fn error(self, e: io::Error) -> CopyError {
+        match self {
+            Side::Client => CopyError::Client(e),
+            Side::Upstream => CopyError::Upstream(e),
+        }
+    }
+}
+
+/// Copies until both directions are closed, one fails, or `idle` passes with no bytes.
+pub async fn copy_bidirectional(
+    client: &mut TcpStream,
+    upstream: &mut TcpStream,
+    idle: Duration,
+    transfer: &Transfer,
+    totals: Totals<'_>,
+) -> Result<(), CopyError> {
+    let start = Instant::now();
+    // Milliseconds since `start` of the last byte moved, in either direction.
+    let last_activity = AtomicU64::new(0);
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    let out = Direction {
+        from: (client_read, Side::Client),
+        to: (upstream_write, Side::Upstream),
+        bytes: [&transfer.sent, totals.sent],
+        last_activity: &last_activity,
+        start,
+    };
+    let back = Direction {
+        from: (upstream_read, Side::Upstream),
+        to: (client_write, Side::Client),
+        bytes: [&transfer.received, totals.received],
+        last_activity: &last_activity,
+        start,
+    };
+    tokio::select! {
+        result = async { tokio::try_join!(out.run(), back.run()) } => result.map(|_| ()),
+        () = idle_expired(&last_activity, start, idle) => Err(CopyError::Idle(idle)),
+    }
+}
+
+struct Direction<'a> {
+    from: (ReadHalf<'a>, Side),
+    to: (WriteHalf<'a>, Side),
+    bytes: [&'a AtomicU64; 2],
+    last_activity: &'a AtomicU64,
+    start: Instant,
+}
+
+impl Direction<'_> {
+    async fn run(self) -> Result<(), CopyError> {
+        let (mut reader, from) = self.from;
+        let (mut writer, to) = self.to;
+        // Wait for data before allocating: idle connections then cost no buffer.
+        reader.readable().await.map_err(|e| from.error(e))?;
+        let mut buf = vec![0u8; BUF_SIZE];
+        loop {
+            let n = reader.read(&mut buf).await.map_err(|e| from.error(e))?;
+            if n == 0 {
+                // EOF: pass the half-close on; the other direction keeps running.
+                return writer.shutdown().await.map_err(|e| to.error(e));
+            }
+            writer.write_all(&buf[..n]).await.map_err(|e| to.error(e))?;
+            for counter in self.bytes {
+                counter.fetch_add(n as u64, Relaxed);
+            }
+            let now = self.start.elapsed().as_millis() as u64;
+            self.last_activity.store(now, Relaxed);
+        }
+    }
+}
+
+/// Resolves once `idle` has passed since the last recorded activity.
+async fn idle_expired(last_activity: &AtomicU64, start: Instant, idle: Duration) {
+    loop {
+        let last = Duration::from_millis(last_activity.load(Relaxed));
+        let deadline = start + last + idle;
+        if Instant::now() >= deadline {
+            return;
+        }
+        tokio::time::sleep_until(deadline).await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use tokio::net::TcpListener;
+
+    use super::*;
+
+    /// A connected pair of TCP streams on loopback.
+    async fn pair() -> (TcpStream, TcpStream) {
+        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
+        (a.expect("connect"), b.expect("accept").0)
+    }
+
+    struct Rig {
+        app: TcpStream,
+        server: TcpStream,
+        task: tokio::task::JoinHandle<(Result<(), CopyError>, Transfer)>,
+    }
+
+    async fn rig(idle: Duration) -> Rig {
+        let (app, mut proxy_client) = pair().await;
+        let (mut proxy_upstream, server) = pair().await;
+        let task = tokio::spawn(async move {
+            let transfer = Transfer::default();
+            let (s, r) = (AtomicU64::new(0), AtomicU64::new(0));
+            let totals = Totals {
+                sent: &s,
+                received: &r,
+            };
+            let result = copy_bidirectional(
+                &mut proxy_client,
+                &mut proxy_upstream,
+                idle,
+                &transfer,
+                totals,
+            )
+            .await;
+            (result, transfer)
+        });
+        Rig { app, server, task }
+    }
+
+    #[tokio::test]
+    async fn half_close_keeps_the_other_direction_flowing() {
+        let Rig {
+            mut app,
+            mut server,
+            task,
+        } = rig(Duration::from_secs(30)).await;
+        app.write_all(b"request").await.expect("write");
+        app.shutdown().await.expect("half-close");
+        let mut got = Vec::new();
+        server.read_to_end(&mut got).await.expect("server sees EOF");
+        assert_eq!(got, b"request");
+        // The server answers after the client's FIN; the answer still arrives.
+        let reply = vec![7u8; 300_000];
+        server.write_all(&reply).await.expect("reply");
+        server.shutdown().await.expect("close");
+        let mut back = Vec::new();
+        app.read_to_end(&mut back).await.expect("read reply");
+        assert_eq!(back, reply);
+        let (result, transfer) = task.await.expect("join");
+        result.expect("clean close");
+        assert_eq!(transfer.sent.load(Relaxed), 7);
+        assert_eq!(transfer.received.load(Relaxed), 300_000);
+    }
+
+    #[tokio::test]
+    async fn idle_connection_is_closed() {
+        let Rig {
+            app: _app,
+            server: _server,
+            task,
+        } = rig(Duration::from_millis(200)).await;
+        let started = std::time::Instant::now();
+        let (result, _) = task.await.expect("join");
+        assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
+        assert!(started.elapsed() < Duration::from_secs(5));
+    }
+
+    #[tokio::test]
+    async fn reset_ends_both_directions() {
+        let Rig {
+            app,
+            mut server,
+            task,
+        } = rig(Duration::from_secs(30)).await;
+        app.set_zero_linger().expect("linger");
+        drop(app);
+        let (result, _) = task.await.expect("join");
+        assert!(matches!(result, Err(CopyError::Client(_))), "{result:?}");
+        let mut rest = Vec::new();
+        // The proxy dropped its upstream socket, so the server sees the end.
+        let _ = server.read_to_end(&mut rest).await;
+    }
+}

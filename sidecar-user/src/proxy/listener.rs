@@ -1,0 +1,37 @@
+//! Binding listeners before the runtime starts, with errors naming the address.
+
+use std::net::{SocketAddr, TcpListener};
+
+use socket2::{Domain, Socket, Type};
+
+/// Backlog of proxy listeners: captured connects complete in the kernel before the
+/// proxy accepts them, so bursts of thousands queue here. Capped by `net.core.somaxconn`.
+const BACKLOG: i32 = 4096;
+
+/// A listener could not be bound.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot listen on {addr} ({what}): {source}")]
+pub struct BindError {
+    /// The address.
+    pub addr: SocketAddr,
+    /// Which listener.
+    pub what: &'static str,
+    /// The I/O error (`Address already in use`, ...).
+    pub source: std::io::Error,
+}
+
+/// Binds a non-blocking TCP listener. An unspecified IPv6 address (`[::]`) listens
+/// dual-stack; any other IPv6 address is IPv6-only.
+pub fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
+    let err = |source| BindError { addr, what, source };
+    let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
+    if addr.is_ipv6() {
+        let unspecified = addr.ip().is_unspecified();
+        socket.set_only_v6(!unspecified).map_err(err)?;
+    }
+    socket.set_reuse_address(true).map_err(err)?;
+    socket.set_nonblocking(true).map_err(err)?;
+    socket.bind(&addr.into()).map_err(err)?;
+    socket.listen(BACKLOG).map_err(err)?;
+    Ok(socket.into())
+}

@@ -1,0 +1,11 @@
+//! The transparent proxy: accept a captured connection, recover where the app meant
+//! to go, connect there, copy bytes both ways.
+
+pub mod addr;
+pub mod copy;
+pub mod listener;
+pub mod outbound;
+pub mod stats;
+
+pub use addr::{ClientAddr, OrigDstAddr};
+pub use stats::ProxyStats;
