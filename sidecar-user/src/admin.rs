@@ -60,6 +60,9 @@ struct OrigDstMap {
     by_cookie: usize,
     by_flow: usize,
     capacity: u32,
+    /// Entries that left the flow map without the proxy taking them: LRU evictions
+    /// (connects abandoned before accept). Derived: re-keyed − taken − still present.
+    evicted: u64,
 }
 
 /// Serves HTTP/1 on `listener` until the task is aborted.
@@ -104,6 +107,18 @@ fn route(req: &Request<Incoming>, surface: Surface, state: &AdminState) -> Respo
 
 fn stats(state: &AdminState) -> Stats<'_> {
     let (by_cookie, by_flow) = state.kernel.orig_dst_entries();
+    let kernel: std::collections::BTreeMap<_, _> = state
+        .kernel
+        .counters()
+        .into_iter()
+        .map(|(c, v)| (c.name(), v))
+        .collect();
+    let proxy = state.stats.snapshot();
+    let rekeyed = kernel
+        .get(sidecar_common::Counter::OrigDstRekeyed.name())
+        .copied()
+        .unwrap_or(0);
+    let evicted = rekeyed.saturating_sub(proxy.orig_dst_found + by_flow as u64);
     Stats {
         cgroup: &state.cgroup,
         uptime_seconds: state.started.elapsed().as_secs(),
@@ -119,6 +134,7 @@ fn stats(state: &AdminState) -> Stats<'_> {
             by_cookie,
             by_flow,
             capacity: sidecar_common::ORIG_DST_MAP_CAPACITY,
+            evicted,
         },
     }
 }

@@ -52,6 +52,8 @@ fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {
         process::enter_netns(netns)?;
     }
     let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
+    let nofile = process::raise_nofile_limit();
+    tracing::debug!(nofile, "open file limit");
     let uid = config.proxy.uid;
     let bound = app::build(config, &cgroup).context("starting the sidecar")?;
     process::become_proxy_user(uid)?;

@@ -67,3 +67,23 @@ pub fn become_proxy_user(uid: u32) -> Result<(), ProcessError> {
     );
     Ok(())
 }
+
+/// Raises the soft open-file limit to the hard limit: every proxied connection holds
+/// two descriptors, and the default soft limit (often 1024) caps a busy pod early.
+pub fn raise_nofile_limit() -> u64 {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with valid pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) != 0 {
+            return 0;
+        }
+        lim.rlim_cur = lim.rlim_max;
+        if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+            return 0;
+        }
+    }
+    lim.rlim_cur
+}

@@ -13,16 +13,13 @@ use crate::{
 
 /// Builds `sidecar-ebpf` and returns the path of the object the sidecar embeds.
 pub fn build_ebpf() -> Result<PathBuf> {
-    let linker_dir = toolchain::ensure()?;
+    let path = path_with_linker()?;
     let root = workspace_root();
     let crate_dir = root.join("sidecar-ebpf");
-    let path = std::env::var_os("PATH").unwrap_or_default();
-    let mut paths = vec![linker_dir];
-    paths.extend(std::env::split_paths(&path));
     let mut build = Command::new("cargo");
     build
         .env_clear_cargo()
-        .env("PATH", std::env::join_paths(paths)?)
+        .env("PATH", path)
         .current_dir(&crate_dir)
         .args([&format!("+{NIGHTLY}"), "build", "--release", "--locked"]);
     cmd::run(&mut build)?;
@@ -35,6 +32,15 @@ pub fn build_ebpf() -> Result<PathBuf> {
         fs::write(&out, &new).with_context(|| format!("writing {}", out.display()))?;
     }
     Ok(out)
+}
+
+/// `PATH` with the project's `bpf-linker` first (installing it when missing).
+pub fn path_with_linker() -> Result<std::ffi::OsString> {
+    let linker_dir = toolchain::ensure()?;
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut paths = vec![linker_dir];
+    paths.extend(std::env::split_paths(&path));
+    Ok(std::env::join_paths(paths)?)
 }
 
 /// Where the embedded eBPF object lives (read by `sidecar-user/build.rs`).

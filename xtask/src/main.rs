@@ -2,6 +2,8 @@
 
 mod build_ebpf;
 mod cmd;
+mod demo;
+mod tasks;
 mod toolchain;
 
 use std::path::PathBuf;
@@ -20,6 +22,20 @@ struct Cli {
 enum Task {
     /// Build the eBPF object (installs nightly rust-src and bpf-linker when missing).
     BuildEbpf,
+    /// Run every test: unit tests and pod integration tests (root).
+    Test,
+    /// cargo fmt --check and clippy -D warnings, host crates and kernel crate.
+    Lint,
+    /// Build (release) and run the sidecar: `cargo xtask run -- run --config FILE`.
+    Run {
+        /// Arguments for the sidecar binary.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Two pods, the sidecar, an unmodified curl: shows capture end to end (root).
+    Demo,
+    /// Install the Debian packages the tests and demo use.
+    Deps,
 }
 
 fn main() -> Result<()> {
@@ -28,6 +44,11 @@ fn main() -> Result<()> {
             let obj = build_ebpf::build_ebpf()?;
             eprintln!("xtask: eBPF object at {}", obj.display());
         }
+        Task::Test => tasks::test()?,
+        Task::Lint => tasks::lint()?,
+        Task::Run { args } => tasks::run(&args)?,
+        Task::Demo => demo::demo()?,
+        Task::Deps => tasks::deps()?,
     }
     Ok(())
 }

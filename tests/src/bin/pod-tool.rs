@@ -1,0 +1,400 @@
+//! Test workloads run inside pods: servers that say who they are, and clients that
+//! check every byte. Output is one JSON line, so tests can assert on it.
+//!
+//! Echo protocol: the client sends one mode byte — `S` (stream: echo as it arrives)
+//! or `H` (half-close: echo everything only after the client's FIN) — then its payload.
+//! The server first sends its own address padded to 64 bytes, then the echo.
+
+use std::{
+    net::SocketAddr,
+    sync::Arc,
+    time::{Duration, Instant},
+};
+
+use anyhow::{Context, Result, bail};
+use clap::{Parser, Subcommand};
+use serde::Serialize;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::{TcpListener, TcpSocket, TcpStream, UdpSocket},
+    sync::Semaphore,
+};
+
+const HEADER: usize = 64;
+
+#[derive(Parser)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Echo servers on each address (prints `ready` once all are bound).
+    Echo {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// Minimal HTTP servers answering `served-by <addr>`, plus UDP echo on the same addresses.
+    Http {
+        #[arg(long = "listen", required = true)]
+        listen: Vec<SocketAddr>,
+    },
+    /// Echo clients: `connections` concurrent connections spread over `to`,
+    /// random payloads (every 20th is `big` bytes), half of them half-closed.
+    Clients {
+        #[arg(long = "to", required = true)]
+        to: Vec<SocketAddr>,
+        #[arg(long, default_value_t = 200)]
+        connections: usize,
+        #[arg(long, default_value_t = 64 * 1024)]
+        max_small: usize,
+        #[arg(long, default_value_t = 4 * 1024 * 1024 + 12345)]
+        big: usize,
+        #[arg(long, default_value_t = 1)]
+        seed: u64,
+    },
+    /// Opens `count` connections to `to` and holds them all open at once, then checks
+    /// each still echoes.
+    Hold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// `count` non-blocking connects to `to`, each closed with a reset right away.
+    Abort {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+    },
+    /// UDP: `connect()` a datagram socket to `to`, send, wait for the echo.
+    Udp {
+        #[arg(long)]
+        to: SocketAddr,
+    },
+}
+
+fn main() -> Result<()> {
+    raise_nofile_limit();
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        match Cli::parse().cmd {
+            Cmd::Echo { listen } => serve(listen, false).await,
+            Cmd::Http { listen } => serve(listen, true).await,
+            Cmd::Clients {
+                to,
+                connections,
+                max_small,
+                big,
+                seed,
+            } => clients(to, connections, max_small, big, seed).await,
+            Cmd::Hold { to, count } => hold(to, count).await,
+            Cmd::Abort { to, count } => abort(to, count).await,
+            Cmd::Udp { to } => udp(to).await,
+        }
+    })
+}
+
+fn raise_nofile_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: plain syscalls with valid pointers.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) == 0 {
+            lim.rlim_cur = lim.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &lim);
+        }
+    }
+}
+
+async fn serve(addrs: Vec<SocketAddr>, http: bool) -> Result<()> {
+    let mut tasks = Vec::new();
+    for addr in addrs {
+        let socket = if addr.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        socket.set_reuseaddr(true)?;
+        socket.bind(addr).with_context(|| format!("bind {addr}"))?;
+        let listener = socket.listen(4096)?;
+        tasks.push(tokio::spawn(accept(listener, addr, http)));
+        if http {
+            let udp = UdpSocket::bind(addr)
+                .await
+                .with_context(|| format!("udp bind {addr}"))?;
+            tasks.push(tokio::spawn(async move {
+                let mut buf = [0u8; 1500];
+                while let Ok((n, peer)) = udp.recv_from(&mut buf).await {
+                    let _ = udp.send_to(&buf[..n], peer).await;
+                }
+            }));
+        }
+    }
+    println!("ready");
+    for t in tasks {
+        let _ = t.await;
+    }
+    Ok(())
+}
+
+async fn accept(listener: TcpListener, addr: SocketAddr, http: bool) {
+    loop {
+        let Ok((stream, _)) = listener.accept().await else {
+            continue;
+        };
+        tokio::spawn(async move {
+            let _ = if http {
+                http_reply(stream, addr).await
+            } else {
+                echo(stream, addr).await
+            };
+        });
+    }
+}
+
+async fn http_reply(mut stream: TcpStream, addr: SocketAddr) -> Result<()> {
+    let mut buf = vec![0u8; 8192];
+    let mut got = Vec::new();
+    while !got.windows(4).any(|w| w == b"\r\n\r\n") {
+        let n = stream.read(&mut buf).await?;
+        if n == 0 {
+            return Ok(());
+        }
+        got.extend_from_slice(&buf[..n]);
+    }
+    let peer = stream.peer_addr()?;
+    let body = format!("served-by {addr} peer {peer}\n");
+    let resp = format!(
+        "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(resp.as_bytes()).await?;
+    stream.shutdown().await?;
+    Ok(())
+}
+
+async fn echo(mut stream: TcpStream, addr: SocketAddr) -> Result<()> {
+    let mut header = format!("{addr}").into_bytes();
+    header.resize(HEADER, b' ');
+    stream.write_all(&header).await?;
+    let mut mode = [0u8; 1];
+    stream.read_exact(&mut mode).await?;
+    let (mut r, mut w) = stream.split();
+    if mode[0] == b'H' {
+        let mut all = Vec::new();
+        r.read_to_end(&mut all).await?;
+        w.write_all(&all).await?;
+    } else {
+        tokio::io::copy(&mut r, &mut w).await?;
+    }
+    w.shutdown().await?;
+    Ok(())
+}
+
+/// xorshift64*: deterministic payloads without a dependency.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
+    }
+    fn fill(&mut self, buf: &mut [u8]) {
+        for chunk in buf.chunks_mut(8) {
+            let v = self.next().to_le_bytes();
+            chunk.copy_from_slice(&v[..chunk.len()]);
+        }
+    }
+}
+
+#[derive(Serialize, Default)]
+struct Summary {
+    ok: usize,
+    failed: usize,
+    bytes_sent: u64,
+    bytes_received: u64,
+    half_closed: usize,
+    big: usize,
+    elapsed_ms: u128,
+    errors: Vec<String>,
+}
+
+async fn clients(
+    to: Vec<SocketAddr>,
+    n: usize,
+    max_small: usize,
+    big: usize,
+    seed: u64,
+) -> Result<()> {
+    let start = Instant::now();
+    // Every connection is opened before any finishes: they are all concurrent.
+    let gate = Arc::new(tokio::sync::Barrier::new(n));
+    let mut tasks = Vec::new();
+    for i in 0..n {
+        let dst = to[i % to.len()];
+        let mut rng = Rng(seed.wrapping_mul(1_000_003).wrapping_add(i as u64 + 1));
+        let size = if i % 20 == 7 {
+            big
+        } else {
+            1 + (rng.next() as usize % max_small)
+        };
+        let half_close = i % 2 == 0;
+        let gate = gate.clone();
+        tasks.push(tokio::spawn(async move {
+            let mut payload = vec![0u8; size];
+            rng.fill(&mut payload);
+            let r = one_client(dst, payload, half_close, gate).await;
+            (r, size, half_close)
+        }));
+    }
+    let mut s = Summary::default();
+    for t in tasks {
+        let (r, size, half) = t.await?;
+        match r {
+            Ok(()) => {
+                s.ok += 1;
+                s.bytes_sent += size as u64 + 1;
+                s.bytes_received += (size + HEADER) as u64;
+                s.half_closed += usize::from(half);
+                s.big += usize::from(size > max_small);
+            }
+            Err(e) => {
+                s.failed += 1;
+                if s.errors.len() < 10 {
+                    s.errors.push(format!("{e:#}"));
+                }
+            }
+        }
+    }
+    s.elapsed_ms = start.elapsed().as_millis();
+    println!("{}", serde_json::to_string(&s)?);
+    Ok(())
+}
+
+async fn one_client(
+    dst: SocketAddr,
+    payload: Vec<u8>,
+    half_close: bool,
+    gate: Arc<tokio::sync::Barrier>,
+) -> Result<()> {
+    let stream = tokio::time::timeout(Duration::from_secs(20), TcpStream::connect(dst))
+        .await
+        .context("connect timeout")?
+        .with_context(|| format!("connect {dst}"))?;
+    gate.wait().await;
+    let (mut r, mut w) = stream.into_split();
+    let mut header = [0u8; HEADER];
+    r.read_exact(&mut header).await.context("read header")?;
+    let who = String::from_utf8_lossy(&header).trim().to_string();
+    if who != dst.to_string() {
+        bail!("dialed {dst} but reached {who}");
+    }
+    let expected = payload.clone();
+    let writer = tokio::spawn(async move {
+        w.write_all(if half_close { b"H" } else { b"S" }).await?;
+        w.write_all(&payload).await?;
+        // FIN: with mode H the server answers only after this.
+        w.shutdown().await?;
+        Ok::<_, std::io::Error>(w)
+    });
+    let mut got = Vec::with_capacity(expected.len());
+    tokio::time::timeout(Duration::from_secs(60), r.read_to_end(&mut got))
+        .await
+        .context("echo timeout")?
+        .context("read echo")?;
+    let _w = writer.await?.context("write")?;
+    if got != expected {
+        let at = got.iter().zip(&expected).position(|(a, b)| a != b);
+        bail!(
+            "echo from {dst} differs: got {} bytes, want {}, first difference at {at:?}",
+            got.len(),
+            expected.len()
+        );
+    }
+    Ok(())
+}
+
+async fn hold(to: SocketAddr, count: usize) -> Result<()> {
+    let start = Instant::now();
+    let limit = Arc::new(Semaphore::new(256));
+    let mut conns = Vec::with_capacity(count);
+    let mut pending = Vec::new();
+    for _ in 0..count {
+        let permit = limit.clone().acquire_owned().await?;
+        pending.push(tokio::spawn(async move {
+            let s = TcpStream::connect(to).await;
+            drop(permit);
+            s
+        }));
+    }
+    for p in pending {
+        let mut s = p.await??;
+        let mut header = [0u8; HEADER];
+        s.read_exact(&mut header).await?;
+        conns.push(s);
+    }
+    // All `count` connections are open now; check each one still carries bytes.
+    let mut ok = 0usize;
+    for (i, s) in conns.iter_mut().enumerate() {
+        let byte = [b'S', (i % 251) as u8];
+        s.write_all(&byte).await?;
+        let mut back = [0u8; 1];
+        s.read_exact(&mut back).await?;
+        if back[0] == byte[1] {
+            ok += 1;
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"open": conns.len(), "ok": ok, "elapsed_ms": start.elapsed().as_millis()})
+    );
+    Ok(())
+}
+
+async fn abort(to: SocketAddr, count: usize) -> Result<()> {
+    for _ in 0..count {
+        let socket = if to.is_ipv4() {
+            TcpSocket::new_v4()?
+        } else {
+            TcpSocket::new_v6()?
+        };
+        // Reset on close: no TIME_WAIT, so ports are reusable at once.
+        socket.set_zero_linger()?;
+        let connect = socket.connect(to);
+        // Poll briefly: the SYN is sent, then the socket is dropped (reset), whether or
+        // not the handshake completed.
+        let _ = tokio::time::timeout(Duration::from_micros(1), connect).await;
+    }
+    println!("{}", serde_json::json!({"aborted": count}));
+    Ok(())
+}
+
+async fn udp(to: SocketAddr) -> Result<()> {
+    let bind: SocketAddr = if to.is_ipv4() {
+        "0.0.0.0:0".parse()?
+    } else {
+        "[::]:0".parse()?
+    };
+    let sock = UdpSocket::bind(bind).await?;
+    sock.connect(to).await?;
+    sock.send(b"ping").await?;
+    let mut buf = [0u8; 16];
+    let n = tokio::time::timeout(Duration::from_secs(3), sock.recv(&mut buf))
+        .await
+        .context("no UDP echo")??;
+    println!(
+        "{}",
+        serde_json::json!({"echo": String::from_utf8_lossy(&buf[..n])})
+    );
+    Ok(())
+}

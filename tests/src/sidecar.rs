@@ -1,0 +1,187 @@
+//! Running the real `sidecar` binary for a pod.
+
+use std::{
+    fs,
+    path::PathBuf,
+    process::{Child, Command, ExitStatus, Stdio},
+    time::{Duration, Instant},
+};
+
+use crate::{pod::Pod, tools};
+
+/// Where the sidecar process itself runs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Placement {
+    /// Inside the pod's (captured) cgroup, as in a real pod.
+    InPodCgroup,
+    /// In the test's own cgroup, beside the pod.
+    Outside,
+}
+
+/// A running sidecar attached to a pod; killed on drop.
+pub struct Sidecar {
+    child: Option<Child>,
+    pod: Pod,
+    /// The sidecar's log file.
+    pub log: PathBuf,
+    dir: PathBuf,
+}
+
+impl Sidecar {
+    /// Starts the sidecar for `pod` with `config` (YAML) and waits for `/readyz`.
+    pub fn start(pod: &Pod, config: &str, placement: Placement) -> Self {
+        let dir = std::env::temp_dir().join(format!("{}-sidecar", pod.netns));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let config_path = dir.join("sidecar.yaml");
+        fs::write(&config_path, config).expect("write config");
+        let log = dir.join("sidecar.log");
+        let mut cmd = match placement {
+            Placement::InPodCgroup => {
+                // Join the cgroup only: the sidecar enters the netns itself (--netns).
+                let mut c = pod.app(&tools::sidecar_bin().to_string_lossy());
+                // `app` also entered the netns; harmless, --netns re-enters the same one.
+                c.env_clear();
+                c
+            }
+            Placement::Outside => Command::new(tools::sidecar_bin()),
+        };
+        cmd.env(
+            "RUST_LOG",
+            std::env::var("SIDECAR_TEST_LOG").unwrap_or_else(|_| "info".into()),
+        )
+        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+        .args(["run", "--config"])
+        .arg(&config_path)
+        .arg("--cgroup")
+        .arg(&pod.cgroup)
+        .arg("--netns")
+        .arg(pod.netns_path())
+        .stdout(Stdio::null())
+        .stderr(fs::File::create(&log).expect("log file"));
+        let child = cmd.spawn().expect("spawn sidecar");
+        let mut sidecar = Self {
+            child: Some(child),
+            pod: pod.clone(),
+            log,
+            dir,
+        };
+        sidecar.wait_ready();
+        sidecar
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                panic!("sidecar exited before ready ({status}):\n{}", self.logs());
+            }
+            let out = self
+                .pod
+                .outsider("curl")
+                .args([
+                    "-s",
+                    "-o",
+                    "/dev/null",
+                    "-w",
+                    "%{http_code}",
+                    "http://127.0.0.1:15020/readyz",
+                ])
+                .output();
+            if out.is_ok_and(|o| o.stdout == b"200") {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        panic!("sidecar not ready after 20s:\n{}", self.logs());
+    }
+
+    /// The sidecar's log so far.
+    pub fn logs(&self) -> String {
+        fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// The admin `/stats` document.
+    pub fn stats(&self) -> serde_json::Value {
+        let out = self
+            .pod
+            .outsider("curl")
+            .args(["-sS", "--max-time", "5", "http://127.0.0.1:15000/stats"])
+            .output()
+            .expect("curl /stats");
+        serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+            panic!(
+                "bad /stats ({e}): {}\nlog:\n{}",
+                String::from_utf8_lossy(&out.stdout),
+                self.logs()
+            )
+        })
+    }
+
+    /// A proxy counter from `/stats`.
+    pub fn proxy_stat(&self, name: &str) -> u64 {
+        self.stats()["proxy"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no proxy stat {name}"))
+    }
+
+    /// A kernel counter from `/stats`.
+    pub fn kernel_stat(&self, name: &str) -> u64 {
+        self.stats()["kernel"][name]
+            .as_u64()
+            .unwrap_or_else(|| panic!("no kernel stat {name}"))
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map(Child::id).unwrap_or(0)
+    }
+
+    /// Sends `signal` to the sidecar.
+    pub fn signal(&self, signal: i32) {
+        // SAFETY: plain kill(2) on our own child.
+        unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// SIGTERM, then waits (up to 30 s) for exit.
+    pub fn terminate(mut self) -> ExitStatus {
+        self.signal(libc::SIGTERM);
+        let mut child = self.child.take().expect("running");
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Some(status) = child.try_wait().expect("wait") {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!(
+                    "sidecar did not exit within 30s of SIGTERM:\n{}",
+                    self.logs()
+                );
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+}
+
+impl Drop for Sidecar {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        if std::thread::panicking() {
+            let logs = self.logs();
+            let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+            let tail: Vec<&str> = tail.into_iter().rev().collect();
+            eprintln!(
+                "--- last 40 lines of the sidecar log ---\n{}",
+                tail.join("\n")
+            );
+        }
+        let _ = fs::remove_dir_all(&self.dir);
+    }
+}

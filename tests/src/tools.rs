@@ -1,0 +1,132 @@
+//! Locating the binaries under test and running background workloads.
+
+use std::{
+    io::{BufRead, BufReader},
+    path::PathBuf,
+    process::{Child, Command, Stdio},
+};
+
+/// A binary of this workspace, next to the running test executable (`target/<profile>/`).
+/// `SIDECAR_BIN` / `POD_TOOL_BIN` override.
+pub fn binary(name: &str, env: &str) -> PathBuf {
+    if let Some(path) = std::env::var_os(env) {
+        return PathBuf::from(path);
+    }
+    let exe = std::env::current_exe().expect("current exe");
+    // target/<profile>/deps/<test> → target/<profile>/<name>
+    let dir = exe.parent().and_then(|d| d.parent()).expect("target dir");
+    let path = dir.join(name);
+    assert!(
+        path.is_file(),
+        "{} not found: build it first (`cargo xtask test` does), or set {env}",
+        path.display()
+    );
+    path
+}
+
+/// The `sidecar` binary.
+pub fn sidecar_bin() -> PathBuf {
+    binary("sidecar", "SIDECAR_BIN")
+}
+
+/// The `pod-tool` workload binary.
+pub fn pod_tool_bin() -> String {
+    binary("pod-tool", "POD_TOOL_BIN")
+        .to_string_lossy()
+        .into_owned()
+}
+
+/// A background process killed on drop.
+pub struct Background {
+    child: Child,
+}
+
+impl Background {
+    /// Spawns `cmd` and waits for its first stdout line to be `ready`.
+    pub fn start_ready(mut cmd: Command) -> Self {
+        cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
+        let mut child = cmd.spawn().expect("spawn background process");
+        let stdout = child.stdout.take().expect("piped stdout");
+        let mut line = String::new();
+        BufReader::new(stdout)
+            .read_line(&mut line)
+            .expect("read readiness line");
+        assert_eq!(
+            line.trim(),
+            "ready",
+            "background process did not become ready: {cmd:?}"
+        );
+        Self { child }
+    }
+}
+
+impl Drop for Background {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs `cmd` to completion and parses its last stdout line as JSON, panicking with
+/// stderr if it failed.
+pub fn run_json(mut cmd: Command) -> serde_json::Value {
+    let out = cmd.output().expect("run workload");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed ({}): {stdout}\n{}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let last = stdout.lines().last().unwrap_or("");
+    serde_json::from_str(last).unwrap_or_else(|e| panic!("bad JSON from {cmd:?}: {e}: {last}"))
+}
+
+/// Rules in the host's iptables and nftables, as text (for before/after comparisons).
+pub fn firewall_rules() -> String {
+    let mut all = String::new();
+    for (prog, args) in [
+        ("iptables-save", &[][..]),
+        ("ip6tables-save", &[][..]),
+        ("nft", &["list", "ruleset"][..]),
+    ] {
+        let out = Command::new(prog)
+            .args(args)
+            .output()
+            .unwrap_or_else(|e| panic!("{prog} is required to check for firewall rules: {e}"));
+        assert!(
+            out.status.success(),
+            "{prog} failed: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // Drop comment lines (they carry timestamps).
+        for line in String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .filter(|l| !l.starts_with('#'))
+        {
+            all.push_str(line);
+            all.push('\n');
+        }
+    }
+    all
+}
+
+/// Programs attached to `cgroup`, as listed by the kernel (`bpftool cgroup show`).
+pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
+    let out = Command::new("bpftool")
+        .args(["cgroup", "show"])
+        .arg(cgroup)
+        .output()
+        .expect("bpftool is required to list attached programs");
+    assert!(
+        out.status.success(),
+        "bpftool: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .skip(1) // header
+        .filter(|l| !l.trim().is_empty())
+        .map(str::to_string)
+        .collect()
+}

@@ -1,0 +1,396 @@
+//! Outbound capture: kernel programs redirect an app's connects into the proxy,
+//! which carries them to the original destination. Needs root; fails loudly without.
+
+use std::{net::SocketAddr, time::Instant};
+
+use sidecar_tests::{
+    Net, Placement, Sidecar,
+    tools::{Background, attached_programs, firewall_rules, pod_tool_bin, run_json},
+};
+
+const CONFIG: &str = "proxy:\n  connect_timeout: 1s\n";
+
+/// A client pod with a sidecar and a server pod running HTTP (+UDP echo) on :8080.
+/// Fields drop in order: the server process goes before the net that holds its pod.
+struct Rig {
+    client: sidecar_tests::Pod,
+    server: sidecar_tests::Pod,
+    _http: Background,
+    net: Net,
+}
+
+fn rig(test: &str) -> Rig {
+    let mut net = Net::new(test);
+    let client = net.pod("client");
+    let server = net.pod("server");
+    let mut cmd = server.app(&pod_tool_bin());
+    cmd.args([
+        "http",
+        "--listen",
+        &format!("{}:8080", server.ip4),
+        "--listen",
+        &format!("[{}]:8080", server.ip6),
+    ]);
+    let http = Background::start_ready(cmd);
+    Rig {
+        client,
+        server,
+        _http: http,
+        net,
+    }
+}
+
+fn curl_body(out: &std::process::Output) -> String {
+    assert!(
+        out.status.success(),
+        "curl failed ({}): {}",
+        out.status,
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+#[test]
+fn curl_reaches_server_through_the_proxy_without_firewall_rules() {
+    let before = firewall_rules();
+    let rig = rig("curl");
+    let sidecar = Sidecar::start(&rig.client, CONFIG, Placement::InPodCgroup);
+    let url = format!("http://{}:8080/", rig.server.ip4);
+    let body = curl_body(&rig.client.curl(&["-w", "remote=%{remote_ip}", &url]));
+    assert!(
+        body.contains(&format!("served-by {}:8080", rig.server.ip4)),
+        "{body}"
+    );
+    // curl's socket was redirected: its peer is the proxy on loopback.
+    assert!(body.ends_with("remote=127.0.0.1"), "{body}");
+    assert_eq!(sidecar.proxy_stat("accepted"), 1);
+    assert_eq!(sidecar.proxy_stat("upstream_connected"), 1);
+    assert_eq!(sidecar.kernel_stat("captured"), 1);
+    assert!(sidecar.logs().contains("sidecar ready"));
+    assert_eq!(
+        firewall_rules(),
+        before,
+        "the sidecar must not add iptables or nftables rules"
+    );
+    drop(rig.net);
+}
+
+#[test]
+fn concurrent_connections_reach_the_right_destination_byte_exact() {
+    let mut net = Net::new("concurrent");
+    let client = net.pod("client");
+    let server = net.pod("server");
+    // Five destinations: five addresses of the server pod, each with its own echo server.
+    let mut dsts: Vec<SocketAddr> = Vec::new();
+    for i in 0..5u8 {
+        let ip = std::net::Ipv4Addr::new(198, 18, 0, 100 + i);
+        server.add_address(ip.into());
+        dsts.push(SocketAddr::new(ip.into(), 9000 + u16::from(i)));
+    }
+    let mut cmd = server.app(&pod_tool_bin());
+    cmd.arg("echo");
+    for d in &dsts {
+        cmd.args(["--listen", &d.to_string()]);
+    }
+    let _echo = Background::start_ready(cmd);
+    let sidecar = Sidecar::start(&client, CONFIG, Placement::InPodCgroup);
+    let mut cmd = client.app(&pod_tool_bin());
+    cmd.args(["clients", "--connections", "200"]);
+    for d in &dsts {
+        cmd.args(["--to", &d.to_string()]);
+    }
+    let summary = run_json(cmd);
+    assert_eq!(summary["failed"], 0, "{summary}");
+    assert_eq!(summary["ok"], 200, "{summary}");
+    assert_eq!(summary["half_closed"], 100, "{summary}");
+    assert_eq!(summary["big"], 10, "{summary}");
+    assert_eq!(sidecar.proxy_stat("accepted"), 200);
+    assert_eq!(sidecar.proxy_stat("orig_dst_missing"), 0);
+    assert_eq!(
+        sidecar.proxy_stat("bytes_sent"),
+        summary["bytes_sent"].as_u64().expect("sent")
+    );
+    assert_eq!(
+        sidecar.proxy_stat("bytes_received"),
+        summary["bytes_received"].as_u64().expect("received")
+    );
+}
+
+#[test]
+fn thousands_of_concurrent_connections_work() {
+    let mut net = Net::new("thousands");
+    let client = net.pod("client");
+    let server = net.pod("server");
+    let dst = format!("{}:9100", server.ip4);
+    let mut cmd = server.app(&pod_tool_bin());
+    cmd.args(["echo", "--listen", &dst]);
+    let _echo = Background::start_ready(cmd);
+    let sidecar = Sidecar::start(&client, CONFIG, Placement::InPodCgroup);
+    let mut cmd = client.app(&pod_tool_bin());
+    cmd.args(["hold", "--to", &dst, "--count", "3000"]);
+    let held = run_json(cmd);
+    assert_eq!(held["open"], 3000, "{held}");
+    assert_eq!(held["ok"], 3000, "{held}");
+    assert_eq!(sidecar.proxy_stat("accepted"), 3000);
+}
+
+fn no_loop(placement: Placement) {
+    let rig = rig("noloop");
+    let sidecar = Sidecar::start(&rig.client, CONFIG, placement);
+    for _ in 0..3 {
+        let url = format!("http://{}:8080/", rig.server.ip4);
+        curl_body(&rig.client.curl(&[&url]));
+    }
+    // Three app connects captured; the proxy's three upstream connects were not.
+    assert_eq!(sidecar.kernel_stat("captured"), 3);
+    assert_eq!(sidecar.proxy_stat("accepted"), 3);
+    assert_eq!(sidecar.proxy_stat("loop_refused"), 0);
+    if placement == Placement::InPodCgroup {
+        assert_eq!(
+            sidecar.kernel_stat("skipped_proxy"),
+            3,
+            "the proxy's own connects ran the hook"
+        );
+    }
+}
+
+#[test]
+fn proxy_upstream_is_not_recaptured_when_inside_the_cgroup() {
+    no_loop(Placement::InPodCgroup);
+}
+
+#[test]
+fn proxy_upstream_is_not_recaptured_when_outside_the_cgroup() {
+    no_loop(Placement::Outside);
+}
+
+#[test]
+fn process_outside_the_pod_cgroup_is_not_captured() {
+    let rig = rig("outsider");
+    let sidecar = Sidecar::start(&rig.client, CONFIG, Placement::InPodCgroup);
+    let url = format!("http://{}:8080/", rig.server.ip4);
+    let out = rig
+        .client
+        .outsider("curl")
+        .args(["-sS", "-w", "remote=%{remote_ip}", &url])
+        .output()
+        .expect("curl");
+    let body = curl_body(&out);
+    assert!(
+        body.ends_with(&format!("remote={}", rig.server.ip4)),
+        "went direct: {body}"
+    );
+    assert_eq!(sidecar.proxy_stat("accepted"), 0);
+    assert_eq!(sidecar.kernel_stat("captured"), 0);
+}
+
+#[test]
+fn excluded_ports_and_cidrs_are_not_captured() {
+    let rig = rig("exclude");
+    // A second server address inside an excluded CIDR, and port 8081 excluded.
+    rig.server.add_address("198.18.0.200".parse().expect("ip"));
+    let mut cmd = rig.server.app(&pod_tool_bin());
+    cmd.args([
+        "http",
+        "--listen",
+        "198.18.0.200:8080",
+        "--listen",
+        &format!("{}:8081", rig.server.ip4),
+    ]);
+    let _more = Background::start_ready(cmd);
+    let config =
+        format!("{CONFIG}capture:\n  exclude_ports: [8081]\n  exclude_cidrs: [198.18.0.192/26]\n");
+    let sidecar = Sidecar::start(&rig.client, &config, Placement::InPodCgroup);
+    for url in [
+        "http://198.18.0.200:8080/".to_string(),
+        format!("http://{}:8081/", rig.server.ip4),
+    ] {
+        let body = curl_body(&rig.client.curl(&["-w", "remote=%{remote_ip}", &url]));
+        assert!(
+            !body.ends_with("remote=127.0.0.1"),
+            "{url} was captured: {body}"
+        );
+    }
+    assert_eq!(sidecar.kernel_stat("excluded_cidr"), 1);
+    assert_eq!(sidecar.kernel_stat("excluded_port"), 1);
+    // A port that is not excluded still is captured.
+    let body = curl_body(&rig.client.curl(&[
+        "-w",
+        "remote=%{remote_ip}",
+        &format!("http://{}:8080/", rig.server.ip4),
+    ]));
+    assert!(body.ends_with("remote=127.0.0.1"), "{body}");
+    assert_eq!(sidecar.proxy_stat("accepted"), 1);
+}
+
+#[test]
+fn include_ports_limits_capture() {
+    let rig = rig("include");
+    let config = format!("{CONFIG}capture:\n  include_ports: [443]\n");
+    let sidecar = Sidecar::start(&rig.client, &config, Placement::InPodCgroup);
+    let body = curl_body(&rig.client.curl(&[
+        "-w",
+        "remote=%{remote_ip}",
+        &format!("http://{}:8080/", rig.server.ip4),
+    ]));
+    assert!(
+        body.ends_with(&format!("remote={}", rig.server.ip4)),
+        "{body}"
+    );
+    assert_eq!(sidecar.kernel_stat("captured"), 0);
+}
+
+#[test]
+fn udp_connect_is_not_captured() {
+    let rig = rig("udp");
+    let sidecar = Sidecar::start(&rig.client, CONFIG, Placement::InPodCgroup);
+    for to in [
+        format!("{}:8080", rig.server.ip4),
+        format!("[{}]:8080", rig.server.ip6),
+    ] {
+        let mut cmd = rig.client.app(&pod_tool_bin());
+        cmd.args(["udp", "--to", &to]);
+        let echo = run_json(cmd);
+        assert_eq!(echo["echo"], "ping", "{echo}");
+    }
+    assert_eq!(sidecar.kernel_stat("captured"), 0);
+    assert_eq!(sidecar.kernel_stat("skipped_not_tcp"), 2);
+    assert_eq!(sidecar.proxy_stat("accepted"), 0);
+}
+
+#[test]
+fn ipv6_and_ipv4_mapped_destinations_are_captured() {
+    let rig = rig("ipv6");
+    let sidecar = Sidecar::start(&rig.client, CONFIG, Placement::InPodCgroup);
+    let v6 = format!("http://[{}]:8080/", rig.server.ip6);
+    let body = curl_body(&rig.client.curl(&["-w", "remote=%{remote_ip}", &v6]));
+    assert!(
+        body.contains(&format!("served-by [{}]:8080", rig.server.ip6)),
+        "{body}"
+    );
+    assert!(body.ends_with("remote=::1"), "{body}");
+    // An AF_INET6 socket dialing ::ffff:a.b.c.d runs only connect6.
+    let mapped = format!("http://[::ffff:{}]:8080/", rig.server.ip4);
+    let body = curl_body(&rig.client.curl(&["-w", "remote=%{remote_ip}", &mapped]));
+    assert!(
+        body.contains(&format!("served-by {}:8080", rig.server.ip4)),
+        "{body}"
+    );
+    assert!(body.ends_with("remote=::ffff:127.0.0.1"), "{body}");
+    assert_eq!(sidecar.proxy_stat("accepted"), 2);
+    assert_eq!(sidecar.proxy_stat("orig_dst_missing"), 0);
+}
+
+#[test]
+fn aborted_connects_leave_the_map_bounded_and_later_connects_work() {
+    let rig = rig("abort");
+    let sidecar = Sidecar::start(&rig.client, CONFIG, Placement::InPodCgroup);
+    // Freeze the proxy so nothing is accepted: every aborted connect leaves an entry.
+    sidecar.signal(libc::SIGSTOP);
+    let count = sidecar_common::ORIG_DST_MAP_CAPACITY as usize + 7_000;
+    let mut cmd = rig.client.app(&pod_tool_bin());
+    cmd.args([
+        "abort",
+        "--to",
+        &format!("{}:8080", rig.server.ip4),
+        "--count",
+        &count.to_string(),
+    ]);
+    let aborted = run_json(cmd);
+    sidecar.signal(libc::SIGCONT);
+    assert_eq!(aborted["aborted"], count, "{aborted}");
+    let stats = sidecar.stats();
+    let by_flow = stats["orig_dst_map"]["by_flow"].as_u64().expect("by_flow");
+    assert!(
+        by_flow <= u64::from(sidecar_common::ORIG_DST_MAP_CAPACITY),
+        "{stats}"
+    );
+    assert!(
+        stats["kernel"]["orig_dst_rekeyed"]
+            .as_u64()
+            .expect("rekeyed")
+            >= count as u64,
+        "{stats}"
+    );
+    assert!(
+        stats["orig_dst_map"]["evicted"].as_u64().expect("evicted") > 0,
+        "{stats}"
+    );
+    // New connections still reach the right destination.
+    for _ in 0..20 {
+        let body = curl_body(
+            &rig.client
+                .curl(&[&format!("http://{}:8080/", rig.server.ip4)]),
+        );
+        assert!(
+            body.contains(&format!("served-by {}:8080", rig.server.ip4)),
+            "{body}"
+        );
+    }
+}
+
+#[test]
+fn refused_and_unreachable_destinations_are_reset_within_the_timeout() {
+    let rig = rig("refused");
+    let sidecar = Sidecar::start(&rig.client, CONFIG, Placement::InPodCgroup);
+    // Nothing listens on 8099: the upstream refuses, the app gets a reset at once.
+    let started = Instant::now();
+    let out = rig
+        .client
+        .curl(&[&format!("http://{}:8099/", rig.server.ip4)]);
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reset") || err.contains("refused"), "{err}");
+    assert!(
+        started.elapsed().as_secs_f64() < 2.0,
+        "took {:?}",
+        started.elapsed()
+    );
+    assert_eq!(sidecar.proxy_stat("connect_failed"), 1);
+
+    // Via a gateway that never answers ARP, the connect hangs: the proxy gives up at
+    // connect_timeout (1 s) and resets the app's connection.
+    rig.client
+        .ip(&["route", "add", "198.18.7.0/24", "via", "198.18.0.250"]);
+    let started = Instant::now();
+    let out = rig.client.curl(&["http://198.18.7.7:80/"]);
+    let took = started.elapsed();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("reset"), "{err}");
+    assert!(
+        took.as_secs_f64() >= 0.9 && took.as_secs_f64() < 3.0,
+        "took {took:?}"
+    );
+    assert_eq!(sidecar.proxy_stat("connect_timeout"), 1);
+    assert!(sidecar.logs().contains("timed out"), "{}", sidecar.logs());
+}
+
+#[test]
+fn sigterm_detaches_and_later_connects_go_direct() {
+    let rig = rig("sigterm");
+    let sidecar = Sidecar::start(&rig.client, CONFIG, Placement::InPodCgroup);
+    let url = format!("http://{}:8080/", rig.server.ip4);
+    assert!(
+        curl_body(&rig.client.curl(&["-w", "remote=%{remote_ip}", &url]))
+            .ends_with("remote=127.0.0.1")
+    );
+    assert_eq!(
+        attached_programs(&rig.client.cgroup).len(),
+        3,
+        "connect4, connect6, sock_ops"
+    );
+    let log = sidecar.log.clone();
+    let status = sidecar.terminate();
+    assert!(status.success(), "{status}");
+    assert!(
+        attached_programs(&rig.client.cgroup).is_empty(),
+        "programs left attached"
+    );
+    let body = curl_body(&rig.client.curl(&["-w", "remote=%{remote_ip}", &url]));
+    assert!(
+        body.ends_with(&format!("remote={}", rig.server.ip4)),
+        "{body}"
+    );
+    let _ = log;
+}

@@ -1,0 +1,149 @@
+//! `cargo xtask test | lint | run | deps`.
+
+use std::process::Command;
+
+use anyhow::{Result, bail};
+
+use crate::{build_ebpf::build_ebpf, cmd, toolchain::NIGHTLY, workspace_root};
+
+/// Debian packages the tests and demo use, with the command each provides.
+pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
+    ("iproute2", "ip"),
+    ("curl", "curl"),
+    ("bpftool", "bpftool"),
+    ("iptables", "iptables-save"),
+    ("nftables", "nft"),
+    ("netcat-openbsd", "nc"),
+];
+
+/// Installs missing Debian packages (needs root and apt).
+pub fn deps() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, bin)| !on_path(bin))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if missing.is_empty() {
+        eprintln!("xtask: Debian packages present");
+        return Ok(());
+    }
+    eprintln!("xtask: installing {}", missing.join(" "));
+    cmd::run(Command::new("apt-get").arg("update").arg("-qq"))?;
+    cmd::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
+}
+
+fn on_path(bin: &str) -> bool {
+    std::env::var_os("PATH")
+        .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
+        .unwrap_or(false)
+}
+
+/// Fails unless every tool the pod tests use is installed.
+fn require_tools() -> Result<()> {
+    let missing: Vec<&str> = DEBIAN_PACKAGES
+        .iter()
+        .filter(|(_, bin)| !on_path(bin))
+        .map(|(pkg, _)| *pkg)
+        .collect();
+    if !missing.is_empty() {
+        bail!(
+            "missing Debian packages for the pod tests: {} (run `cargo xtask deps`)",
+            missing.join(" ")
+        );
+    }
+    Ok(())
+}
+
+/// Fails unless running as root.
+pub fn require_root(what: &str) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        bail!("{what} needs root (network namespaces, cgroups, BPF): run it with sudo");
+    }
+    Ok(())
+}
+
+/// Every test: unit tests of all crates, then the pod integration tests (root).
+pub fn test() -> Result<()> {
+    require_root("cargo xtask test")?;
+    require_tools()?;
+    build_ebpf()?;
+    let root = workspace_root();
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["build", "--workspace", "--bins"]),
+    )?;
+    // Pod tests run two at a time: each makes its own namespaces and cgroups, and the
+    // machines this runs on have two cores.
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "test",
+        "--workspace",
+        "--",
+        "--test-threads=2",
+    ]))?;
+    let leftovers = Command::new("ip").args(["netns", "list"]).output()?;
+    let left = String::from_utf8_lossy(&leftovers.stdout);
+    if left.lines().any(|l| l.starts_with("sct")) {
+        bail!("tests left network namespaces behind:\n{left}");
+    }
+    Ok(())
+}
+
+/// fmt and clippy (-D warnings) on the workspace and on the kernel crate.
+pub fn lint() -> Result<()> {
+    build_ebpf()?;
+    let root = workspace_root();
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&root)
+            .args(["fmt", "--all", "--", "--check"]),
+    )?;
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "clippy",
+        "--workspace",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    let ebpf = root.join("sidecar-ebpf");
+    let path = crate::build_ebpf::path_with_linker()?;
+    cmd::run(Command::new("cargo").current_dir(&ebpf).args([
+        &format!("+{NIGHTLY}"),
+        "fmt",
+        "--",
+        "--check",
+    ]))?;
+    cmd::run(
+        Command::new("cargo")
+            .current_dir(&ebpf)
+            .env("PATH", path)
+            .args([
+                &format!("+{NIGHTLY}"),
+                "clippy",
+                "--release",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )
+}
+
+/// Builds everything (release) and runs the sidecar with `args`.
+pub fn run(args: &[String]) -> Result<()> {
+    build_ebpf()?;
+    let root = workspace_root();
+    cmd::run(Command::new("cargo").current_dir(&root).args([
+        "build",
+        "--release",
+        "-p",
+        "sidecar-user",
+    ]))?;
+    cmd::run(Command::new(root.join("target/release/sidecar")).args(args))
+}
