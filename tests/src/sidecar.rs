@@ -147,13 +147,18 @@ impl Sidecar {
     }
 
     /// SIGTERM, then waits (up to 30 s) for exit.
-    pub fn terminate(mut self) -> ExitStatus {
+    pub fn terminate(self) -> ExitStatus {
+        self.terminate_with_log().0
+    }
+
+    /// SIGTERM, waits for exit, and returns the status with the whole log.
+    pub fn terminate_with_log(mut self) -> (ExitStatus, String) {
         self.signal(libc::SIGTERM);
         let mut child = self.child.take().expect("running");
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             if let Some(status) = child.try_wait().expect("wait") {
-                return status;
+                return (status, self.logs());
             }
             if Instant::now() > deadline {
                 let _ = child.kill();

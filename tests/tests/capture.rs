@@ -380,7 +380,6 @@ fn sigterm_detaches_and_later_connects_go_direct() {
         3,
         "connect4, connect6, sock_ops"
     );
-    let log = sidecar.log.clone();
     let status = sidecar.terminate();
     assert!(status.success(), "{status}");
     assert!(

@@ -71,6 +71,7 @@ pub fn require_root(what: &str) -> Result<()> {
 /// Every test: unit tests of all crates, then the pod integration tests (root).
 pub fn test() -> Result<()> {
     require_root("cargo xtask test")?;
+    deps()?;
     require_tools()?;
     build_ebpf()?;
     let root = workspace_root();
@@ -81,18 +82,59 @@ pub fn test() -> Result<()> {
     )?;
     // Pod tests run two at a time: each makes its own namespaces and cgroups, and the
     // machines this runs on have two cores.
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "test",
-        "--workspace",
-        "--",
-        "--test-threads=2",
-    ]))?;
+    let (passed, failed) = cargo_test(&root)?;
     let leftovers = Command::new("ip").args(["netns", "list"]).output()?;
     let left = String::from_utf8_lossy(&leftovers.stdout);
     if left.lines().any(|l| l.starts_with("sct")) {
         bail!("tests left network namespaces behind:\n{left}");
     }
+    // One closing line for the whole run (cargo prints one per test binary, the last
+    // of which may be an empty doc-test run).
+    println!("tests: {passed} passed, {failed} failed");
+    if failed > 0 {
+        bail!("{failed} tests failed");
+    }
     Ok(())
+}
+
+/// Runs `cargo test` over the workspace, echoing its output, and adds up the
+/// `test result:` lines.
+fn cargo_test(root: &std::path::Path) -> Result<(u64, u64)> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new("cargo")
+        .current_dir(root)
+        .args(["test", "--workspace", "--", "--test-threads=2"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let (mut passed, mut failed) = (0, 0);
+    let stdout = child
+        .stdout
+        .take()
+        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            let count = |word: &str| {
+                rest.split(';')
+                    .find_map(|part| {
+                        part.trim()
+                            .trim_start_matches("ok. ")
+                            .trim_start_matches("FAILED. ")
+                            .strip_suffix(word)
+                    })
+                    .and_then(|n| n.trim().parse::<u64>().ok())
+                    .unwrap_or(0)
+            };
+            passed += count(" passed");
+            failed += count(" failed");
+        }
+    }
+    let status = child.wait()?;
+    if !status.success() && failed == 0 {
+        bail!("cargo test failed: {status}");
+    }
+    Ok((passed, failed))
 }
 
 /// fmt and clippy (-D warnings) on the workspace and on the kernel crate.

@@ -69,6 +69,18 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// `streams` echo connections that each send `bytes` in small chunks spread over
+    /// `seconds`, half-close, and check the full echo: long transfers for drain tests.
+    Slow {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long, default_value_t = 1)]
+        streams: usize,
+        #[arg(long)]
+        bytes: usize,
+        #[arg(long)]
+        seconds: f64,
+    },
     /// UDP: `connect()` a datagram socket to `to`, send, wait for the echo.
     Udp {
         #[arg(long)]
@@ -95,6 +107,12 @@ fn main() -> Result<()> {
             } => clients(to, connections, max_small, big, seed).await,
             Cmd::Hold { to, count } => hold(to, count).await,
             Cmd::Abort { to, count } => abort(to, count).await,
+            Cmd::Slow {
+                to,
+                streams,
+                bytes,
+                seconds,
+            } => slow(to, streams, bytes, seconds).await,
             Cmd::Udp { to } => udp(to).await,
         }
     })
@@ -376,6 +394,59 @@ async fn abort(to: SocketAddr, count: usize) -> Result<()> {
         let _ = tokio::time::timeout(Duration::from_micros(1), connect).await;
     }
     println!("{}", serde_json::json!({"aborted": count}));
+    Ok(())
+}
+
+async fn slow(to: SocketAddr, streams: usize, bytes: usize, seconds: f64) -> Result<()> {
+    // Connect everything first, then report, so a test can act while all are in flight.
+    let mut conns = Vec::new();
+    for _ in 0..streams {
+        let mut s = TcpStream::connect(to)
+            .await
+            .with_context(|| format!("connect {to}"))?;
+        let mut header = [0u8; HEADER];
+        s.read_exact(&mut header).await?;
+        conns.push(s);
+    }
+    println!("connected");
+    let chunks = 50usize;
+    let pause = Duration::from_secs_f64(seconds / chunks as f64);
+    let mut tasks = Vec::new();
+    for (i, stream) in conns.into_iter().enumerate() {
+        tasks.push(tokio::spawn(async move {
+            let mut payload = vec![0u8; bytes];
+            Rng(i as u64 + 99).fill(&mut payload);
+            let (mut r, mut w) = stream.into_split();
+            let expected = payload.clone();
+            let writer = tokio::spawn(async move {
+                w.write_all(b"S").await?;
+                for chunk in payload.chunks(bytes.div_ceil(chunks).max(1)) {
+                    w.write_all(chunk).await?;
+                    tokio::time::sleep(pause).await;
+                }
+                w.shutdown().await?;
+                Ok::<_, std::io::Error>(())
+            });
+            let mut got = Vec::new();
+            r.read_to_end(&mut got).await?;
+            writer.await??;
+            anyhow::ensure!(
+                got == expected,
+                "echo differs: {} of {} bytes",
+                got.len(),
+                expected.len()
+            );
+            Ok::<_, anyhow::Error>(())
+        }));
+    }
+    let (mut ok, mut failed) = (0, 0);
+    for t in tasks {
+        match t.await? {
+            Ok(()) => ok += 1,
+            Err(_) => failed += 1,
+        }
+    }
+    println!("{}", serde_json::json!({"ok": ok, "failed": failed}));
     Ok(())
 }
 
