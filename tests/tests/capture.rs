@@ -391,5 +391,4 @@ fn sigterm_detaches_and_later_connects_go_direct() {
         body.ends_with(&format!("remote={}", rig.server.ip4)),
         "{body}"
     );
-    let _ = log;
 }
