@@ -23,7 +23,7 @@ pub mod map_names {
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     /// [`crate::FlowKey`] → [`crate::SockAddr`], the table the proxy reads at accept.
     pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
-    /// Per-CPU `u64` counters indexed by [`crate::Counter`].
+    /// Per-CPU `u64` counters indexed by [`crate::counter_index`].
     pub const COUNTERS: &str = "COUNTERS";
 }
 
@@ -122,7 +122,41 @@ pub struct FlowKey {
     pub dst: SockAddr,
 }
 
-/// Kernel-side counters, the index into [`map_names::COUNTERS`].
+/// The programs that count events; part of the counter index.
+#[repr(u32)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Program {
+    /// `cgroup/connect4`.
+    Connect4 = 0,
+    /// `cgroup/connect6`.
+    Connect6,
+    /// `sockops`.
+    SockOps,
+}
+
+impl Program {
+    /// Every program, in index order.
+    pub const ALL: [Program; 3] = [Program::Connect4, Program::Connect6, Program::SockOps];
+
+    /// The program's name in the object (also a metric label).
+    pub const fn name(self) -> &'static str {
+        match self {
+            Program::Connect4 => program_names::CONNECT4,
+            Program::Connect6 => program_names::CONNECT6,
+            Program::SockOps => program_names::SOCK_OPS,
+        }
+    }
+}
+
+/// Slots in the counter array: one per (program, counter) pair.
+pub const COUNTER_SLOTS: u32 = Program::ALL.len() as u32 * Counter::COUNT;
+
+/// Index of `counter` as counted by `program` in [`map_names::COUNTERS`].
+pub const fn counter_index(program: Program, counter: Counter) -> u32 {
+    program as u32 * Counter::COUNT + counter as u32
+}
+
+/// Kernel-side events; with [`Program`], the index into [`map_names::COUNTERS`].
 #[repr(u32)]
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Counter {

@@ -9,7 +9,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
-use sidecar_common::{CaptureConfig, Counter, SockAddr, capture_flags, port_rule};
+use sidecar_common::{CaptureConfig, Counter, Program, SockAddr, capture_flags, port_rule};
 
 use crate::{
     counters::bump,
@@ -28,12 +28,12 @@ const V4_MAPPED_WORD: u32 = 0x0000_ffffu32.to_be();
 pub fn connect4(ctx: SockAddrContext) -> i32 {
     // SAFETY: the kernel hands a valid `bpf_sock_addr` for the program's lifetime.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(cfg) = capture_config(sa) else {
+    let Some(cfg) = capture_config(Program::Connect4, sa) else {
         return ALLOW;
     };
     let dst = SockAddr::v4(sa.user_ip4, u16::from_be(sa.user_port as u16));
-    if should_capture_v4(cfg, dst.addr[0], dst.port) {
-        record(&ctx, &dst);
+    if should_capture_v4(Program::Connect4, cfg, dst.addr[0], dst.port) {
+        record(Program::Connect4, &ctx, &dst);
         sa.user_ip4 = cfg.outbound_ip4;
         sa.user_port = u32::from(cfg.outbound_port.to_be());
     }
@@ -46,19 +46,19 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
 pub fn connect6(ctx: SockAddrContext) -> i32 {
     // SAFETY: as in `connect4`.
     let sa = unsafe { &mut *ctx.sock_addr };
-    let Some(cfg) = capture_config(sa) else {
+    let Some(cfg) = capture_config(Program::Connect6, sa) else {
         return ALLOW;
     };
     let ip6 = sa.user_ip6;
     let port = u16::from_be(sa.user_port as u16);
     if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
-        if should_capture_v4(cfg, ip6[3], port) {
-            record(&ctx, &SockAddr::v4(ip6[3], port));
+        if should_capture_v4(Program::Connect6, cfg, ip6[3], port) {
+            record(Program::Connect6, &ctx, &SockAddr::v4(ip6[3], port));
             sa.user_ip6[3] = cfg.outbound_ip4;
             sa.user_port = u32::from(cfg.outbound_port.to_be());
         }
-    } else if should_capture_v6(cfg, ip6, port) {
-        record(&ctx, &SockAddr::v6(ip6, port));
+    } else if should_capture_v6(Program::Connect6, cfg, ip6, port) {
+        record(Program::Connect6, &ctx, &SockAddr::v6(ip6, port));
         set_user_ip6(sa, cfg.outbound_ip6);
         sa.user_port = u32::from(cfg.outbound_port.to_be());
     }
@@ -78,9 +78,9 @@ fn set_user_ip6(sa: &mut bpf_sock_addr, ip6: [u32; 4]) {
 /// The capture settings, or `None` when this connect is not ours to capture
 /// (not TCP, made by the proxy itself, or no config loaded yet).
 #[inline(always)]
-fn capture_config(sa: &bpf_sock_addr) -> Option<&'static CaptureConfig> {
+fn capture_config(prog: Program, sa: &bpf_sock_addr) -> Option<&'static CaptureConfig> {
     if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != 0) {
-        bump(Counter::SkippedNotTcp);
+        bump(prog, Counter::SkippedNotTcp);
         return None;
     }
     let cfg = CONFIG.get(0)?;
@@ -90,48 +90,48 @@ fn capture_config(sa: &bpf_sock_addr) -> Option<&'static CaptureConfig> {
     // The low 32 bits are the UID. The proxy's upstream connects carry its UID, so they
     // are never redirected back into itself, even from inside this cgroup.
     if bpf_get_current_uid_gid() as u32 == cfg.proxy_uid {
-        bump(Counter::SkippedProxy);
+        bump(prog, Counter::SkippedProxy);
         return None;
     }
     Some(cfg)
 }
 
 #[inline(always)]
-fn should_capture_v4(cfg: &CaptureConfig, ip: u32, port: u16) -> bool {
+fn should_capture_v4(prog: Program, cfg: &CaptureConfig, ip: u32, port: u16) -> bool {
     if u32::from_be(ip) >> 24 == 127 {
-        bump(Counter::SkippedLoopback);
+        bump(prog, Counter::SkippedLoopback);
         return false;
     }
-    if !port_allowed(cfg, port) {
+    if !port_allowed(prog, cfg, port) {
         return false;
     }
     if EXCLUDED_V4.get(Key::new(32, ip.to_ne_bytes())).is_some() {
-        bump(Counter::ExcludedCidr);
+        bump(prog, Counter::ExcludedCidr);
         return false;
     }
     true
 }
 
 #[inline(always)]
-fn should_capture_v6(cfg: &CaptureConfig, ip: [u32; 4], port: u16) -> bool {
+fn should_capture_v6(prog: Program, cfg: &CaptureConfig, ip: [u32; 4], port: u16) -> bool {
     if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be() {
-        bump(Counter::SkippedLoopback);
+        bump(prog, Counter::SkippedLoopback);
         return false;
     }
-    if !port_allowed(cfg, port) {
+    if !port_allowed(prog, cfg, port) {
         return false;
     }
     // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size and any bit pattern is valid.
     let bytes: [u8; 16] = unsafe { core::mem::transmute(ip) };
     if EXCLUDED_V6.get(Key::new(128, bytes)).is_some() {
-        bump(Counter::ExcludedCidr);
+        bump(prog, Counter::ExcludedCidr);
         return false;
     }
     true
 }
 
 #[inline(always)]
-fn port_allowed(cfg: &CaptureConfig, port: u16) -> bool {
+fn port_allowed(prog: Program, cfg: &CaptureConfig, port: u16) -> bool {
     // SAFETY: the value is a plain u32 that nothing writes concurrently but the loader.
     let rule = unsafe { PORT_RULES.get(port) }.copied().unwrap_or(0);
     let include_only = cfg.flags & capture_flags::INCLUDE_PORTS_ONLY != 0;
@@ -139,7 +139,7 @@ fn port_allowed(cfg: &CaptureConfig, port: u16) -> bool {
         || rule & port_rule::EXCLUDE != 0
         || (include_only && rule & port_rule::INCLUDE == 0)
     {
-        bump(Counter::ExcludedPort);
+        bump(prog, Counter::ExcludedPort);
         return false;
     }
     true
@@ -149,11 +149,11 @@ fn port_allowed(cfg: &CaptureConfig, port: u16) -> bool {
 /// this fails: the proxy then finds no destination and refuses the connection, which
 /// fails closed instead of letting traffic go around the proxy.
 #[inline(always)]
-fn record(ctx: &SockAddrContext, dst: &SockAddr) {
-    bump(Counter::Captured);
+fn record(prog: Program, ctx: &SockAddrContext, dst: &SockAddr) {
+    bump(prog, Counter::Captured);
     // SAFETY: a sock_addr context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
     if ORIG_DST_BY_COOKIE.insert(cookie, dst, 0).is_err() {
-        bump(Counter::OrigDstStoreFailed);
+        bump(prog, Counter::OrigDstStoreFailed);
     }
 }

@@ -6,7 +6,7 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
 };
 use sidecar_common::{
-    CaptureConfig, Counter, EXCLUDED_CIDRS_CAPACITY, FlowKey, ORIG_DST_MAP_CAPACITY,
+    COUNTER_SLOTS, CaptureConfig, EXCLUDED_CIDRS_CAPACITY, FlowKey, ORIG_DST_MAP_CAPACITY,
     PORT_RULES_CAPACITY, SockAddr,
 };
 
@@ -40,6 +40,6 @@ pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
 pub static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, SockAddr> =
     LruHashMap::with_max_entries(ORIG_DST_MAP_CAPACITY, 0);
 
-/// Per-CPU event counters indexed by `Counter`.
+/// Per-CPU event counters indexed by `counter_index(program, counter)`.
 #[map]
-pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(Counter::COUNT, 0);
+pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);

@@ -9,7 +9,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
-use sidecar_common::{AF_INET6, Counter, FlowKey, SockAddr};
+use sidecar_common::{AF_INET6, Counter, FlowKey, Program, SockAddr};
 
 use crate::{
     counters::bump,
@@ -39,9 +39,9 @@ fn rekey(ctx: &SockOpsContext) {
     };
     let key = flow_key(ctx);
     if ORIG_DST_BY_FLOW.insert(key, orig, 0).is_ok() {
-        bump(Counter::OrigDstRekeyed);
+        bump(Program::SockOps, Counter::OrigDstRekeyed);
     } else {
-        bump(Counter::OrigDstRekeyFailed);
+        bump(Program::SockOps, Counter::OrigDstRekeyFailed);
     }
     let _ = ORIG_DST_BY_COOKIE.remove(cookie);
 }

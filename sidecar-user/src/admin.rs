@@ -19,16 +19,24 @@ use serde::Serialize;
 use tokio::net::TcpListener;
 use tracing::{debug, warn};
 
-use crate::{ebpf::KernelMaps, proxy::ProxyStats};
+use crate::{
+    ebpf::KernelMaps,
+    metrics::{Metrics, kernel::KernelCollector, render},
+    proxy::connections::ConnTable,
+};
 
 /// State the endpoints report on.
 pub struct AdminState {
     /// True once programs are attached and listeners accept; false again on drain.
     pub ready: AtomicBool,
-    /// Proxy counters.
-    pub stats: Arc<ProxyStats>,
-    /// Kernel maps (counters, fill of the original-destination maps).
+    /// Every metric, for `/metrics`.
+    pub metrics: Metrics,
+    /// Kernel maps (fill of the original-destination maps).
     pub kernel: Arc<KernelMaps>,
+    /// Evictions, as the metrics report them.
+    pub evicted: Arc<KernelCollector>,
+    /// Open connections, for `/connections`.
+    pub connections: Arc<ConnTable>,
     /// The cgroup the programs are attached to.
     pub cgroup: PathBuf,
     /// When the sidecar started.
@@ -38,20 +46,19 @@ pub struct AdminState {
 /// Which endpoints a listener serves.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Surface {
-    /// `/healthz`, `/readyz`: safe to expose on the pod IP.
+    /// `/healthz`, `/readyz`, `/metrics`: safe to expose on the pod IP.
     Health,
-    /// Health plus debug endpoints (`/stats`); loopback only.
+    /// Health plus debug endpoints (`/stats`, `/connections`); loopback only.
     Admin,
 }
 
-/// The `/stats` document.
+/// The `/stats` document: where capture is attached and how full the kernel maps are.
 #[derive(Serialize)]
 struct Stats<'a> {
     cgroup: &'a std::path::Path,
     uptime_seconds: u64,
     ready: bool,
-    proxy: crate::proxy::stats::ProxyStatsSnapshot,
-    kernel: std::collections::BTreeMap<&'static str, u64>,
+    kernel: std::collections::BTreeMap<String, u64>,
     orig_dst_map: OrigDstMap,
 }
 
@@ -60,8 +67,7 @@ struct OrigDstMap {
     by_cookie: usize,
     by_flow: usize,
     capacity: u32,
-    /// Entries that left the flow map without the proxy taking them: LRU evictions
-    /// (connects abandoned before accept). Derived: re-keyed − taken − still present.
+    /// Entries that left the flow map without the proxy taking them (LRU evictions).
     evicted: u64,
 }
 
@@ -100,43 +106,58 @@ fn route(req: &Request<Incoming>, surface: Surface, state: &AdminState) -> Respo
         ("/healthz", _) => text(StatusCode::OK, "ok\n"),
         ("/readyz", _) if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
         ("/readyz", _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        ("/metrics", _) => metrics(req, state),
         ("/stats", Surface::Admin) => json(&stats(state)),
+        ("/connections", Surface::Admin) => json(&state.connections.snapshot()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }
 
 fn stats(state: &AdminState) -> Stats<'_> {
     let (by_cookie, by_flow) = state.kernel.orig_dst_entries();
-    let kernel: std::collections::BTreeMap<_, _> = state
+    let kernel = state
         .kernel
         .counters()
         .into_iter()
-        .map(|(c, v)| (c.name(), v))
+        .map(|(p, c, v)| (format!("{}.{}", p.name(), c.name()), v))
         .collect();
-    let proxy = state.stats.snapshot();
-    let rekeyed = kernel
-        .get(sidecar_common::Counter::OrigDstRekeyed.name())
-        .copied()
-        .unwrap_or(0);
-    let evicted = rekeyed.saturating_sub(proxy.orig_dst_found + by_flow as u64);
     Stats {
         cgroup: &state.cgroup,
         uptime_seconds: state.started.elapsed().as_secs(),
         ready: state.ready.load(Ordering::Relaxed),
-        proxy: state.stats.snapshot(),
-        kernel: state
-            .kernel
-            .counters()
-            .into_iter()
-            .map(|(c, v)| (c.name(), v))
-            .collect(),
+        kernel,
         orig_dst_map: OrigDstMap {
             by_cookie,
             by_flow,
             capacity: sidecar_common::ORIG_DST_MAP_CAPACITY,
-            evicted,
+            evicted: state.evicted.evicted(),
         },
     }
+}
+
+/// `/metrics`, in OpenMetrics when the scraper asks for it, else Prometheus text.
+fn metrics(req: &Request<Incoming>, state: &AdminState) -> Response<Full<Bytes>> {
+    let accept = req
+        .headers()
+        .get(hyper::header::ACCEPT)
+        .and_then(|v| v.to_str().ok());
+    let Ok(text) = render::openmetrics(state.metrics.registry()) else {
+        return text(StatusCode::INTERNAL_SERVER_ERROR, "encoding failed\n");
+    };
+    let (body, content_type) = if render::wants_openmetrics(accept) {
+        (text, render::OPENMETRICS_CONTENT_TYPE)
+    } else {
+        (
+            render::to_prometheus_text(&text),
+            render::PROMETHEUS_CONTENT_TYPE,
+        )
+    };
+    let mut resp = Response::new(Full::new(Bytes::from(body)));
+    resp.headers_mut().insert(
+        hyper::header::CONTENT_TYPE,
+        hyper::header::HeaderValue::from_static(content_type),
+    );
+    resp
 }
 
 fn text(status: StatusCode, body: &'static str) -> Response<Full<Bytes>> {

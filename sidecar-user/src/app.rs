@@ -17,8 +17,9 @@ use crate::{
     config::Config,
     drain::{self, DrainOutcome},
     ebpf::{Capture, CaptureError, KernelMaps},
+    metrics::{Metrics, kernel::KernelCollector},
     proxy::{
-        ProxyStats,
+        connections::ConnTable,
         listener::{self, BindError},
         outbound::{self, Inputs},
     },
@@ -118,10 +119,19 @@ impl Bound {
         let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
 
-        let stats = Arc::new(ProxyStats::default());
+        let mut metrics = Metrics::new(
+            config.metrics.max_peer_identities,
+            config.metrics.max_services,
+        );
+        let proxy_metrics = metrics.proxy.clone();
+        let collector = Arc::new(KernelCollector::new(kernel.clone(), proxy_metrics.clone()));
+        metrics.register_kernel(collector.clone());
+        let connections = Arc::new(ConnTable::default());
         let state = Arc::new(AdminState {
             ready: false.into(),
-            stats: stats.clone(),
+            metrics,
+            evicted: collector,
+            connections: connections.clone(),
             kernel: kernel.clone(),
             cgroup: capture.cgroup().to_owned(),
             started: Instant::now(),
@@ -143,7 +153,8 @@ impl Bound {
             own_addrs: addrs.outbound.clone(),
             connect_timeout: config.proxy.connect_timeout,
             idle_timeout: config.proxy.idle_timeout,
-            stats,
+            metrics: proxy_metrics,
+            connections,
         });
         let mut accept_loops = JoinSet::new();
         for listener in outbound {

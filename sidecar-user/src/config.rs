@@ -69,6 +69,31 @@ pub struct Config {
     pub admin: AdminConfig,
     /// The pod-IP listener for the kubelet and Prometheus.
     pub health: HealthConfig,
+    /// Metric label limits.
+    pub metrics: MetricsConfig,
+}
+
+/// Caps on label values that come from outside, so a flood of distinct peers cannot
+/// grow memory (or Prometheus's series count) without bound. Past the cap a value is
+/// reported as `other`, counted by `sidecar_metric_label_folded_total`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Distinct `peer_identity` label values.
+    pub max_peer_identities: usize,
+    /// Distinct `service` label values.
+    pub max_services: usize,
+}
+
+impl Default for MetricsConfig {
+    fn default() -> Self {
+        // A pod rarely talks to more than a few dozen identities or services; these
+        // leave headroom while keeping a sidecar's series in the low thousands.
+        Self {
+            max_peer_identities: 200,
+            max_services: 200,
+        }
+    }
 }
 
 /// Settings of the proxy's data path.

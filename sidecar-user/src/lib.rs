@@ -10,6 +10,7 @@ pub mod app;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
+pub mod metrics;
 pub mod process;
 pub mod proxy;
 pub mod telemetry;

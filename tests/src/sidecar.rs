@@ -121,18 +121,40 @@ impl Sidecar {
         })
     }
 
-    /// A proxy counter from `/stats`.
-    pub fn proxy_stat(&self, name: &str) -> u64 {
-        self.stats()["proxy"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no proxy stat {name}"))
+    /// `/metrics` from the health listener (Prometheus text format).
+    pub fn metrics_text(&self) -> String {
+        let out = self
+            .pod
+            .outsider("curl")
+            .args(["-sS", "--max-time", "5", "http://127.0.0.1:15020/metrics"])
+            .output()
+            .expect("curl /metrics");
+        assert!(
+            out.status.success(),
+            "GET /metrics: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        String::from_utf8_lossy(&out.stdout).into_owned()
     }
 
-    /// A kernel counter from `/stats`.
-    pub fn kernel_stat(&self, name: &str) -> u64 {
-        self.stats()["kernel"][name]
-            .as_u64()
-            .unwrap_or_else(|| panic!("no kernel stat {name}"))
+    /// Sum of every sample of metric `name` whose labels include all of `labels`.
+    pub fn metric(&self, name: &str, labels: &[(&str, &str)]) -> f64 {
+        metric_sum(&self.metrics_text(), name, labels)
+    }
+
+    /// A kernel event count, summed over programs.
+    pub fn kernel_stat(&self, event: &str) -> u64 {
+        self.metric("sidecar_kernel_events_total", &[("event", event)]) as u64
+    }
+
+    /// Connections closed for `reason`.
+    pub fn closed(&self, reason: &str) -> u64 {
+        self.metric("sidecar_connections_closed_total", &[("reason", reason)]) as u64
+    }
+
+    /// Connections accepted by the proxy.
+    pub fn opened(&self) -> u64 {
+        self.metric("sidecar_connections_opened_total", &[]) as u64
     }
 
     /// The process id.
@@ -189,4 +211,30 @@ impl Drop for Sidecar {
         }
         let _ = fs::remove_dir_all(&self.dir);
     }
+}
+
+/// Sums the samples of `name` in Prometheus text whose labels include `labels`.
+pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let mut sum = 0.0;
+    for line in text.lines().filter(|l| !l.starts_with('#')) {
+        let Some((series, value)) = line.rsplit_once(' ') else {
+            continue;
+        };
+        let (metric, label_text) = match series.split_once('{') {
+            Some((m, rest)) => (m, rest.trim_end_matches('}')),
+            None => (series, ""),
+        };
+        if metric != name {
+            continue;
+        }
+        let has = |k: &str, v: &str| {
+            label_text
+                .split(',')
+                .any(|pair| pair == format!("{k}=\"{v}\""))
+        };
+        if labels.iter().all(|(k, v)| has(k, v)) {
+            sum += value.parse::<f64>().unwrap_or(0.0);
+        }
+    }
+    sum
 }

@@ -63,8 +63,11 @@ fn curl_reaches_server_through_the_proxy_without_firewall_rules() {
     );
     // curl's socket was redirected: its peer is the proxy on loopback.
     assert!(body.ends_with("remote=127.0.0.1"), "{body}");
-    assert_eq!(sidecar.proxy_stat("accepted"), 1);
-    assert_eq!(sidecar.proxy_stat("upstream_connected"), 1);
+    assert_eq!(sidecar.opened(), 1);
+    assert_eq!(
+        (sidecar.metric("sidecar_upstream_connect_duration_seconds_count", &[]) as u64),
+        1
+    );
     assert_eq!(sidecar.kernel_stat("captured"), 1);
     assert!(sidecar.logs().contains("sidecar ready"));
     assert_eq!(
@@ -104,14 +107,17 @@ fn concurrent_connections_reach_the_right_destination_byte_exact() {
     assert_eq!(summary["ok"], 200, "{summary}");
     assert_eq!(summary["half_closed"], 100, "{summary}");
     assert_eq!(summary["big"], 10, "{summary}");
-    assert_eq!(sidecar.proxy_stat("accepted"), 200);
-    assert_eq!(sidecar.proxy_stat("orig_dst_missing"), 0);
+    assert_eq!(sidecar.opened(), 200);
     assert_eq!(
-        sidecar.proxy_stat("bytes_sent"),
+        (sidecar.metric("sidecar_orig_dst_lookups_total", &[("result", "missing")]) as u64),
+        0
+    );
+    assert_eq!(
+        (sidecar.metric("sidecar_connection_sent_bytes_total", &[]) as u64),
         summary["bytes_sent"].as_u64().expect("sent")
     );
     assert_eq!(
-        sidecar.proxy_stat("bytes_received"),
+        (sidecar.metric("sidecar_connection_received_bytes_total", &[]) as u64),
         summary["bytes_received"].as_u64().expect("received")
     );
 }
@@ -131,7 +137,7 @@ fn thousands_of_concurrent_connections_work() {
     let held = run_json(cmd);
     assert_eq!(held["open"], 3000, "{held}");
     assert_eq!(held["ok"], 3000, "{held}");
-    assert_eq!(sidecar.proxy_stat("accepted"), 3000);
+    assert_eq!(sidecar.opened(), 3000);
 }
 
 fn no_loop(placement: Placement) {
@@ -143,8 +149,8 @@ fn no_loop(placement: Placement) {
     }
     // Three app connects captured; the proxy's three upstream connects were not.
     assert_eq!(sidecar.kernel_stat("captured"), 3);
-    assert_eq!(sidecar.proxy_stat("accepted"), 3);
-    assert_eq!(sidecar.proxy_stat("loop_refused"), 0);
+    assert_eq!(sidecar.opened(), 3);
+    assert_eq!(sidecar.closed("loop"), 0);
     if placement == Placement::InPodCgroup {
         assert_eq!(
             sidecar.kernel_stat("skipped_proxy"),
@@ -180,7 +186,7 @@ fn process_outside_the_pod_cgroup_is_not_captured() {
         body.ends_with(&format!("remote={}", rig.server.ip4)),
         "went direct: {body}"
     );
-    assert_eq!(sidecar.proxy_stat("accepted"), 0);
+    assert_eq!(sidecar.opened(), 0);
     assert_eq!(sidecar.kernel_stat("captured"), 0);
 }
 
@@ -220,7 +226,7 @@ fn excluded_ports_and_cidrs_are_not_captured() {
         &format!("http://{}:8080/", rig.server.ip4),
     ]));
     assert!(body.ends_with("remote=127.0.0.1"), "{body}");
-    assert_eq!(sidecar.proxy_stat("accepted"), 1);
+    assert_eq!(sidecar.opened(), 1);
 }
 
 #[test]
@@ -255,7 +261,7 @@ fn udp_connect_is_not_captured() {
     }
     assert_eq!(sidecar.kernel_stat("captured"), 0);
     assert_eq!(sidecar.kernel_stat("skipped_not_tcp"), 2);
-    assert_eq!(sidecar.proxy_stat("accepted"), 0);
+    assert_eq!(sidecar.opened(), 0);
 }
 
 #[test]
@@ -277,8 +283,11 @@ fn ipv6_and_ipv4_mapped_destinations_are_captured() {
         "{body}"
     );
     assert!(body.ends_with("remote=::ffff:127.0.0.1"), "{body}");
-    assert_eq!(sidecar.proxy_stat("accepted"), 2);
-    assert_eq!(sidecar.proxy_stat("orig_dst_missing"), 0);
+    assert_eq!(sidecar.opened(), 2);
+    assert_eq!(
+        (sidecar.metric("sidecar_orig_dst_lookups_total", &[("result", "missing")]) as u64),
+        0
+    );
 }
 
 #[test]
@@ -301,21 +310,20 @@ fn aborted_connects_leave_the_map_bounded_and_later_connects_work() {
     assert_eq!(aborted["aborted"], count, "{aborted}");
     let stats = sidecar.stats();
     let by_flow = stats["orig_dst_map"]["by_flow"].as_u64().expect("by_flow");
+    let capacity = u64::from(sidecar_common::ORIG_DST_MAP_CAPACITY);
+    assert!(by_flow <= capacity, "{stats}");
     assert!(
-        by_flow <= u64::from(sidecar_common::ORIG_DST_MAP_CAPACITY),
-        "{stats}"
-    );
-    assert!(
-        stats["kernel"]["orig_dst_rekeyed"]
-            .as_u64()
-            .expect("rekeyed")
-            >= count as u64,
+        sidecar.kernel_stat("orig_dst_rekeyed") >= count as u64,
         "{stats}"
     );
     assert!(
         stats["orig_dst_map"]["evicted"].as_u64().expect("evicted") > 0,
         "{stats}"
     );
+    // The same figures as metrics.
+    let filled = sidecar.metric("sidecar_kernel_map_entries", &[("map", "ORIG_DST_BY_FLOW")]);
+    assert!(filled as u64 <= capacity, "{filled}");
+    assert!(sidecar.metric("sidecar_orig_dst_evicted_total", &[]) > 0.0);
     // New connections still reach the right destination.
     for _ in 0..20 {
         let body = curl_body(
@@ -346,7 +354,7 @@ fn refused_and_unreachable_destinations_are_reset_within_the_timeout() {
         "took {:?}",
         started.elapsed()
     );
-    assert_eq!(sidecar.proxy_stat("connect_failed"), 1);
+    assert_eq!(sidecar.closed("refused"), 1);
 
     // Via a gateway that never answers ARP, the connect hangs: the proxy gives up at
     // connect_timeout (1 s) and resets the app's connection.
@@ -362,7 +370,7 @@ fn refused_and_unreachable_destinations_are_reset_within_the_timeout() {
         took.as_secs_f64() >= 0.9 && took.as_secs_f64() < 3.0,
         "took {took:?}"
     );
-    assert_eq!(sidecar.proxy_stat("connect_timeout"), 1);
+    assert_eq!(sidecar.closed("timeout"), 1);
     assert!(sidecar.logs().contains("timed out"), "{}", sidecar.logs());
 }
 

@@ -94,18 +94,20 @@ pub fn demo() -> Result<()> {
     }
 
     step("What the sidecar saw");
-    let stats = sidecar.stats();
-    println!(
-        "  kernel: captured={} rekeyed={}",
-        stats["kernel"]["captured"], stats["kernel"]["orig_dst_rekeyed"]
-    );
-    println!(
-        "  proxy:  accepted={} upstream_connected={} bytes_sent={} bytes_received={}",
-        stats["proxy"]["accepted"],
-        stats["proxy"]["upstream_connected"],
-        stats["proxy"]["bytes_sent"],
-        stats["proxy"]["bytes_received"]
-    );
+    let metrics = sidecar.metrics_text();
+    let interesting = [
+        "sidecar_kernel_events_total",
+        "sidecar_connections_opened_total",
+        "sidecar_connections_closed_total",
+        "sidecar_connection_sent_bytes_total",
+        "sidecar_connection_received_bytes_total",
+    ];
+    for line in metrics.lines().filter(|l| !l.starts_with('#')) {
+        let name = line.split(['{', ' ']).next().unwrap_or("");
+        if interesting.contains(&name) && !line.ends_with(" 0") {
+            println!("  metric: {line}");
+        }
+    }
     for line in sidecar
         .logs()
         .lines()

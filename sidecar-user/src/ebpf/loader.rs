@@ -14,7 +14,8 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
 use sidecar_common::{
-    CaptureConfig, Counter, FlowKey, SockAddr, capture_flags, map_names, port_rule, program_names,
+    CaptureConfig, Counter, FlowKey, Program, SockAddr, capture_flags, counter_index, map_names,
+    port_rule, program_names,
 };
 
 use crate::{config::Config, ebpf::orig_dst::OrigDstTable};
@@ -162,19 +163,29 @@ impl Capture {
 // === impl KernelMaps ===
 
 impl KernelMaps {
-    /// Each kernel counter summed over CPUs.
-    pub fn counters(&self) -> Vec<(Counter, u64)> {
-        Counter::ALL
-            .iter()
-            .map(|&c| {
+    /// Each kernel counter of each program, summed over CPUs.
+    pub fn counters(&self) -> Vec<(Program, Counter, u64)> {
+        let mut all = Vec::with_capacity(Program::ALL.len() * Counter::ALL.len());
+        for program in Program::ALL {
+            for counter in Counter::ALL {
                 let sum = self
                     .counters
-                    .get(&(c as u32), 0)
+                    .get(&counter_index(program, counter), 0)
                     .map(|per_cpu| per_cpu.iter().sum())
                     .unwrap_or(0);
-                (c, sum)
-            })
-            .collect()
+                all.push((program, counter, sum));
+            }
+        }
+        all
+    }
+
+    /// `counter` summed over programs and CPUs.
+    pub fn counter_total(&self, counter: Counter) -> u64 {
+        self.counters()
+            .into_iter()
+            .filter(|(_, c, _)| *c == counter)
+            .map(|(_, _, v)| v)
+            .sum()
     }
 
     /// Entries in the (cookie, flow) original-destination maps: connects recorded but

@@ -11,6 +11,7 @@ use std::{
     time::Duration,
 };
 
+use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::{
@@ -47,13 +48,20 @@ pub struct Transfer {
     pub received: AtomicU64,
 }
 
-/// Process-wide byte totals each direction also adds to.
-#[derive(Clone, Copy, Debug)]
-pub struct Totals<'a> {
-    /// Application → destination.
-    pub sent: &'a AtomicU64,
-    /// Destination → application.
-    pub received: &'a AtomicU64,
+impl Transfer {
+    /// Bytes moved both ways so far.
+    pub fn total(&self) -> u64 {
+        self.sent.load(Relaxed) + self.received.load(Relaxed)
+    }
+}
+
+/// Metric counters each direction also adds to, as bytes flow.
+#[derive(Clone, Debug)]
+pub struct Totals {
+    /// Initiator → destination.
+    pub sent: Counter,
+    /// Destination → initiator.
+    pub received: Counter,
 }
 
 #[derive(Clone, Copy)]
@@ -77,7 +85,7 @@ pub async fn copy_bidirectional(
     upstream: &mut TcpStream,
     idle: Duration,
     transfer: &Transfer,
-    totals: Totals<'_>,
+    totals: Totals,
 ) -> Result<(), CopyError> {
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, in either direction.
@@ -87,14 +95,14 @@ pub async fn copy_bidirectional(
     let out = Direction {
         from: (client_read, Side::Client),
         to: (upstream_write, Side::Upstream),
-        bytes: [&transfer.sent, totals.sent],
+        bytes: (&transfer.sent, totals.sent),
         last_activity: &last_activity,
         start,
     };
     let back = Direction {
         from: (upstream_read, Side::Upstream),
         to: (client_write, Side::Client),
-        bytes: [&transfer.received, totals.received],
+        bytes: (&transfer.received, totals.received),
         last_activity: &last_activity,
         start,
     };
@@ -107,7 +115,7 @@ pub async fn copy_bidirectional(
 struct Direction<'a> {
     from: (ReadHalf<'a>, Side),
     to: (WriteHalf<'a>, Side),
-    bytes: [&'a AtomicU64; 2],
+    bytes: (&'a AtomicU64, Counter),
     last_activity: &'a AtomicU64,
     start: Instant,
 }
@@ -126,9 +134,8 @@ impl Direction<'_> {
                 return writer.shutdown().await.map_err(|e| to.error(e));
             }
             writer.write_all(&buf[..n]).await.map_err(|e| to.error(e))?;
-            for counter in self.bytes {
-                counter.fetch_add(n as u64, Relaxed);
-            }
+            self.bytes.0.fetch_add(n as u64, Relaxed);
+            self.bytes.1.inc_by(n as u64);
             let now = self.start.elapsed().as_millis() as u64;
             self.last_activity.store(now, Relaxed);
         }
@@ -172,10 +179,9 @@ mod tests {
         let (mut proxy_upstream, server) = pair().await;
         let task = tokio::spawn(async move {
             let transfer = Transfer::default();
-            let (s, r) = (AtomicU64::new(0), AtomicU64::new(0));
             let totals = Totals {
-                sent: &s,
-                received: &r,
+                sent: Counter::default(),
+                received: Counter::default(),
             };
             let result = copy_bidirectional(
                 &mut proxy_client,

@@ -2,10 +2,9 @@
 //! to go, connect there, copy bytes both ways.
 
 pub mod addr;
+pub mod connections;
 pub mod copy;
 pub mod listener;
 pub mod outbound;
-pub mod stats;
 
 pub use addr::{ClientAddr, OrigDstAddr};
-pub use stats::ProxyStats;

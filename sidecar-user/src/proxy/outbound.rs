@@ -1,7 +1,7 @@
 //! The outbound proxy: accepts connections the kernel redirected from the app,
 //! recovers their original destination and carries them there.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
 
 use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
@@ -9,11 +9,18 @@ use tracing::{Instrument, debug, info_span, warn};
 use crate::{
     drain::DrainWatcher,
     ebpf::KernelMaps,
+    metrics::{CloseReason, ConnRecorder, Direction, ProxyMetrics, Tls},
     proxy::{
-        ClientAddr, OrigDstAddr, ProxyStats,
-        copy::{self, CopyError, Totals, Transfer},
+        ClientAddr, OrigDstAddr,
+        connections::{ConnTable, Entry},
+        copy::{self, CopyError},
     },
 };
+
+/// Service label of connections to destinations that are not services.
+const PASSTHROUGH: &str = "passthrough";
+/// Peer identity label without mTLS.
+const NO_IDENTITY: &str = "none";
 
 /// What every outbound connection task shares.
 pub struct Inputs {
@@ -25,8 +32,10 @@ pub struct Inputs {
     pub connect_timeout: Duration,
     /// Close after this long without bytes.
     pub idle_timeout: Duration,
-    /// Counters.
-    pub stats: Arc<ProxyStats>,
+    /// Connection metrics.
+    pub metrics: Arc<ProxyMetrics>,
+    /// Open connections, for `/connections`.
+    pub connections: Arc<ConnTable>,
 }
 
 /// Why an outbound connection was not carried.
@@ -42,6 +51,19 @@ enum OutboundError {
     ConnectTimeout(OrigDstAddr, Duration),
     #[error("connecting to {0}: {1}")]
     Connect(OrigDstAddr, io::Error),
+}
+
+impl OutboundError {
+    fn reason(&self) -> CloseReason {
+        match self {
+            OutboundError::NoOrigDst | OutboundError::OrigDstLookup(_) => {
+                CloseReason::NoDestination
+            }
+            OutboundError::Loop(_) => CloseReason::Loop,
+            OutboundError::ConnectTimeout(..) => CloseReason::Timeout,
+            OutboundError::Connect(..) => CloseReason::Refused,
+        }
+    }
 }
 
 /// Accepts on `listener` until a drain starts; each connection is a tracked task.
@@ -68,23 +90,19 @@ pub async fn accept_loop(listener: TcpListener, inputs: Arc<Inputs>, drain: Drai
     }
 }
 
-/// Counts a connection as closed however its task ends.
-struct ClosedGuard(Arc<ProxyStats>);
-
-impl Drop for ClosedGuard {
-    fn drop(&mut self) {
-        ProxyStats::inc(&self.0.closed);
-    }
-}
-
 async fn serve(inputs: Arc<Inputs>, mut client: TcpStream, peer: ClientAddr, drain: DrainWatcher) {
-    let stats = &inputs.stats;
-    ProxyStats::inc(&stats.accepted);
-    let _closed = ClosedGuard(stats.clone());
-    let (mut upstream, dst) = match connect(&inputs, &client, peer).await {
+    let mut recorder = ConnRecorder::open(
+        &inputs.metrics,
+        Direction::Outbound,
+        PASSTHROUGH,
+        NO_IDENTITY,
+        Tls::No,
+    );
+    let (mut upstream, dst) = match connect(&inputs, &client, peer, &recorder).await {
         Ok(pair) => pair,
         Err(error) => {
             warn!(%error, "refusing connection");
+            recorder.set_reason(error.reason());
             // Reset rather than FIN: the app sees a refused/reset connection, as it
             // would have without the proxy.
             let _ = client.set_zero_linger();
@@ -93,32 +111,44 @@ async fn serve(inputs: Arc<Inputs>, mut client: TcpStream, peer: ClientAddr, dra
     };
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
-    let transfer = Transfer::default();
-    let totals = Totals {
-        sent: &stats.bytes_sent,
-        received: &stats.bytes_received,
-    };
+    let registration = inputs.connections.register(Entry {
+        direction: Direction::Outbound,
+        client: peer.0,
+        orig_dst: dst.0,
+        endpoint: dst.0,
+        peer_identity: None,
+        tls: false,
+        started: std::time::Instant::now(),
+        transfer: recorder.transfer.clone(),
+        upstream_fd: upstream.as_raw_fd(),
+    });
+    let transfer = recorder.transfer.clone();
     let copied = tokio::select! {
-        result = copy::copy_bidirectional(&mut client, &mut upstream, inputs.idle_timeout, &transfer, totals) => Some(result),
+        result = copy::copy_bidirectional(&mut client, &mut upstream, inputs.idle_timeout, &transfer, recorder.totals()) => Some(result),
         () = drain.forced() => None,
     };
+    // Leave the table before the sockets close (see `ConnTable::snapshot`).
+    drop(registration);
     let sent = transfer.sent.load(std::sync::atomic::Ordering::Relaxed);
     let received = transfer.received.load(std::sync::atomic::Ordering::Relaxed);
+    let reason = match copied {
+        Some(Ok(())) => CloseReason::Normal,
+        Some(Err(CopyError::Idle(_))) => CloseReason::Idle,
+        Some(Err(_)) => CloseReason::Reset,
+        None => CloseReason::Drained,
+    };
+    recorder.set_reason(reason);
     match copied {
-        Some(Ok(())) => debug!(%dst, sent, received, "connection closed"),
-        Some(Err(CopyError::Idle(idle))) => {
-            ProxyStats::inc(&stats.idle_closed);
-            debug!(%dst, sent, received, ?idle, "connection closed: idle");
+        Some(Ok(())) | Some(Err(CopyError::Idle(_))) => {
+            debug!(%dst, sent, received, reason = reason.as_str(), "connection closed")
         }
         Some(Err(error)) => {
-            ProxyStats::inc(&stats.io_errors);
             // Pass a reset on to the other side, so neither end waits on a dead peer.
             let _ = client.set_zero_linger();
             let _ = upstream.set_zero_linger();
-            debug!(%dst, sent, received, %error, "connection ended by an error");
+            debug!(%dst, sent, received, %error, reason = reason.as_str(), "connection closed");
         }
         None => {
-            ProxyStats::inc(&stats.drain_closed);
             let _ = client.set_zero_linger();
             let _ = upstream.set_zero_linger();
             warn!(%dst, sent, received, "connection closed by drain after the grace period");
@@ -131,37 +161,28 @@ async fn connect(
     inputs: &Inputs,
     client: &TcpStream,
     peer: ClientAddr,
+    recorder: &ConnRecorder,
 ) -> Result<(TcpStream, OrigDstAddr), OutboundError> {
-    let stats = &inputs.stats;
     let local = client.local_addr().map_err(OutboundError::OrigDstLookup)?;
-    let dst = match inputs.kernel.orig_dst.take(peer.0, local) {
+    let found = inputs.kernel.orig_dst.take(peer.0, local);
+    inputs.metrics.orig_dst_lookup(matches!(found, Ok(Some(_))));
+    let dst = match found {
         Ok(Some(dst)) => OrigDstAddr(dst),
-        Ok(None) => {
-            ProxyStats::inc(&stats.orig_dst_missing);
-            return Err(OutboundError::NoOrigDst);
-        }
-        Err(e) => {
-            ProxyStats::inc(&stats.orig_dst_missing);
-            return Err(OutboundError::OrigDstLookup(e));
-        }
+        Ok(None) => return Err(OutboundError::NoOrigDst),
+        Err(e) => return Err(OutboundError::OrigDstLookup(e)),
     };
-    ProxyStats::inc(&stats.orig_dst_found);
     if inputs.own_addrs.contains(&dst.0) {
-        ProxyStats::inc(&stats.loop_refused);
         return Err(OutboundError::Loop(dst));
     }
+    let started = std::time::Instant::now();
     match tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(dst.0)).await {
         Ok(Ok(upstream)) => {
-            ProxyStats::inc(&stats.upstream_connected);
+            inputs
+                .metrics
+                .upstream_connected(recorder.service(), started);
             Ok((upstream, dst))
         }
-        Ok(Err(e)) => {
-            ProxyStats::inc(&stats.connect_failed);
-            Err(OutboundError::Connect(dst, e))
-        }
-        Err(_) => {
-            ProxyStats::inc(&stats.connect_timeout);
-            Err(OutboundError::ConnectTimeout(dst, inputs.connect_timeout))
-        }
+        Ok(Err(e)) => Err(OutboundError::Connect(dst, e)),
+        Err(_) => Err(OutboundError::ConnectTimeout(dst, inputs.connect_timeout)),
     }
 }
