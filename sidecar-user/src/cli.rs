@@ -24,6 +24,19 @@ pub enum Command {
     Run(RunArgs),
     /// Validate a config file and exit (non-zero, naming the field, if invalid).
     Check(CheckArgs),
+    /// Show the open connections of a running sidecar (from its admin listener).
+    Connections(ConnectionsArgs),
+}
+
+/// `sidecar connections`.
+#[derive(Debug, Args)]
+pub struct ConnectionsArgs {
+    /// The sidecar's admin listener.
+    #[arg(long, default_value = "127.0.0.1:15000")]
+    pub admin: std::net::SocketAddr,
+    /// Print the JSON document instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `sidecar run`.

@@ -6,6 +6,7 @@
 //! serves until SIGTERM/SIGINT and then drains.
 
 pub mod admin;
+pub mod admin_client;
 pub mod app;
 pub mod config;
 pub mod drain;

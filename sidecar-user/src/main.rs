@@ -28,6 +28,16 @@ fn main() -> ExitCode {
                 ExitCode::from(EXIT_CONFIG)
             }
         },
+        Command::Connections(args) => match connections(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("{error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => {
             let config = match Config::load(args.config.as_deref(), std::env::vars()) {
                 Ok(config) => config,
@@ -45,6 +55,16 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn connections(args: &cli::ConnectionsArgs) -> anyhow::Result<String> {
+    let body = sidecar::admin_client::get(args.admin, "/connections")?;
+    if args.json {
+        return Ok(body);
+    }
+    let views: Vec<sidecar::proxy::connections::ConnView> =
+        serde_json::from_str(&body).context("parsing /connections")?;
+    Ok(sidecar::proxy::connections::render_table(&views))
 }
 
 fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {

@@ -14,6 +14,7 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables-save"),
     ("nftables", "nft"),
     ("netcat-openbsd", "nc"),
+    ("prometheus", "promtool"),
 ];
 
 /// Installs missing Debian packages (needs root and apt).
