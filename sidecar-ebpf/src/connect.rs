@@ -9,6 +9,7 @@ use aya_ebpf::{
     maps::lpm_trie::Key,
     programs::SockAddrContext,
 };
+use aya_log_ebpf::{debug, warn};
 use sidecar_common::{CaptureConfig, Counter, Program, SockAddr, capture_flags, port_rule};
 
 use crate::{
@@ -34,6 +35,12 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
     let dst = SockAddr::v4(sa.user_ip4, u16::from_be(sa.user_port as u16));
     if should_capture_v4(Program::Connect4, cfg, dst.addr[0], dst.port) {
         record(Program::Connect4, &ctx, &dst);
+        debug!(
+            &ctx,
+            "connect4: captured connect to {:i}:{}",
+            u32::from_be(dst.addr[0]),
+            dst.port
+        );
         sa.user_ip4 = cfg.outbound_ip4;
         sa.user_port = u32::from(cfg.outbound_port.to_be());
     }
@@ -54,11 +61,18 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
         if should_capture_v4(Program::Connect6, cfg, ip6[3], port) {
             record(Program::Connect6, &ctx, &SockAddr::v4(ip6[3], port));
+            debug!(
+                &ctx,
+                "connect6: captured connect to ::ffff:{:i}:{}",
+                u32::from_be(ip6[3]),
+                port
+            );
             sa.user_ip6[3] = cfg.outbound_ip4;
             sa.user_port = u32::from(cfg.outbound_port.to_be());
         }
     } else if should_capture_v6(Program::Connect6, cfg, ip6, port) {
         record(Program::Connect6, &ctx, &SockAddr::v6(ip6, port));
+        debug!(&ctx, "connect6: captured connect to port {}", port);
         set_user_ip6(sa, cfg.outbound_ip6);
         sa.user_port = u32::from(cfg.outbound_port.to_be());
     }
@@ -153,7 +167,12 @@ fn record(prog: Program, ctx: &SockAddrContext, dst: &SockAddr) {
     bump(prog, Counter::Captured);
     // SAFETY: a sock_addr context is a valid argument for this helper.
     let cookie = unsafe { bpf_get_socket_cookie(ctx.sock_addr.cast()) };
-    if ORIG_DST_BY_COOKIE.insert(cookie, dst, 0).is_err() {
+    if let Err(errno) = ORIG_DST_BY_COOKIE.insert(cookie, dst, 0) {
         bump(prog, Counter::OrigDstStoreFailed);
+        warn!(
+            ctx,
+            "cannot store the original destination (error {}): the proxy will refuse this connection",
+            errno
+        );
     }
 }

@@ -9,6 +9,7 @@ use aya_ebpf::{
     macros::sock_ops,
     programs::SockOpsContext,
 };
+use aya_log_ebpf::warn;
 use sidecar_common::{AF_INET6, Counter, FlowKey, Program, SockAddr};
 
 use crate::{
@@ -38,10 +39,15 @@ fn rekey(ctx: &SockOpsContext) {
         return;
     };
     let key = flow_key(ctx);
-    if ORIG_DST_BY_FLOW.insert(key, orig, 0).is_ok() {
-        bump(Program::SockOps, Counter::OrigDstRekeyed);
-    } else {
-        bump(Program::SockOps, Counter::OrigDstRekeyFailed);
+    match ORIG_DST_BY_FLOW.insert(key, orig, 0) {
+        Ok(()) => bump(Program::SockOps, Counter::OrigDstRekeyed),
+        Err(errno) => {
+            bump(Program::SockOps, Counter::OrigDstRekeyFailed);
+            warn!(
+                ctx,
+                "cannot re-key an original destination (error {})", errno
+            );
+        }
     }
     let _ = ORIG_DST_BY_COOKIE.remove(cookie);
 }

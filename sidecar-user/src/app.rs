@@ -110,12 +110,15 @@ impl Bound {
         let Bound {
             addrs,
             config,
-            capture,
+            mut capture,
             kernel,
             outbound,
             admin,
             health,
         } = self;
+        if let Some(logger) = capture.take_logger() {
+            tokio::spawn(crate::ebpf::logs::forward(logger));
+        }
         let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
 

@@ -29,7 +29,14 @@ pub struct Sidecar {
 
 impl Sidecar {
     /// Starts the sidecar for `pod` with `config` (YAML) and waits for `/readyz`.
+    /// Logs at `SIDECAR_TEST_LOG` (default `info`).
     pub fn start(pod: &Pod, config: &str, placement: Placement) -> Self {
+        let log = std::env::var("SIDECAR_TEST_LOG").unwrap_or_else(|_| "info".into());
+        Self::start_logged(pod, config, placement, &log)
+    }
+
+    /// As [`Sidecar::start`], with `RUST_LOG` set to `log`.
+    pub fn start_logged(pod: &Pod, config: &str, placement: Placement, log_filter: &str) -> Self {
         let dir = std::env::temp_dir().join(format!("{}-sidecar", pod.netns));
         fs::create_dir_all(&dir).expect("temp dir");
         let config_path = dir.join("sidecar.yaml");
@@ -45,19 +52,16 @@ impl Sidecar {
             }
             Placement::Outside => Command::new(tools::sidecar_bin()),
         };
-        cmd.env(
-            "RUST_LOG",
-            std::env::var("SIDECAR_TEST_LOG").unwrap_or_else(|_| "info".into()),
-        )
-        .env("PATH", std::env::var_os("PATH").unwrap_or_default())
-        .args(["run", "--config"])
-        .arg(&config_path)
-        .arg("--cgroup")
-        .arg(&pod.cgroup)
-        .arg("--netns")
-        .arg(pod.netns_path())
-        .stdout(Stdio::null())
-        .stderr(fs::File::create(&log).expect("log file"));
+        cmd.env("RUST_LOG", log_filter)
+            .env("PATH", std::env::var_os("PATH").unwrap_or_default())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .arg("--cgroup")
+            .arg(&pod.cgroup)
+            .arg("--netns")
+            .arg(pod.netns_path())
+            .stdout(Stdio::null())
+            .stderr(fs::File::create(&log).expect("log file"));
         let child = cmd.spawn().expect("spawn sidecar");
         let mut sidecar = Self {
             child: Some(child),

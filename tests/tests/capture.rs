@@ -400,3 +400,31 @@ fn sigterm_detaches_and_later_connects_go_direct() {
         "{body}"
     );
 }
+
+#[test]
+fn kernel_log_lines_reach_the_sidecar_log_at_the_configured_level() {
+    let rig = rig("ebpflog");
+    let url = format!("http://{}:8080/", rig.server.ip4);
+    let line = format!("connect4: captured connect to {}:8080", rig.server.ip4);
+
+    let sidecar = Sidecar::start_logged(
+        &rig.client,
+        CONFIG,
+        Placement::InPodCgroup,
+        "info,sidecar_ebpf=debug",
+    );
+    curl_body(&rig.client.curl(&[&url]));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_, log) = sidecar.terminate_with_log();
+    assert!(
+        log.contains(&line) && log.contains("sidecar_ebpf::connect"),
+        "{log}"
+    );
+
+    // At info the programs are loaded with debug records disabled in the kernel.
+    let sidecar = Sidecar::start_logged(&rig.client, CONFIG, Placement::InPodCgroup, "info");
+    curl_body(&rig.client.curl(&[&url]));
+    std::thread::sleep(std::time::Duration::from_millis(300));
+    let (_, log) = sidecar.terminate_with_log();
+    assert!(!log.contains("captured connect"), "{log}");
+}

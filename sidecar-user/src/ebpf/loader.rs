@@ -9,7 +9,7 @@ use std::{
 };
 
 use aya::{
-    Ebpf,
+    Ebpf, EbpfLoader,
     maps::{Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
 };
@@ -18,7 +18,13 @@ use sidecar_common::{
     port_rule, program_names,
 };
 
-use crate::{config::Config, ebpf::orig_dst::OrigDstTable};
+use crate::{
+    config::Config,
+    ebpf::{
+        logs::{KernelLogger, kernel_log_level},
+        orig_dst::OrigDstTable,
+    },
+};
 
 /// The compiled kernel programs, embedded so one file deploys.
 static OBJECT: &[u8] = aya::include_bytes_aligned!(env!("SIDECAR_EBPF_OBJECT"));
@@ -29,6 +35,9 @@ pub enum CaptureError {
     /// The object itself could not be loaded (maps created, relocations applied).
     #[error("loading the eBPF object: {0}")]
     Object(#[from] aya::EbpfError),
+    /// The kernel log buffer could not be opened.
+    #[error("opening the eBPF log buffer: {0}")]
+    Logger(#[from] aya_log::Error),
     /// The object lacks a program or map the loader expects.
     #[error("the eBPF object has no {kind} named {name}")]
     Missing {
@@ -71,6 +80,9 @@ pub struct Capture {
     /// Owns the programs and their links (closing a link fd detaches it).
     ebpf: Ebpf,
     cgroup: PathBuf,
+    /// Reader of the programs' log buffer. It owns the log map, so it must outlive
+    /// program load (dropping it early closes the map under the loader).
+    logger: Option<KernelLogger>,
 }
 
 /// Views of the maps the running proxy reads; independent of [`Capture`]'s lifetime.
@@ -89,7 +101,11 @@ impl Capture {
     /// is attached yet, so a failure here leaves the pod untouched.
     pub fn load(config: &Config) -> Result<Self, CaptureError> {
         raise_memlock_limit();
-        let mut ebpf = Ebpf::load(OBJECT)?;
+        let level = kernel_log_level();
+        let mut ebpf = EbpfLoader::new()
+            .override_global(aya_log::LEVEL, &level, true)
+            .load(OBJECT)?;
+        let logger = Some(KernelLogger::init(&mut ebpf)?);
         write_rules(&mut ebpf, config)?;
         for name in [program_names::CONNECT4, program_names::CONNECT6] {
             let prog: &mut CgroupSockAddr = program(&mut ebpf, name)?;
@@ -103,6 +119,7 @@ impl Capture {
         Ok(Self {
             ebpf,
             cgroup: PathBuf::new(),
+            logger,
         })
     }
 
@@ -129,6 +146,11 @@ impl Capture {
         }
         self.cgroup = cgroup.to_owned();
         Ok(())
+    }
+
+    /// The kernel log reader, for [`crate::ebpf::logs::forward`] (once).
+    pub fn take_logger(&mut self) -> Option<KernelLogger> {
+        self.logger.take()
     }
 
     /// The cgroup the programs are attached to (empty before [`Capture::attach`]).

@@ -3,6 +3,7 @@
 
 pub mod cgroup;
 pub mod loader;
+pub mod logs;
 pub mod orig_dst;
 
 pub use loader::{Capture, CaptureError, KernelMaps};
