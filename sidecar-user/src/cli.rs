@@ -26,6 +26,30 @@ pub enum Command {
     Check(CheckArgs),
     /// Show the open connections of a running sidecar (from its admin listener).
     Connections(ConnectionsArgs),
+    /// Create a throwaway CA and workload certificates (for demos and tests only).
+    Certs(CertsArgs),
+}
+
+/// `sidecar certs`.
+#[derive(Debug, Args)]
+pub struct CertsArgs {
+    /// Output folder: `ca.pem`, `ca-key.pem`, and one folder per workload holding
+    /// `cert.pem`, `key.pem` and `bundle.pem`.
+    #[arg(long)]
+    pub out: PathBuf,
+    /// SPIFFE trust domain.
+    #[arg(long, default_value = "cluster.local")]
+    pub trust_domain: String,
+    /// A workload as NAME=NAMESPACE/SERVICE_ACCOUNT (repeatable); its SPIFFE ID is
+    /// spiffe://TRUST_DOMAIN/ns/NAMESPACE/sa/SERVICE_ACCOUNT.
+    #[arg(long = "workload", required = true)]
+    pub workloads: Vec<String>,
+    /// Key algorithm of the workload certificates.
+    #[arg(long, value_enum, default_value_t = sidecar::tls::dev_ca::KeyType::EcdsaP256)]
+    pub key_type: sidecar::tls::dev_ca::KeyType,
+    /// Validity of the workload certificates, in hours.
+    #[arg(long, default_value_t = 24)]
+    pub hours: i64,
 }
 
 /// `sidecar connections`.

@@ -15,3 +15,4 @@ pub mod metrics;
 pub mod process;
 pub mod proxy;
 pub mod telemetry;
+pub mod tls;

@@ -38,6 +38,13 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Certs(args) => match certs(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(error) => {
+                eprintln!("{error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Run(args) => {
             let config = match Config::load(args.config.as_deref(), std::env::vars()) {
                 Ok(config) => config,
@@ -55,6 +62,33 @@ fn main() -> ExitCode {
             }
         }
     }
+}
+
+fn certs(args: &cli::CertsArgs) -> anyhow::Result<()> {
+    use sidecar::tls::{SpiffeId, dev_ca};
+    let ca = dev_ca::DevCa::new(&args.trust_domain)?;
+    std::fs::create_dir_all(&args.out)
+        .with_context(|| format!("creating {}", args.out.display()))?;
+    dev_ca::write(&args.out.join("ca.pem"), &ca.ca_pem(), false)?;
+    dev_ca::write(&args.out.join("ca-key.pem"), &ca.ca_key_pem(), true)?;
+    let validity = dev_ca::Validity {
+        lifetime: time::Duration::hours(args.hours),
+        ..Default::default()
+    };
+    for spec in &args.workloads {
+        let (name, rest) = spec.split_once('=').with_context(|| {
+            format!("--workload {spec:?}: expected NAME=NAMESPACE/SERVICE_ACCOUNT")
+        })?;
+        let (namespace, account) = rest.split_once('/').with_context(|| {
+            format!("--workload {spec:?}: expected NAME=NAMESPACE/SERVICE_ACCOUNT")
+        })?;
+        let id = SpiffeId::workload(&args.trust_domain, namespace, account)
+            .with_context(|| format!("--workload {spec:?}"))?;
+        let dir = args.out.join(name);
+        ca.write_workload(&dir, &id, args.key_type, validity)?;
+        println!("{name}: {id} -> {}", dir.display());
+    }
+    Ok(())
 }
 
 fn connections(args: &cli::ConnectionsArgs) -> anyhow::Result<String> {

@@ -36,6 +36,12 @@ enum Task {
     Demo,
     /// Install the Debian packages the tests and demo use.
     Deps,
+    /// Dev certificates via `sidecar certs` (e.g. `cargo xtask certs -- --out certs --workload a=default/a`).
+    Certs {
+        /// Arguments for `sidecar certs`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
 }
 
 fn main() -> Result<()> {
@@ -49,6 +55,11 @@ fn main() -> Result<()> {
         Task::Run { args } => tasks::run(&args)?,
         Task::Demo => demo::demo()?,
         Task::Deps => tasks::deps()?,
+        Task::Certs { args } => {
+            let mut all = vec!["certs".to_string()];
+            all.extend(args);
+            tasks::run(&all)?
+        }
     }
     Ok(())
 }
