@@ -23,6 +23,10 @@ pub mod map_names {
     pub const ORIG_DST_BY_COOKIE: &str = "ORIG_DST_BY_COOKIE";
     /// [`crate::FlowKey`] → [`crate::SockAddr`], the table the proxy reads at accept.
     pub const ORIG_DST_BY_FLOW: &str = "ORIG_DST_BY_FLOW";
+    /// `u16` local port → [`crate::inbound_rule`] bits, for `sk_lookup`.
+    pub const INBOUND_PORTS: &str = "INBOUND_PORTS";
+    /// SOCKMAP holding the proxy's inbound listeners, one slot per family.
+    pub const INBOUND_LISTENER: &str = "INBOUND_LISTENER";
     /// Per-CPU `u64` counters indexed by [`crate::counter_index`].
     pub const COUNTERS: &str = "COUNTERS";
 }
@@ -35,6 +39,9 @@ pub mod program_names {
     pub const CONNECT6: &str = "connect6";
     /// `sockops`, re-keys original destinations by 4-tuple.
     pub const SOCK_OPS: &str = "sock_ops";
+    /// `sk_lookup`, steers inbound connections to the proxy's inbound listener. (Not
+    /// named `sk_lookup`: that is the section name, and the symbols would clash.)
+    pub const SK_LOOKUP: &str = "inbound_lookup";
 }
 
 /// Capacity of the original-destination LRU maps. Entries live only from `connect()`
@@ -57,7 +64,30 @@ pub mod port_rule {
 pub mod capture_flags {
     /// Capture only ports marked [`crate::port_rule::INCLUDE`].
     pub const INCLUDE_PORTS_ONLY: u32 = 1;
+    /// Inbound: capture every local port not marked [`crate::inbound_rule::EXCLUDE`]
+    /// (without it, only ports marked [`crate::inbound_rule::CAPTURE`]).
+    pub const INBOUND_ALL_PORTS: u32 = 2;
+    /// Inbound: drop a captured connection when the proxy's listener is missing, rather
+    /// than letting it reach the application around the proxy.
+    pub const INBOUND_FAIL_CLOSED: u32 = 4;
 }
+
+/// Bits of a [`map_names::INBOUND_PORTS`] value.
+pub mod inbound_rule {
+    /// Connections to this local port are steered to the proxy.
+    pub const CAPTURE: u32 = 1;
+    /// Connections to this local port are never steered (wins over `CAPTURE`).
+    pub const EXCLUDE: u32 = 2;
+}
+
+/// The SOCKMAP slot of the IPv4 inbound listener (127.0.0.1).
+pub const INBOUND_LISTENER_V4: u32 = 0;
+/// The SOCKMAP slot of the IPv6 inbound listener ([::1]). A socket bound to a specific
+/// IPv6 address is IPv6-only, and `bpf_sk_assign` gives IPv4 connections only to
+/// IPv4 or dual-stack sockets, hence one listener per family.
+pub const INBOUND_LISTENER_V6: u32 = 1;
+/// Capacity of the inbound port rule map.
+pub const INBOUND_PORTS_CAPACITY: u32 = 65_536;
 
 /// Settings of the capture programs, stored at index 0 of [`map_names::CONFIG`].
 #[repr(C)]
@@ -75,6 +105,8 @@ pub struct CaptureConfig {
     pub outbound_port: u16,
     /// Explicit padding to a multiple of 4 bytes.
     pub _pad: u16,
+    /// Inbound capture is on (`sk_lookup` steers connections); 0 or 1.
+    pub inbound_enabled: u32,
 }
 
 /// An IPv4 or IPv6 socket address as the kernel hands it out: address words in network
@@ -132,11 +164,18 @@ pub enum Program {
     Connect6,
     /// `sockops`.
     SockOps,
+    /// `sk_lookup`.
+    SkLookup,
 }
 
 impl Program {
     /// Every program, in index order.
-    pub const ALL: [Program; 3] = [Program::Connect4, Program::Connect6, Program::SockOps];
+    pub const ALL: [Program; 4] = [
+        Program::Connect4,
+        Program::Connect6,
+        Program::SockOps,
+        Program::SkLookup,
+    ];
 
     /// The program's name in the object (also a metric label).
     pub const fn name(self) -> &'static str {
@@ -144,6 +183,7 @@ impl Program {
             Program::Connect4 => program_names::CONNECT4,
             Program::Connect6 => program_names::CONNECT6,
             Program::SockOps => program_names::SOCK_OPS,
+            Program::SkLookup => program_names::SK_LOOKUP,
         }
     }
 }
@@ -178,11 +218,17 @@ pub enum Counter {
     OrigDstRekeyed,
     /// A `sock_ops` re-key whose insert failed.
     OrigDstRekeyFailed,
+    /// Inbound: a captured connection dropped because the proxy's listener was missing
+    /// (fail closed).
+    ListenerMissingDropped,
+    /// Inbound: a captured connection let through to the application because the
+    /// proxy's listener was missing (fail open).
+    ListenerMissingPassed,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 9] = [
+    pub const ALL: [Counter; 11] = [
         Counter::Captured,
         Counter::SkippedNotTcp,
         Counter::SkippedProxy,
@@ -192,6 +238,8 @@ impl Counter {
         Counter::OrigDstStoreFailed,
         Counter::OrigDstRekeyed,
         Counter::OrigDstRekeyFailed,
+        Counter::ListenerMissingDropped,
+        Counter::ListenerMissingPassed,
     ];
     /// Number of counters, the size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -208,6 +256,8 @@ impl Counter {
             Counter::OrigDstStoreFailed => "orig_dst_store_failed",
             Counter::OrigDstRekeyed => "orig_dst_rekeyed",
             Counter::OrigDstRekeyFailed => "orig_dst_rekey_failed",
+            Counter::ListenerMissingDropped => "listener_missing_dropped",
+            Counter::ListenerMissingPassed => "listener_missing_passed",
         }
     }
 }
@@ -223,6 +273,6 @@ mod pod {
 }
 
 // Layout checks: a size change here is a change of the kernel ABI between the crates.
-const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 32);
+const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 36);
 const _: () = assert!(core::mem::size_of::<SockAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);

@@ -7,7 +7,9 @@
 
 mod connect;
 mod counters;
+mod ctx;
 mod maps;
+mod sk_lookup;
 mod sock_ops;
 
 #[cfg(not(test))]

@@ -3,11 +3,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 use sidecar_common::{
-    COUNTER_SLOTS, CaptureConfig, EXCLUDED_CIDRS_CAPACITY, FlowKey, ORIG_DST_MAP_CAPACITY,
-    PORT_RULES_CAPACITY, SockAddr,
+    COUNTER_SLOTS, CaptureConfig, EXCLUDED_CIDRS_CAPACITY, FlowKey, INBOUND_PORTS_CAPACITY,
+    ORIG_DST_MAP_CAPACITY, PORT_RULES_CAPACITY, SockAddr,
 };
 
 /// Capture settings at index 0, written by the loader before attaching.
@@ -43,3 +43,12 @@ pub static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, SockAddr> =
 /// Per-CPU event counters indexed by `counter_index(program, counter)`.
 #[map]
 pub static COUNTERS: PerCpuArray<u64> = PerCpuArray::with_max_entries(COUNTER_SLOTS, 0);
+
+/// Local port → `inbound_rule` bits.
+#[map]
+pub static INBOUND_PORTS: HashMap<u16, u32> = HashMap::with_max_entries(INBOUND_PORTS_CAPACITY, 0);
+
+/// The proxy's inbound listeners at `INBOUND_LISTENER_V4` / `_V6`. The kernel removes
+/// a socket from a SOCKMAP when it closes, so a dead proxy leaves the slots empty.
+#[map]
+pub static INBOUND_LISTENER: SockMap = SockMap::with_max_entries(2, 0);

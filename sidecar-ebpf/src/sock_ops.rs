@@ -4,9 +4,7 @@
 //! the entry exists before the proxy can possibly accept the connection.
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_TCP_CONNECT_CB, bpf_sock_ops},
-    helpers::bpf_get_socket_cookie,
-    macros::sock_ops,
+    bindings::BPF_SOCK_OPS_TCP_CONNECT_CB, helpers::bpf_get_socket_cookie, macros::sock_ops,
     programs::SockOpsContext,
 };
 use aya_log_ebpf::warn;
@@ -14,6 +12,7 @@ use sidecar_common::{AF_INET6, Counter, FlowKey, Program, SockAddr};
 
 use crate::{
     counters::bump,
+    ctx::ip6_words,
     maps::{ORIG_DST_BY_COOKIE, ORIG_DST_BY_FLOW},
 };
 
@@ -78,27 +77,6 @@ fn flow_key(ctx: &SockOpsContext) -> FlowKey {
             src: SockAddr::v4(ctx.local_ip4(), local_port),
             dst: SockAddr::v4(ctx.remote_ip4(), remote_port),
         }
-    }
-}
-
-/// Reads an IPv6 address field of the context one word at a time: the verifier
-/// rejects loads through a ctx pointer moved to the field's start, which is what an
-/// array copy compiles to.
-///
-/// # Safety
-/// `field` must point at a `[u32; 4]` inside a live `bpf_sock_ops` context.
-#[inline(always)]
-unsafe fn ip6_words(field: *const [u32; 4]) -> [u32; 4] {
-    let _: Option<&bpf_sock_ops> = None; // the field belongs to this context type
-    let base = field.cast::<u32>();
-    // SAFETY: the caller guarantees four readable words at `field`.
-    unsafe {
-        [
-            core::ptr::read_volatile(base),
-            core::ptr::read_volatile(base.add(1)),
-            core::ptr::read_volatile(base.add(2)),
-            core::ptr::read_volatile(base.add(3)),
-        ]
     }
 }
 

@@ -17,11 +17,11 @@ use crate::{
     config::Config,
     drain::{self, DrainOutcome},
     ebpf::{Capture, CaptureError, KernelMaps},
-    metrics::{Metrics, kernel::KernelCollector},
+    metrics::{Direction, Metrics, kernel::KernelCollector},
     proxy::{
         connections::ConnTable,
+        forward::{self, Inputs},
         listener::{self, BindError},
-        outbound::{self, Inputs},
     },
 };
 
@@ -41,6 +41,8 @@ pub enum BuildError {
 pub struct BoundAddrs {
     /// Outbound listeners (captured connects land here).
     pub outbound: Vec<SocketAddr>,
+    /// Inbound listeners (`sk_lookup` steers here), when inbound capture is on.
+    pub inbound: Vec<SocketAddr>,
     /// Loopback-only admin listener.
     pub admin: SocketAddr,
     /// Health listener on the pod IP.
@@ -55,6 +57,7 @@ pub struct Bound {
     capture: Capture,
     kernel: Arc<KernelMaps>,
     outbound: Vec<std::net::TcpListener>,
+    inbound: Vec<std::net::TcpListener>,
     admin: std::net::TcpListener,
     health: std::net::TcpListener,
 }
@@ -69,6 +72,15 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         .into_iter()
         .map(|addr| listener::bind(addr, "proxy.outbound_port"))
         .collect::<Result<Vec<_>, _>>()?;
+    let inbound = if config.inbound.enabled {
+        config
+            .inbound_addrs()
+            .into_iter()
+            .map(|addr| listener::bind(addr, "inbound.port"))
+            .collect::<Result<Vec<_>, _>>()?
+    } else {
+        Vec::new()
+    };
     let local = |l: &std::net::TcpListener, addr: SocketAddr| l.local_addr().unwrap_or(addr);
     let addrs = BoundAddrs {
         outbound: outbound
@@ -76,11 +88,19 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
             .zip(config.outbound_addrs())
             .map(|(l, a)| local(l, a))
             .collect(),
+        inbound: inbound
+            .iter()
+            .zip(config.inbound_addrs())
+            .map(|(l, a)| local(l, a))
+            .collect(),
         admin: local(&admin, config.admin.address),
         health: local(&health, config.health.address),
     };
     let mut capture = Capture::load(&config)?;
     capture.attach(cgroup, config.proxy.ipv6)?;
+    if !inbound.is_empty() {
+        capture.attach_inbound(&inbound)?;
+    }
     let kernel = Arc::new(capture.kernel_maps()?);
     Ok(Bound {
         addrs,
@@ -88,6 +108,7 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         capture,
         kernel,
         outbound,
+        inbound,
         admin,
         health,
     })
@@ -113,6 +134,7 @@ impl Bound {
             mut capture,
             kernel,
             outbound,
+            inbound,
             admin,
             health,
         } = self;
@@ -153,17 +175,22 @@ impl Bound {
         let (trigger, watcher) = drain::channel();
         let inputs = Arc::new(Inputs {
             kernel,
-            own_addrs: addrs.outbound.clone(),
+            own_ports: config.own_ports().to_vec(),
             connect_timeout: config.proxy.connect_timeout,
             idle_timeout: config.proxy.idle_timeout,
             metrics: proxy_metrics,
             connections,
         });
         let mut accept_loops = JoinSet::new();
-        for listener in outbound {
+        let listeners = outbound
+            .into_iter()
+            .map(|l| (l, Direction::Outbound))
+            .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)));
+        for (listener, direction) in listeners {
             let listener = TcpListener::from_std(listener)?;
-            accept_loops.spawn(outbound::accept_loop(
+            accept_loops.spawn(forward::accept_loop(
                 listener,
+                direction,
                 inputs.clone(),
                 watcher.clone(),
             ));
@@ -171,6 +198,7 @@ impl Bound {
         state.ready.store(true, Ordering::SeqCst);
         info!(
             outbound = ?addrs.outbound,
+            inbound = ?addrs.inbound,
             admin = %addrs.admin,
             health = %addrs.health,
             cgroup = %capture.cgroup().display(),

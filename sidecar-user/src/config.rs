@@ -65,6 +65,8 @@ pub struct Config {
     pub proxy: ProxyConfig,
     /// Which connects the kernel programs capture.
     pub capture: CaptureConfig,
+    /// Inbound capture (`sk_lookup`) and delivery to the application.
+    pub inbound: InboundConfig,
     /// The loopback-only debug listener.
     pub admin: AdminConfig,
     /// The pod-IP listener for the kubelet and Prometheus.
@@ -151,6 +153,41 @@ pub struct CaptureConfig {
     pub include_ports: Vec<u16>,
     /// Destination networks never captured (for example the API server's address).
     pub exclude_cidrs: Vec<IpNet>,
+}
+
+/// Inbound capture: connections arriving from outside the pod for captured local ports
+/// are steered by `sk_lookup` into the proxy, which delivers them to the address the
+/// client dialed (the pod IP and port), never to loopback.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct InboundConfig {
+    /// Steer inbound connections through the proxy.
+    pub enabled: bool,
+    /// Port of the inbound listeners (127.0.0.1 and `[::1]`). They listen on loopback
+    /// only: `sk_lookup` hands them connections for any address, so they are never
+    /// reachable directly.
+    pub port: u16,
+    /// Local ports captured; empty means every port except `exclude_ports` and the
+    /// sidecar's own.
+    pub ports: Vec<u16>,
+    /// Local ports never captured.
+    pub exclude_ports: Vec<u16>,
+    /// When the proxy's listener is gone (crashed, or draining), drop captured
+    /// connections (true) rather than letting them reach the application around the
+    /// proxy (false).
+    pub fail_closed: bool,
+}
+
+impl Default for InboundConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            port: 15006,
+            ports: Vec::new(),
+            exclude_ports: Vec::new(),
+            fail_closed: true,
+        }
+    }
 }
 
 /// The loopback-only debug listener.
@@ -303,6 +340,28 @@ impl Config {
                 reason: format!("port {port} is also in capture.exclude_ports"),
             });
         }
+        for (field, ports) in [
+            ("inbound.ports", &self.inbound.ports),
+            ("inbound.exclude_ports", &self.inbound.exclude_ports),
+        ] {
+            if ports.contains(&0) {
+                return invalid(field, "port 0 is not a valid port");
+            }
+        }
+        if let Some(port) = self
+            .inbound
+            .ports
+            .iter()
+            .find(|p| self.inbound.exclude_ports.contains(p))
+        {
+            return Err(ConfigError::Invalid {
+                field: "inbound.ports",
+                reason: format!("port {port} is also in inbound.exclude_ports"),
+            });
+        }
+        if self.inbound.port == 0 {
+            return invalid("inbound.port", "port 0 is not a valid port");
+        }
         if !self.admin.address.ip().is_loopback() {
             return invalid(
                 "admin.address",
@@ -319,6 +378,7 @@ impl Config {
         }
         let ports = [
             ("proxy.outbound_port", self.proxy.outbound_port),
+            ("inbound.port", self.inbound.port),
             ("admin.address", self.admin.address.port()),
             ("health.address", self.health.address.port()),
         ];
@@ -334,12 +394,30 @@ impl Config {
     }
 
     /// The sidecar's own ports, which are never captured.
-    pub fn own_ports(&self) -> [u16; 3] {
+    pub fn own_ports(&self) -> [u16; 4] {
         [
             self.proxy.outbound_port,
+            self.inbound.port,
             self.admin.address.port(),
             self.health.address.port(),
         ]
+    }
+
+    /// Inbound listener addresses: 127.0.0.1, plus `[::1]` when IPv6 is on. Loopback
+    /// only: `sk_lookup` hands them connections for any address, and nothing else can
+    /// reach them.
+    pub fn inbound_addrs(&self) -> Vec<SocketAddr> {
+        let mut addrs = vec![SocketAddr::new(
+            IpAddr::from([127, 0, 0, 1]),
+            self.inbound.port,
+        )];
+        if self.proxy.ipv6 {
+            addrs.push(SocketAddr::new(
+                IpAddr::from(std::net::Ipv6Addr::LOCALHOST),
+                self.inbound.port,
+            ));
+        }
+        addrs
     }
 
     /// Excluded networks, plus loopback (the kernel also skips loopback on its own).
@@ -485,6 +563,21 @@ mod tests {
             e.contains("health.address") && e.contains("proxy.outbound_port"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn inbound_settings_are_checked() {
+        let e = error("inbound:\n  ports: [80]\n  exclude_ports: [80]\n");
+        assert!(e.contains("inbound.ports"), "{e}");
+        let e = error("inbound:\n  port: 15000\n");
+        assert!(
+            e.contains("inbound.port") && e.contains("admin.address"),
+            "{e}"
+        );
+        let config = parse("inbound:\n  ports: [8080]\n  fail_closed: false\n").expect("valid");
+        assert_eq!(config.inbound.ports, vec![8080]);
+        assert!(!config.inbound.fail_closed);
+        assert_eq!(config.own_ports(), [15001, 15006, 15000, 15020]);
     }
 
     #[test]

@@ -10,8 +10,11 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, lpm_trie::Key},
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SockOps},
+    maps::{
+        Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, SockMap,
+        lpm_trie::Key,
+    },
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
 };
 use sidecar_common::{
     CaptureConfig, Counter, FlowKey, Program, SockAddr, capture_flags, counter_index, map_names,
@@ -116,6 +119,10 @@ impl Capture {
         let prog: &mut SockOps = program(&mut ebpf, name)?;
         prog.load()
             .map_err(|source| CaptureError::Program { name, source })?;
+        let name = program_names::SK_LOOKUP;
+        let prog: &mut SkLookup = program(&mut ebpf, name)?;
+        prog.load()
+            .map_err(|source| CaptureError::Program { name, source })?;
         Ok(Self {
             ebpf,
             cgroup: PathBuf::new(),
@@ -145,6 +152,38 @@ impl Capture {
                 .map_err(|source| CaptureError::Program { name, source })?;
         }
         self.cgroup = cgroup.to_owned();
+        Ok(())
+    }
+
+    /// Registers the inbound `listeners` (one per family) and attaches `sk_lookup` to
+    /// the network namespace this process is in. Connections for captured ports are
+    /// steered to them from then on.
+    pub fn attach_inbound(
+        &mut self,
+        listeners: &[std::net::TcpListener],
+    ) -> Result<(), CaptureError> {
+        let name = map_names::INBOUND_LISTENER;
+        let mut sockmap: SockMap<&mut MapData> = map_mut(&mut self.ebpf, name)?;
+        for listener in listeners {
+            let slot = match listener.local_addr() {
+                Ok(std::net::SocketAddr::V6(_)) => sidecar_common::INBOUND_LISTENER_V6,
+                _ => sidecar_common::INBOUND_LISTENER_V4,
+            };
+            sockmap
+                .set(slot, listener, 0)
+                .map_err(|source| CaptureError::Map { name, source })?;
+        }
+        // The thread's own namespace: the main thread entered the pod's before any other
+        // thread existed.
+        let path = "/proc/thread-self/ns/net";
+        let netns = std::fs::File::open(path).map_err(|source| CaptureError::Cgroup {
+            path: PathBuf::from(path),
+            source,
+        })?;
+        let name = program_names::SK_LOOKUP;
+        let prog: &mut SkLookup = program(&mut self.ebpf, name)?;
+        prog.attach(netns)
+            .map_err(|source| CaptureError::Program { name, source })?;
         Ok(())
     }
 
@@ -266,6 +305,14 @@ fn write_rules(ebpf: &mut Ebpf, config: &Config) -> Result<(), CaptureError> {
             .map_err(|source| CaptureError::Map { name, source })?;
     }
 
+    let name = map_names::INBOUND_PORTS;
+    let mut inbound: HashMap<&mut MapData, u16, u32> = map_mut(ebpf, name)?;
+    for (port, rule) in inbound_rules(config) {
+        inbound
+            .insert(port, rule, 0)
+            .map_err(|source| CaptureError::Map { name, source })?;
+    }
+
     for net in config.excluded_cidrs() {
         match net.network() {
             IpAddr::V4(ip) => {
@@ -289,11 +336,16 @@ fn write_rules(ebpf: &mut Ebpf, config: &Config) -> Result<(), CaptureError> {
 
 /// The kernel's view of the proxy settings.
 pub fn capture_settings(config: &Config) -> CaptureConfig {
-    let flags = if config.capture.include_ports.is_empty() {
-        0
-    } else {
-        capture_flags::INCLUDE_PORTS_ONLY
-    };
+    let mut flags = 0;
+    if !config.capture.include_ports.is_empty() {
+        flags |= capture_flags::INCLUDE_PORTS_ONLY;
+    }
+    if config.inbound.ports.is_empty() {
+        flags |= capture_flags::INBOUND_ALL_PORTS;
+    }
+    if config.inbound.fail_closed {
+        flags |= capture_flags::INBOUND_FAIL_CLOSED;
+    }
     CaptureConfig {
         proxy_uid: config.proxy.uid,
         flags,
@@ -301,7 +353,26 @@ pub fn capture_settings(config: &Config) -> CaptureConfig {
         outbound_ip6: crate::ebpf::orig_dst::words(std::net::Ipv6Addr::LOCALHOST.octets()),
         outbound_port: config.proxy.outbound_port,
         _pad: 0,
+        inbound_enabled: u32::from(config.inbound.enabled),
     }
+}
+
+/// Local port → inbound rule bits: captured ports (when listed), exclusions, and the
+/// sidecar's own ports (health, admin, listeners), which are never steered.
+pub fn inbound_rules(config: &Config) -> std::collections::BTreeMap<u16, u32> {
+    let mut rules = std::collections::BTreeMap::new();
+    for &port in &config.inbound.ports {
+        *rules.entry(port).or_default() |= sidecar_common::inbound_rule::CAPTURE;
+    }
+    for &port in config
+        .inbound
+        .exclude_ports
+        .iter()
+        .chain(config.own_ports().iter())
+    {
+        *rules.entry(port).or_default() |= sidecar_common::inbound_rule::EXCLUDE;
+    }
+    rules
 }
 
 /// Port → rule bits: configured exclusions and inclusions, plus the sidecar's own ports,
@@ -358,7 +429,7 @@ mod tests {
         let rules = port_rules(&config);
         assert_eq!(rules[&80], port_rule::INCLUDE);
         assert_eq!(rules[&22], port_rule::EXCLUDE);
-        for port in [15000, 15001, 15020] {
+        for port in [15000, 15001, 15006, 15020] {
             assert_eq!(rules[&port], port_rule::EXCLUDE, "port {port}");
         }
     }
@@ -366,12 +437,23 @@ mod tests {
     #[test]
     fn include_list_sets_the_flag() {
         let mut config = Config::default();
-        assert_eq!(capture_settings(&config).flags, 0);
+        let defaults = capture_settings(&config).flags;
+        assert_eq!(defaults & capture_flags::INCLUDE_PORTS_ONLY, 0);
+        // Inbound: every port, fail closed, unless configured otherwise.
+        assert_eq!(
+            defaults,
+            capture_flags::INBOUND_ALL_PORTS | capture_flags::INBOUND_FAIL_CLOSED
+        );
         config.capture.include_ports = vec![443];
+        config.inbound.ports = vec![8080];
+        config.inbound.fail_closed = false;
         assert_eq!(
             capture_settings(&config).flags,
             capture_flags::INCLUDE_PORTS_ONLY
         );
+        let rules = inbound_rules(&config);
+        assert_eq!(rules[&8080], sidecar_common::inbound_rule::CAPTURE);
+        assert_eq!(rules[&15020], sidecar_common::inbound_rule::EXCLUDE);
         assert_eq!(
             capture_settings(&config).outbound_ip4.to_ne_bytes(),
             [127, 0, 0, 1]

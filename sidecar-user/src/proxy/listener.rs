@@ -21,13 +21,20 @@ pub struct BindError {
 }
 
 /// Binds a non-blocking TCP listener. An unspecified IPv6 address (`[::]`) listens
-/// dual-stack; any other IPv6 address is IPv6-only.
+/// dual-stack; any other IPv6 address is IPv6-only (as the kernel makes it anyway).
 pub fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
+    bind_with(addr, what, addr.ip().is_unspecified())
+}
+
+fn bind_with(
+    addr: SocketAddr,
+    what: &'static str,
+    dual_stack: bool,
+) -> Result<TcpListener, BindError> {
     let err = |source| BindError { addr, what, source };
     let socket = Socket::new(Domain::for_address(addr), Type::STREAM, None).map_err(err)?;
     if addr.is_ipv6() {
-        let unspecified = addr.ip().is_unspecified();
-        socket.set_only_v6(!unspecified).map_err(err)?;
+        socket.set_only_v6(!dual_stack).map_err(err)?;
     }
     socket.set_reuse_address(true).map_err(err)?;
     socket.set_nonblocking(true).map_err(err)?;

@@ -1,10 +1,10 @@
-//! The transparent proxy: accept a captured connection, recover where the app meant
-//! to go, connect there, copy bytes both ways.
+//! The transparent proxy: accept a captured connection (outbound from the app, or
+//! inbound to it), recover where it was going, connect there, copy bytes both ways.
 
 pub mod addr;
 pub mod connections;
 pub mod copy;
+pub mod forward;
 pub mod listener;
-pub mod outbound;
 
 pub use addr::{ClientAddr, OrigDstAddr};

@@ -1,5 +1,12 @@
-//! The outbound proxy: accepts connections the kernel redirected from the app,
-//! recovers their original destination and carries them there.
+//! The forwarding proxy: accepts a captured connection, recovers where it was going
+//! and carries it there.
+//!
+//! * Outbound: the app's connect was redirected by `connect4/6`; the original
+//!   destination comes from the kernel's table, keyed by the 4-tuple.
+//! * Inbound: `sk_lookup` handed the connection to our listener; the socket's own local
+//!   address (`getsockname`) is the address the client dialed, so the proxy delivers
+//!   to the pod IP and port, never to loopback (an app bound only to 127.0.0.1 stays
+//!   unreachable from outside, as without a sidecar).
 
 use std::{io, net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
 
@@ -17,17 +24,45 @@ use crate::{
     },
 };
 
+/// Connects to `dst`. Inbound, the source is bound to the destination address itself:
+/// `sk_lookup` recognises a connection whose two ends share an address as the pod
+/// talking to itself, so the delivery is never steered back into the proxy.
+async fn open_upstream(dst: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
+    if direction == Direction::Outbound {
+        return TcpStream::connect(dst).await;
+    }
+    let socket = if dst.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(dst.ip(), 0))?;
+    socket.connect(dst).await
+}
+
+/// An IPv4-mapped IPv6 address (what a dual-stack socket reports for IPv4 peers) as
+/// plain IPv4.
+fn unmap(addr: SocketAddr) -> SocketAddr {
+    match addr {
+        SocketAddr::V6(v6) => match v6.ip().to_ipv4_mapped() {
+            Some(v4) => SocketAddr::new(v4.into(), v6.port()),
+            None => addr,
+        },
+        v4 => v4,
+    }
+}
+
 /// Service label of connections to destinations that are not services.
 const PASSTHROUGH: &str = "passthrough";
 /// Peer identity label without mTLS.
 const NO_IDENTITY: &str = "none";
 
-/// What every outbound connection task shares.
+/// What every connection task shares.
 pub struct Inputs {
-    /// Kernel maps; `orig_dst` holds the original destinations.
+    /// Kernel maps; `orig_dst` holds the original destinations of outbound connections.
     pub kernel: Arc<KernelMaps>,
-    /// The proxy's own listener addresses: a destination among them is a loop.
-    pub own_addrs: Vec<SocketAddr>,
+    /// The sidecar's own ports: a destination on one of them is a loop.
+    pub own_ports: Vec<u16>,
     /// Budget for connecting upstream.
     pub connect_timeout: Duration,
     /// Close after this long without bytes.
@@ -38,9 +73,9 @@ pub struct Inputs {
     pub connections: Arc<ConnTable>,
 }
 
-/// Why an outbound connection was not carried.
+/// Why a connection was not carried.
 #[derive(Debug, thiserror::Error)]
-enum OutboundError {
+enum ForwardError {
     #[error("no original destination recorded for this connection (not captured, or evicted)")]
     NoOrigDst,
     #[error("reading the original destination: {0}")]
@@ -53,21 +88,24 @@ enum OutboundError {
     Connect(OrigDstAddr, io::Error),
 }
 
-impl OutboundError {
+impl ForwardError {
     fn reason(&self) -> CloseReason {
         match self {
-            OutboundError::NoOrigDst | OutboundError::OrigDstLookup(_) => {
-                CloseReason::NoDestination
-            }
-            OutboundError::Loop(_) => CloseReason::Loop,
-            OutboundError::ConnectTimeout(..) => CloseReason::Timeout,
-            OutboundError::Connect(..) => CloseReason::Refused,
+            ForwardError::NoOrigDst | ForwardError::OrigDstLookup(_) => CloseReason::NoDestination,
+            ForwardError::Loop(_) => CloseReason::Loop,
+            ForwardError::ConnectTimeout(..) => CloseReason::Timeout,
+            ForwardError::Connect(..) => CloseReason::Refused,
         }
     }
 }
 
 /// Accepts on `listener` until a drain starts; each connection is a tracked task.
-pub async fn accept_loop(listener: TcpListener, inputs: Arc<Inputs>, drain: DrainWatcher) {
+pub async fn accept_loop(
+    listener: TcpListener,
+    direction: Direction,
+    inputs: Arc<Inputs>,
+    drain: DrainWatcher,
+) {
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -82,23 +120,29 @@ pub async fn accept_loop(listener: TcpListener, inputs: Arc<Inputs>, drain: Drai
                 continue;
             }
         };
-        let client = ClientAddr(peer);
-        let span = info_span!("outbound", %client);
+        let client = ClientAddr(unmap(peer));
+        let span = info_span!("conn", direction = direction.as_str(), %client);
         let inputs = inputs.clone();
         let watcher = drain.clone();
-        drain.spawn(serve(inputs, stream, client, watcher).instrument(span));
+        drain.spawn(serve(inputs, stream, client, direction, watcher).instrument(span));
     }
 }
 
-async fn serve(inputs: Arc<Inputs>, mut client: TcpStream, peer: ClientAddr, drain: DrainWatcher) {
+async fn serve(
+    inputs: Arc<Inputs>,
+    mut client: TcpStream,
+    peer: ClientAddr,
+    direction: Direction,
+    drain: DrainWatcher,
+) {
     let mut recorder = ConnRecorder::open(
         &inputs.metrics,
-        Direction::Outbound,
+        direction,
         PASSTHROUGH,
         NO_IDENTITY,
         Tls::No,
     );
-    let (mut upstream, dst) = match connect(&inputs, &client, peer, &recorder).await {
+    let (mut upstream, dst) = match connect(&inputs, &client, peer, direction, &recorder).await {
         Ok(pair) => pair,
         Err(error) => {
             warn!(%error, "refusing connection");
@@ -112,7 +156,7 @@ async fn serve(inputs: Arc<Inputs>, mut client: TcpStream, peer: ClientAddr, dra
     let _ = client.set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let registration = inputs.connections.register(Entry {
-        direction: Direction::Outbound,
+        direction,
         client: peer.0,
         orig_dst: dst.0,
         endpoint: dst.0,
@@ -161,28 +205,39 @@ async fn connect(
     inputs: &Inputs,
     client: &TcpStream,
     peer: ClientAddr,
+    direction: Direction,
     recorder: &ConnRecorder,
-) -> Result<(TcpStream, OrigDstAddr), OutboundError> {
-    let local = client.local_addr().map_err(OutboundError::OrigDstLookup)?;
-    let found = inputs.kernel.orig_dst.take(peer.0, local);
-    inputs.metrics.orig_dst_lookup(matches!(found, Ok(Some(_))));
-    let dst = match found {
-        Ok(Some(dst)) => OrigDstAddr(dst),
-        Ok(None) => return Err(OutboundError::NoOrigDst),
-        Err(e) => return Err(OutboundError::OrigDstLookup(e)),
+) -> Result<(TcpStream, OrigDstAddr), ForwardError> {
+    let local = client.local_addr().map_err(ForwardError::OrigDstLookup)?;
+    let dst = match direction {
+        Direction::Inbound => OrigDstAddr(unmap(local)),
+        Direction::Outbound => {
+            let found = inputs.kernel.orig_dst.take(peer.0, local);
+            inputs.metrics.orig_dst_lookup(matches!(found, Ok(Some(_))));
+            match found {
+                Ok(Some(dst)) => OrigDstAddr(dst),
+                Ok(None) => return Err(ForwardError::NoOrigDst),
+                Err(e) => return Err(ForwardError::OrigDstLookup(e)),
+            }
+        }
     };
-    if inputs.own_addrs.contains(&dst.0) {
-        return Err(OutboundError::Loop(dst));
+    // Outbound, the kernel never redirects to the sidecar's ports; inbound, they are
+    // never steered. Either way such a destination would loop back into the sidecar.
+    if inputs.own_ports.contains(&dst.0.port())
+        && (dst.0.ip().is_loopback() || direction == Direction::Inbound)
+    {
+        return Err(ForwardError::Loop(dst));
     }
     let started = std::time::Instant::now();
-    match tokio::time::timeout(inputs.connect_timeout, TcpStream::connect(dst.0)).await {
+    let connecting = open_upstream(dst.0, direction);
+    match tokio::time::timeout(inputs.connect_timeout, connecting).await {
         Ok(Ok(upstream)) => {
             inputs
                 .metrics
                 .upstream_connected(recorder.service(), started);
             Ok((upstream, dst))
         }
-        Ok(Err(e)) => Err(OutboundError::Connect(dst, e)),
-        Err(_) => Err(OutboundError::ConnectTimeout(dst, inputs.connect_timeout)),
+        Ok(Err(e)) => Err(ForwardError::Connect(dst, e)),
+        Err(_) => Err(ForwardError::ConnectTimeout(dst, inputs.connect_timeout)),
     }
 }
