@@ -21,13 +21,21 @@ use crate::{
     proxy::{
         connections::ConnTable,
         forward::{self, Inputs},
+        inbound::InboundPolicy,
         listener::{self, BindError},
     },
+    tls::{IdentityFiles, IdentityStore, rustls_config},
 };
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    /// The workload identity files could not be loaded (the file is named).
+    #[error("loading the workload identity: {0}")]
+    Identity(#[from] crate::tls::CertError),
+    /// The TLS configuration could not be built.
+    #[error("building the TLS configuration: {0}")]
+    Tls(#[from] rustls::Error),
     /// A listener could not be bound (the address is named).
     #[error(transparent)]
     Bind(#[from] BindError),
@@ -58,8 +66,17 @@ pub struct Bound {
     kernel: Arc<KernelMaps>,
     outbound: Vec<std::net::TcpListener>,
     inbound: Vec<std::net::TcpListener>,
+    identity: Option<LoadedIdentity>,
     admin: std::net::TcpListener,
     health: std::net::TcpListener,
+}
+
+/// The workload identity and what its rotation watcher needs.
+struct LoadedIdentity {
+    store: Arc<IdentityStore>,
+    files: IdentityFiles,
+    provider: Arc<rustls::crypto::CryptoProvider>,
+    reload_interval: std::time::Duration,
 }
 
 /// Binds the listeners, then loads and attaches the programs to `cgroup`. Listeners
@@ -96,6 +113,26 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         admin: local(&admin, config.admin.address),
         health: local(&health, config.health.address),
     };
+    // Identity first: a bad certificate must stop startup before anything attaches.
+    let identity = match &config.identity {
+        Some(c) => {
+            let files = IdentityFiles {
+                cert: c.cert.clone(),
+                key: c.key.clone(),
+                bundle: c.bundle.clone(),
+            };
+            let provider = rustls_config::provider();
+            let store = Arc::new(IdentityStore::load(&files, &provider)?);
+            tracing::info!(id = %store.current().id, serial = %store.current().serial, "workload identity loaded");
+            Some(LoadedIdentity {
+                store,
+                files,
+                provider,
+                reload_interval: c.reload_interval,
+            })
+        }
+        None => None,
+    };
     let mut capture = Capture::load(&config)?;
     capture.attach(cgroup, config.proxy.ipv6)?;
     if !inbound.is_empty() {
@@ -109,6 +146,7 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         kernel,
         outbound,
         inbound,
+        identity,
         admin,
         health,
     })
@@ -135,6 +173,7 @@ impl Bound {
             kernel,
             outbound,
             inbound,
+            identity,
             admin,
             health,
         } = self;
@@ -172,6 +211,19 @@ impl Bound {
             state.clone(),
         ));
 
+        let acceptor = match &identity {
+            Some(id) => {
+                tokio::spawn(id.store.clone().watch(
+                    id.files.clone(),
+                    id.provider.clone(),
+                    id.reload_interval,
+                ));
+                let config = rustls_config::server_config(id.store.clone(), id.provider.clone())
+                    .map_err(std::io::Error::other)?;
+                Some(tokio_rustls::TlsAcceptor::from(config))
+            }
+            None => None,
+        };
         let (trigger, watcher) = drain::channel();
         let inputs = Arc::new(Inputs {
             kernel,
@@ -180,6 +232,7 @@ impl Bound {
             idle_timeout: config.proxy.idle_timeout,
             metrics: proxy_metrics,
             connections,
+            inbound: InboundPolicy::new(&config, acceptor),
         });
         let mut accept_loops = JoinSet::new();
         let listeners = outbound

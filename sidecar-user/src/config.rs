@@ -73,6 +73,42 @@ pub struct Config {
     pub health: HealthConfig,
     /// Metric label limits.
     pub metrics: MetricsConfig,
+    /// The workload's certificate, key and trust bundle; mTLS needs them.
+    pub identity: Option<IdentityConfig>,
+}
+
+/// Where the workload identity lives (as a Secret or cert-manager's CSI driver mounts it).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct IdentityConfig {
+    /// PEM certificate chain; the leaf carries the SPIFFE ID as its URI SAN.
+    pub cert: PathBuf,
+    /// PEM private key (ECDSA P-256, Ed25519 or RSA).
+    pub key: PathBuf,
+    /// PEM trust bundle peers must chain to.
+    pub bundle: PathBuf,
+    /// How often the files are checked for rotation.
+    #[serde(default = "default_reload_interval", deserialize_with = "duration")]
+    pub reload_interval: Duration,
+}
+
+fn default_reload_interval() -> Duration {
+    // Kubernetes propagates Secret updates within about a minute; checking every second
+    // makes a rotation visible to new handshakes within seconds of the swap.
+    Duration::from_secs(1)
+}
+
+/// What an inbound port accepts.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum InboundMode {
+    /// Only mTLS from a sidecar whose identity the allow-list admits.
+    Strict,
+    /// mTLS from sidecars, or anything else passed through untouched, told apart by
+    /// the first bytes.
+    Permissive,
+    /// Plain passthrough, no detection.
+    Disabled,
 }
 
 /// Caps on label values that come from outside, so a flood of distinct peers cannot
@@ -176,6 +212,18 @@ pub struct InboundConfig {
     /// connections (true) rather than letting them reach the application around the
     /// proxy (false).
     pub fail_closed: bool,
+    /// Mode of every port not in `port_modes`. Default: `permissive` when an identity
+    /// is configured, else `disabled`.
+    pub mode: Option<InboundMode>,
+    /// Per-port modes.
+    pub port_modes: std::collections::BTreeMap<u16, InboundMode>,
+    /// Peers allowed in over mTLS: SPIFFE IDs, or `spiffe://<td>/ns/<namespace>/*`.
+    /// Empty: any peer the trust bundle vouches for.
+    pub allow: Vec<crate::tls::IdentityMatcher>,
+    /// How long a client may take to send its first bytes (or finish its handshake)
+    /// before a strict or permissive port gives up on it.
+    #[serde(deserialize_with = "duration")]
+    pub detect_timeout: Duration,
 }
 
 impl Default for InboundConfig {
@@ -186,6 +234,12 @@ impl Default for InboundConfig {
             ports: Vec::new(),
             exclude_ports: Vec::new(),
             fail_closed: true,
+            mode: None,
+            port_modes: Default::default(),
+            allow: Vec::new(),
+            // Long enough for a client across a slow network, short enough that an idle
+            // connection attempt does not hold a task for long.
+            detect_timeout: Duration::from_secs(5),
         }
     }
 }
@@ -362,6 +416,21 @@ impl Config {
         if self.inbound.port == 0 {
             return invalid("inbound.port", "port 0 is not a valid port");
         }
+        let needs_identity = self
+            .inbound
+            .mode
+            .into_iter()
+            .chain(self.inbound.port_modes.values().copied())
+            .any(|m| m != InboundMode::Disabled);
+        if needs_identity && self.identity.is_none() {
+            return invalid(
+                "inbound.mode",
+                "strict and permissive need an identity (identity.cert, identity.key, identity.bundle)",
+            );
+        }
+        if self.inbound.detect_timeout.is_zero() {
+            return invalid("inbound.detect_timeout", "must be greater than 0");
+        }
         if !self.admin.address.ip().is_loopback() {
             return invalid(
                 "admin.address",
@@ -401,6 +470,26 @@ impl Config {
             self.admin.address.port(),
             self.health.address.port(),
         ]
+    }
+
+    /// The mode of inbound `port`.
+    pub fn inbound_mode(&self, port: u16) -> InboundMode {
+        self.inbound
+            .port_modes
+            .get(&port)
+            .copied()
+            .unwrap_or_else(|| self.inbound_default_mode())
+    }
+
+    /// The mode of inbound ports not listed in `inbound.port_modes`: `inbound.mode`, or
+    /// `permissive` when an identity is configured, else `disabled`.
+    pub fn inbound_default_mode(&self) -> InboundMode {
+        let implied = if self.identity.is_some() {
+            InboundMode::Permissive
+        } else {
+            InboundMode::Disabled
+        };
+        self.inbound.mode.unwrap_or(implied)
     }
 
     /// Inbound listener addresses: 127.0.0.1, plus `[::1]` when IPv6 is on. Loopback
@@ -578,6 +667,23 @@ mod tests {
         assert_eq!(config.inbound.ports, vec![8080]);
         assert!(!config.inbound.fail_closed);
         assert_eq!(config.own_ports(), [15001, 15006, 15000, 15020]);
+    }
+
+    #[test]
+    fn inbound_modes_need_an_identity_and_resolve_per_port() {
+        let e = error("inbound:\n  mode: strict\n");
+        assert!(e.contains("inbound.mode") && e.contains("identity"), "{e}");
+        let e = error("inbound:\n  allow: ['spiffe://td/ns/a/sa/b', 'nope']\n");
+        assert!(e.contains("inbound.allow[1]"), "{e}");
+        let config = parse(
+            "identity:\n  cert: c.pem\n  key: k.pem\n  bundle: b.pem\n\
+             inbound:\n  port_modes:\n    8080: strict\n    9090: disabled\n  allow: ['spiffe://td/ns/a/*']\n",
+        )
+        .expect("valid");
+        assert_eq!(config.inbound_mode(8080), InboundMode::Strict);
+        assert_eq!(config.inbound_mode(9090), InboundMode::Disabled);
+        assert_eq!(config.inbound_mode(7070), InboundMode::Permissive);
+        assert_eq!(Config::default().inbound_mode(7070), InboundMode::Disabled);
     }
 
     #[test]

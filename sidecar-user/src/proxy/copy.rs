@@ -13,11 +13,8 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::{
-        TcpStream,
-        tcp::{ReadHalf, WriteHalf},
-    },
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    net::{TcpStream, tcp::ReadHalf},
     time::Instant,
 };
 
@@ -87,21 +84,67 @@ pub async fn copy_bidirectional(
     transfer: &Transfer,
     totals: Totals,
 ) -> Result<(), CopyError> {
+    let (client_read, client_write) = client.split();
+    let (upstream_read, upstream_write) = upstream.split();
+    copy_halves(
+        (client_read, client_write),
+        (upstream_read, upstream_write),
+        idle,
+        transfer,
+        totals,
+    )
+    .await
+}
+
+/// As [`copy_bidirectional`], for any stream on the client side (a TLS stream, say).
+pub async fn copy_bidirectional_io<C>(
+    client: &mut C,
+    upstream: &mut TcpStream,
+    idle: Duration,
+    transfer: &Transfer,
+    totals: Totals,
+) -> Result<(), CopyError>
+where
+    C: AsyncRead + AsyncWrite + Unpin + Send,
+{
+    let (client_read, client_write) = tokio::io::split(client);
+    let (upstream_read, upstream_write) = upstream.split();
+    copy_halves(
+        (client_read, client_write),
+        (upstream_read, upstream_write),
+        idle,
+        transfer,
+        totals,
+    )
+    .await
+}
+
+async fn copy_halves<CR, CW, UR, UW>(
+    client: (CR, CW),
+    upstream: (UR, UW),
+    idle: Duration,
+    transfer: &Transfer,
+    totals: Totals,
+) -> Result<(), CopyError>
+where
+    CR: ReadReady,
+    UR: ReadReady,
+    CW: AsyncWrite + Unpin + Send,
+    UW: AsyncWrite + Unpin + Send,
+{
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, in either direction.
     let last_activity = AtomicU64::new(0);
-    let (client_read, client_write) = client.split();
-    let (upstream_read, upstream_write) = upstream.split();
     let out = Direction {
-        from: (client_read, Side::Client),
-        to: (upstream_write, Side::Upstream),
+        from: (client.0, Side::Client),
+        to: (upstream.1, Side::Upstream),
         bytes: (&transfer.sent, totals.sent),
         last_activity: &last_activity,
         start,
     };
     let back = Direction {
-        from: (upstream_read, Side::Upstream),
-        to: (client_write, Side::Client),
+        from: (upstream.0, Side::Upstream),
+        to: (client.1, Side::Client),
         bytes: (&transfer.received, totals.received),
         last_activity: &last_activity,
         start,
@@ -112,20 +155,39 @@ pub async fn copy_bidirectional(
     }
 }
 
-struct Direction<'a> {
-    from: (ReadHalf<'a>, Side),
-    to: (WriteHalf<'a>, Side),
+/// A read half that can wait for data before the copy allocates its buffer.
+trait ReadReady: AsyncRead + Unpin + Send {
+    /// Resolves when a read would not block (or at once, if the type cannot tell).
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
+}
+
+impl ReadReady for ReadHalf<'_> {
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        self.readable()
+    }
+}
+
+impl<T: AsyncRead + Send> ReadReady for tokio::io::ReadHalf<T> {
+    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
+        // A TLS stream may hold decrypted bytes already; just read.
+        std::future::ready(Ok(()))
+    }
+}
+
+struct Direction<'a, R, W> {
+    from: (R, Side),
+    to: (W, Side),
     bytes: (&'a AtomicU64, Counter),
     last_activity: &'a AtomicU64,
     start: Instant,
 }
 
-impl Direction<'_> {
+impl<R: ReadReady, W: AsyncWrite + Unpin + Send> Direction<'_, R, W> {
     async fn run(self) -> Result<(), CopyError> {
         let (mut reader, from) = self.from;
         let (mut writer, to) = self.to;
         // Wait for data before allocating: idle connections then cost no buffer.
-        reader.readable().await.map_err(|e| from.error(e))?;
+        reader.ready().await.map_err(|e| from.error(e))?;
         let mut buf = vec![0u8; BUF_SIZE];
         loop {
             let n = reader.read(&mut buf).await.map_err(|e| from.error(e))?;

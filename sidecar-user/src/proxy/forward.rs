@@ -21,7 +21,9 @@ use crate::{
         ClientAddr, OrigDstAddr,
         connections::{ConnTable, Entry},
         copy::{self, CopyError},
+        inbound::{Admitted, InboundPolicy},
     },
+    tls::SpiffeId,
 };
 
 /// Connects to `dst`. Inbound, the source is bound to the destination address itself:
@@ -71,6 +73,8 @@ pub struct Inputs {
     pub metrics: Arc<ProxyMetrics>,
     /// Open connections, for `/connections`.
     pub connections: Arc<ConnTable>,
+    /// What inbound ports accept.
+    pub inbound: InboundPolicy,
 }
 
 /// Why a connection was not carried.
@@ -130,45 +134,141 @@ pub async fn accept_loop(
 
 async fn serve(
     inputs: Arc<Inputs>,
-    mut client: TcpStream,
+    client: TcpStream,
     peer: ClientAddr,
     direction: Direction,
     drain: DrainWatcher,
 ) {
-    let mut recorder = ConnRecorder::open(
-        &inputs.metrics,
-        direction,
-        PASSTHROUGH,
-        NO_IDENTITY,
-        Tls::No,
-    );
-    let (mut upstream, dst) = match connect(&inputs, &client, peer, direction, &recorder).await {
+    // Inbound, the port's policy (detection, mTLS, allow-list) comes first.
+    let admitted = match direction {
+        Direction::Outbound => Admitted::Plain(client),
+        Direction::Inbound => {
+            let port = client.local_addr().map(|a| a.port()).unwrap_or(0);
+            match inputs.inbound.admit(port, client).await {
+                Ok(admitted) => admitted,
+                Err((refusal, io)) => {
+                    let identity = refusal.identity().map(ToString::to_string);
+                    let label = identity.as_deref().unwrap_or(NO_IDENTITY);
+                    let tls = if identity.is_some() {
+                        Tls::Yes
+                    } else {
+                        Tls::No
+                    };
+                    let mut recorder =
+                        ConnRecorder::open(&inputs.metrics, direction, PASSTHROUGH, label, tls);
+                    recorder.set_reason(refusal.reason());
+                    warn!(%refusal, port, "refusing inbound connection");
+                    if let Some(io) = io {
+                        let _ = io.set_zero_linger();
+                    }
+                    return;
+                }
+            }
+        }
+    };
+    match admitted {
+        Admitted::Plain(client) => relay(inputs, client, peer, direction, None, drain).await,
+        Admitted::Mtls(tls, id, handshake) => {
+            relay(inputs, *tls, peer, direction, Some((id, handshake)), drain).await
+        }
+    }
+}
+
+/// The accepted side of a connection: a plain socket, or TLS terminated over one.
+trait ClientStream: Send {
+    /// The underlying socket.
+    fn tcp(&self) -> &TcpStream;
+
+    /// Copies both ways between this stream and `upstream`.
+    fn relay<'a>(
+        &'a mut self,
+        upstream: &'a mut TcpStream,
+        idle: Duration,
+        transfer: &'a copy::Transfer,
+        totals: copy::Totals,
+    ) -> impl std::future::Future<Output = Result<(), CopyError>> + Send + 'a;
+}
+
+impl ClientStream for TcpStream {
+    fn tcp(&self) -> &TcpStream {
+        self
+    }
+
+    fn relay<'a>(
+        &'a mut self,
+        upstream: &'a mut TcpStream,
+        idle: Duration,
+        transfer: &'a copy::Transfer,
+        totals: copy::Totals,
+    ) -> impl std::future::Future<Output = Result<(), CopyError>> + Send + 'a {
+        copy::copy_bidirectional(self, upstream, idle, transfer, totals)
+    }
+}
+
+impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+    fn tcp(&self) -> &TcpStream {
+        self.get_ref().0
+    }
+
+    fn relay<'a>(
+        &'a mut self,
+        upstream: &'a mut TcpStream,
+        idle: Duration,
+        transfer: &'a copy::Transfer,
+        totals: copy::Totals,
+    ) -> impl std::future::Future<Output = Result<(), CopyError>> + Send + 'a {
+        copy::copy_bidirectional_io(self, upstream, idle, transfer, totals)
+    }
+}
+
+/// Connects to the destination and copies until the connection ends, recording it.
+async fn relay<C: ClientStream>(
+    inputs: Arc<Inputs>,
+    mut client: C,
+    peer: ClientAddr,
+    direction: Direction,
+    mtls: Option<(SpiffeId, Duration)>,
+    drain: DrainWatcher,
+) {
+    let identity = mtls.as_ref().map(|(id, _)| id.to_string());
+    let tls = if mtls.is_some() { Tls::Yes } else { Tls::No };
+    let label = identity.as_deref().unwrap_or(NO_IDENTITY);
+    let mut recorder = ConnRecorder::open(&inputs.metrics, direction, PASSTHROUGH, label, tls);
+    if let Some((_, handshake)) = &mtls {
+        inputs
+            .metrics
+            .tls_handshake
+            .get_or_create(recorder.service())
+            .observe(handshake.as_secs_f64());
+    }
+    let (mut upstream, dst) = match connect(&inputs, client.tcp(), peer, direction, &recorder).await
+    {
         Ok(pair) => pair,
         Err(error) => {
             warn!(%error, "refusing connection");
             recorder.set_reason(error.reason());
             // Reset rather than FIN: the app sees a refused/reset connection, as it
             // would have without the proxy.
-            let _ = client.set_zero_linger();
+            let _ = client.tcp().set_zero_linger();
             return;
         }
     };
-    let _ = client.set_nodelay(true);
+    let _ = client.tcp().set_nodelay(true);
     let _ = upstream.set_nodelay(true);
     let registration = inputs.connections.register(Entry {
         direction,
         client: peer.0,
         orig_dst: dst.0,
         endpoint: dst.0,
-        peer_identity: None,
-        tls: false,
+        peer_identity: identity.clone(),
+        tls: mtls.is_some(),
         started: std::time::Instant::now(),
         transfer: recorder.transfer.clone(),
         upstream_fd: upstream.as_raw_fd(),
     });
     let transfer = recorder.transfer.clone();
     let copied = tokio::select! {
-        result = copy::copy_bidirectional(&mut client, &mut upstream, inputs.idle_timeout, &transfer, recorder.totals()) => Some(result),
+        result = client.relay(&mut upstream, inputs.idle_timeout, &transfer, recorder.totals()) => Some(result),
         () = drain.forced() => None,
     };
     // Leave the table before the sockets close (see `ConnTable::snapshot`).
@@ -182,20 +282,21 @@ async fn serve(
         None => CloseReason::Drained,
     };
     recorder.set_reason(reason);
+    let peer_identity = identity.as_deref().unwrap_or("-");
     match copied {
         Some(Ok(())) | Some(Err(CopyError::Idle(_))) => {
-            debug!(%dst, sent, received, reason = reason.as_str(), "connection closed")
+            debug!(%dst, peer_identity, sent, received, reason = reason.as_str(), "connection closed")
         }
         Some(Err(error)) => {
             // Pass a reset on to the other side, so neither end waits on a dead peer.
-            let _ = client.set_zero_linger();
+            let _ = client.tcp().set_zero_linger();
             let _ = upstream.set_zero_linger();
-            debug!(%dst, sent, received, %error, reason = reason.as_str(), "connection closed");
+            debug!(%dst, peer_identity, sent, received, %error, reason = reason.as_str(), "connection closed");
         }
         None => {
-            let _ = client.set_zero_linger();
+            let _ = client.tcp().set_zero_linger();
             let _ = upstream.set_zero_linger();
-            warn!(%dst, sent, received, "connection closed by drain after the grace period");
+            warn!(%dst, peer_identity, sent, received, "connection closed by drain after the grace period");
         }
     }
 }

@@ -4,7 +4,9 @@
 pub mod addr;
 pub mod connections;
 pub mod copy;
+pub mod detect;
 pub mod forward;
+pub mod inbound;
 pub mod listener;
 
 pub use addr::{ClientAddr, OrigDstAddr};

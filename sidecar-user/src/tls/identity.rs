@@ -165,6 +165,13 @@ impl fmt::Display for IdentityMatcher {
     }
 }
 
+impl<'de> serde::Deserialize<'de> for IdentityMatcher {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = <String as serde::Deserialize>::deserialize(d)?;
+        text.parse().map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -1,0 +1,148 @@
+//! Inbound policy: per port, `disabled` passes bytes through, `permissive` terminates
+//! mTLS from sidecars and passes anything else through, `strict` accepts only mTLS from
+//! a sidecar whose SPIFFE ID the allow-list admits. A refused peer is reset and
+//! nothing reaches the application.
+
+use std::{collections::BTreeMap, time::Duration};
+
+use tokio::net::TcpStream;
+use tokio_rustls::{TlsAcceptor, server::TlsStream};
+
+use crate::{
+    config::{Config, InboundMode},
+    metrics::CloseReason,
+    proxy::detect::{Detected, detect},
+    tls::{IdentityMatcher, SpiffeId, rustls_config::peer_identity},
+};
+
+/// What inbound connections must be, per port.
+pub struct InboundPolicy {
+    default_mode: InboundMode,
+    port_modes: BTreeMap<u16, InboundMode>,
+    allow: Vec<IdentityMatcher>,
+    detect_timeout: Duration,
+    acceptor: Option<TlsAcceptor>,
+}
+
+/// An accepted inbound connection, ready to be relayed.
+pub enum Admitted {
+    /// Bytes pass through as they are.
+    Plain(TcpStream),
+    /// mTLS from a sidecar with this identity, terminated here after a handshake of
+    /// this long.
+    Mtls(Box<TlsStream<TcpStream>>, SpiffeId, Duration),
+}
+
+/// Why an inbound connection was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum Refusal {
+    /// A strict port got something other than mTLS from a sidecar.
+    #[error("strict port: the client did not start sidecar mTLS ({0:?})")]
+    NotMtls(Detected),
+    /// The client sent nothing (or not enough) in time.
+    #[error("no ClientHello or bytes within {0:?}")]
+    Silent(Duration),
+    /// The client closed before sending anything.
+    #[error("the client closed before sending anything")]
+    Closed,
+    /// The TLS handshake failed (bad, expired or missing certificate, ...).
+    #[error("mTLS handshake failed: {0}")]
+    Handshake(String),
+    /// The peer's identity is not on the allow-list.
+    #[error("peer {0} is not allowed by inbound.allow")]
+    NotAllowed(SpiffeId),
+}
+
+impl Refusal {
+    /// The close reason recorded in metrics.
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            Refusal::NotMtls(_) | Refusal::NotAllowed(_) => CloseReason::PolicyDenied,
+            Refusal::Silent(_) => CloseReason::Timeout,
+            Refusal::Closed => CloseReason::Normal,
+            Refusal::Handshake(_) => CloseReason::HandshakeFailed,
+        }
+    }
+
+    /// The peer's identity, when the handshake got that far.
+    pub fn identity(&self) -> Option<&SpiffeId> {
+        match self {
+            Refusal::NotAllowed(id) => Some(id),
+            _ => None,
+        }
+    }
+}
+
+// === impl InboundPolicy ===
+
+impl InboundPolicy {
+    /// The policy of `config`; `acceptor` terminates mTLS (needed unless every port is
+    /// `disabled`, which config validation guarantees).
+    pub fn new(config: &Config, acceptor: Option<TlsAcceptor>) -> Self {
+        Self {
+            default_mode: config.inbound_default_mode(),
+            port_modes: config.inbound.port_modes.clone(),
+            allow: config.inbound.allow.clone(),
+            detect_timeout: config.inbound.detect_timeout,
+            acceptor,
+        }
+    }
+
+    /// The mode of local `port`.
+    pub fn mode(&self, port: u16) -> InboundMode {
+        self.port_modes
+            .get(&port)
+            .copied()
+            .unwrap_or(self.default_mode)
+    }
+
+    /// Applies the port's mode to a new connection. On refusal the socket comes back
+    /// with the reason (when it still exists), so the caller can reset it.
+    pub async fn admit(
+        &self,
+        port: u16,
+        client: TcpStream,
+    ) -> Result<Admitted, (Refusal, Option<TcpStream>)> {
+        let mode = self.mode(port);
+        let acceptor = match (&self.acceptor, mode) {
+            (Some(acceptor), InboundMode::Strict | InboundMode::Permissive) => acceptor,
+            _ => return Ok(Admitted::Plain(client)),
+        };
+        let detected = match detect(&client, self.detect_timeout).await {
+            Ok(d) => d,
+            Err(e) => return Err((Refusal::Handshake(e.to_string()), Some(client))),
+        };
+        match detected {
+            Detected::SidecarTls => {}
+            Detected::Plaintext | Detected::OtherTls if mode == InboundMode::Permissive => {
+                return Ok(Admitted::Plain(client));
+            }
+            Detected::Plaintext | Detected::OtherTls => {
+                return Err((Refusal::NotMtls(detected), Some(client)));
+            }
+            Detected::TimedOut => return Err((Refusal::Silent(self.detect_timeout), Some(client))),
+            Detected::Closed => return Err((Refusal::Closed, Some(client))),
+        }
+        // The handshake gets the same budget: a client that stalls mid-handshake must
+        // not hold a task forever.
+        let started = std::time::Instant::now();
+        let handshake = acceptor.accept(client).into_fallible();
+        let tls = match tokio::time::timeout(self.detect_timeout, handshake).await {
+            Ok(Ok(tls)) => tls,
+            Ok(Err((e, io))) => return Err((Refusal::Handshake(e.to_string()), Some(io))),
+            Err(_) => return Err((Refusal::Silent(self.detect_timeout), None)),
+        };
+        let Some(id) = peer_identity(tls.get_ref().1) else {
+            let (io, _) = tls.into_inner();
+            return Err((
+                Refusal::Handshake("the peer certificate has no SPIFFE ID".into()),
+                Some(io),
+            ));
+        };
+        if !self.allow.is_empty() && !self.allow.iter().any(|m| m.matches(&id)) {
+            let (io, _) = tls.into_inner();
+            return Err((Refusal::NotAllowed(id), Some(io)));
+        }
+        Ok(Admitted::Mtls(Box::new(tls), id, started.elapsed()))
+    }
+}

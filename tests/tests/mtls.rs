@@ -1,0 +1,286 @@
+//! Inbound mTLS with real TLS peers (`openssl s_client`) and certificates from
+//! `sidecar certs`: strict ports admit only sidecar mTLS from allowed identities;
+//! permissive ports also pass plaintext through; nothing refused reaches the app.
+
+use std::{
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    time::{Duration, Instant},
+};
+
+use sidecar_tests::{
+    Net, Placement, Pod, Sidecar,
+    tools::{Background, pod_tool_bin, sidecar_bin},
+};
+
+const ALPN: &str = "sidecar-mtls/1";
+
+/// Dev certificates: `b` (the server pod), `good` (allowed), `outsider` (another
+/// namespace), `expired`, and `foreign` (another CA). Removed on drop.
+struct Certs(PathBuf);
+
+impl Certs {
+    fn new(tag: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("sidecar-mtls-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        let certs = |out: &Path, extra: &[&str]| {
+            let out = Command::new(sidecar_bin())
+                .args(["certs", "--out"])
+                .arg(out)
+                .args(extra)
+                .output()
+                .expect("sidecar certs");
+            assert!(
+                out.status.success(),
+                "sidecar certs: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        };
+        certs(
+            &dir,
+            &[
+                "--workload",
+                "b=shop/db",
+                "--workload",
+                "good=shop/cart",
+                "--workload",
+                "outsider=other/x",
+            ],
+        );
+        // `sidecar certs` makes a new CA per run, so the expired certificate has its own
+        // CA, which the server trusts (below): it then fails only for being expired.
+        certs(
+            &dir.join("old"),
+            &["--workload", "expired=shop/cart", "--hours=-1"],
+        );
+        certs(&dir.join("other-ca"), &["--workload", "foreign=shop/cart"]);
+        Self(dir)
+    }
+
+    fn workload(&self, name: &str) -> PathBuf {
+        match name {
+            "expired" => self.0.join("old/expired"),
+            "foreign" => self.0.join("other-ca/foreign"),
+            _ => self.0.join(name),
+        }
+    }
+}
+
+impl Drop for Certs {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+struct Rig {
+    a: Pod,
+    b: Pod,
+    certs: Certs,
+    sidecar: Sidecar,
+    _echo: Background,
+    _net: Net,
+}
+
+fn rig(tag: &str) -> Rig {
+    let mut net = Net::new(tag);
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let certs = Certs::new(tag);
+    // B trusts our CA and the CA of the expired certificate (so that certificate fails
+    // only because it expired).
+    let bundle = certs.0.join("b-bundle.pem");
+    let ours = std::fs::read_to_string(certs.0.join("ca.pem")).expect("ca");
+    let old = std::fs::read_to_string(certs.0.join("old/ca.pem")).expect("old ca");
+    std::fs::write(&bundle, format!("{ours}{old}")).expect("bundle");
+    let b_dir = certs.workload("b");
+    let config = format!(
+        "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n\
+         inbound:\n  detect_timeout: 1s\n  port_modes:\n    8080: strict\n    8090: permissive\n\
+         \x20 allow: ['spiffe://cluster.local/ns/shop/*']\n",
+        b_dir.join("cert.pem").display(),
+        b_dir.join("key.pem").display(),
+        bundle.display()
+    );
+    let mut echo = b.app(&pod_tool_bin());
+    echo.args([
+        "echo",
+        "--listen",
+        &format!("{}:8080", b.ip4),
+        "--listen",
+        &format!("{}:8090", b.ip4),
+    ]);
+    echo.args(["--listen", &format!("[{}]:8080", b.ip6)]);
+    let echo = Background::start_ready(echo);
+    let sidecar = Sidecar::start(&b, &config, Placement::InPodCgroup);
+    Rig {
+        a,
+        b,
+        certs,
+        sidecar,
+        _echo: echo,
+        _net: net,
+    }
+}
+
+/// `openssl s_client` from pod A presenting `who`'s certificate (or none); sends the
+/// echo mode byte and a marker, returns what came back within 3 s.
+fn s_client(rig: &Rig, target: &str, who: Option<&str>) -> String {
+    let mut cmd = rig.a.outsider("timeout");
+    cmd.args([
+        "3",
+        "openssl",
+        "s_client",
+        "-connect",
+        target,
+        "-alpn",
+        ALPN,
+        "-quiet",
+        "-verify_quiet",
+    ]);
+    cmd.arg("-CAfile").arg(rig.certs.0.join("ca.pem"));
+    if let Some(who) = who {
+        let dir = rig.certs.workload(who);
+        cmd.arg("-cert")
+            .arg(dir.join("cert.pem"))
+            .arg("-key")
+            .arg(dir.join("key.pem"));
+    }
+    run_with_input(cmd, b"Smarker-7f3a\n")
+}
+
+fn plaintext(rig: &Rig, target: &str) -> String {
+    let (host, port) = target.rsplit_once(':').expect("host:port");
+    let mut cmd = rig.a.outsider("timeout");
+    cmd.args(["3", "nc", "-q", "2", host.trim_matches(['[', ']']), port]);
+    run_with_input(cmd, b"Smarker-7f3a\n")
+}
+
+fn run_with_input(mut cmd: Command, input: &[u8]) -> String {
+    use std::io::Write;
+    let mut child = cmd
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn");
+    let mut stdin = child.stdin.take().expect("stdin");
+    let _ = stdin.write_all(input);
+    // Keep stdin open a moment so the reply can arrive before the client quits.
+    std::thread::sleep(Duration::from_millis(800));
+    drop(stdin);
+    let out = child.wait_with_output().expect("wait");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn closed(rig: &Rig, reason: &str) -> u64 {
+    rig.sidecar.metric(
+        "sidecar_connections_closed_total",
+        &[("direction", "inbound"), ("reason", reason)],
+    ) as u64
+}
+
+#[test]
+fn strict_port_admits_an_allowed_sidecar_peer_and_refuses_the_rest() {
+    let rig = rig("strict");
+    let strict = format!("{}:8080", rig.b.ip4);
+    let reply = s_client(&rig, &strict, Some("good"));
+    assert!(
+        reply.contains(&strict) && reply.contains("marker-7f3a"),
+        "allowed peer: {reply:?}"
+    );
+    let opened = rig.sidecar.metric(
+        "sidecar_connections_opened_total",
+        &[
+            ("direction", "inbound"),
+            ("tls", "true"),
+            ("peer_identity", "spiffe://cluster.local/ns/shop/sa/cart"),
+        ],
+    );
+    assert_eq!(opened, 1.0);
+
+    for (who, reason) in [
+        (None, "handshake_failed"),
+        (Some("foreign"), "handshake_failed"),
+        (Some("expired"), "handshake_failed"),
+    ] {
+        let before = closed(&rig, reason);
+        let reply = s_client(&rig, &strict, who);
+        assert!(
+            !reply.contains(&strict) && !reply.contains("marker"),
+            "{who:?} reached the app: {reply:?}"
+        );
+        assert_eq!(closed(&rig, reason), before + 1, "{who:?}");
+    }
+    let reply = s_client(&rig, &strict, Some("outsider"));
+    assert!(
+        !reply.contains(&strict),
+        "outsider reached the app: {reply:?}"
+    );
+    let denied = rig.sidecar.metric(
+        "sidecar_connections_closed_total",
+        &[
+            ("reason", "policy_denied"),
+            ("peer_identity", "spiffe://cluster.local/ns/other/sa/x"),
+        ],
+    );
+    assert_eq!(denied, 1.0);
+    assert!(
+        rig.sidecar
+            .logs()
+            .contains("spiffe://cluster.local/ns/other/sa/x"),
+        "the refusal names the peer"
+    );
+
+    // Plaintext on a strict port is refused too.
+    let before = closed(&rig, "policy_denied");
+    let reply = plaintext(&rig, &strict);
+    assert!(
+        !reply.contains(&strict),
+        "plaintext reached the app: {reply:?}"
+    );
+    assert_eq!(closed(&rig, "policy_denied"), before + 1);
+
+    // IPv6 inbound mTLS.
+    let strict6 = format!("[{}]:8080", rig.b.ip6);
+    let reply = s_client(&rig, &strict6, Some("good"));
+    assert!(reply.contains("marker-7f3a"), "IPv6: {reply:?}");
+}
+
+#[test]
+fn permissive_port_takes_mtls_and_plaintext_and_drops_silent_clients() {
+    let rig = rig("permissive");
+    let port = format!("{}:8090", rig.b.ip4);
+    let reply = plaintext(&rig, &port);
+    assert!(
+        reply.contains(&port) && reply.contains("marker-7f3a"),
+        "plaintext: {reply:?}"
+    );
+    let reply = s_client(&rig, &port, Some("good"));
+    assert!(
+        reply.contains(&port) && reply.contains("marker-7f3a"),
+        "mTLS: {reply:?}"
+    );
+
+    // A client that connects and says nothing is dropped after detect_timeout (1 s),
+    // and does not hold up others meanwhile.
+    let mut silent = rig
+        .a
+        .outsider("nc")
+        .args([&rig.b.ip4.to_string(), "8090"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nc");
+    std::thread::sleep(Duration::from_millis(200));
+    let started = Instant::now();
+    let reply = plaintext(&rig, &port);
+    assert!(reply.contains("marker-7f3a"), "{reply:?}");
+    assert!(started.elapsed() < Duration::from_secs(3));
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while closed(&rig, "timeout") == 0 {
+        assert!(Instant::now() < deadline, "silent client not dropped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    let _ = silent.kill();
+    let _ = silent.wait();
+}
