@@ -337,6 +337,18 @@ fn aborted_connects_leave_the_map_bounded_and_later_connects_work() {
     }
 }
 
+/// curl failed the way a reset connection fails: depending on whether the reset comes
+/// before or after curl sends its request, that is exit 7 (couldn't connect), 52 (empty
+/// reply) or 56 (receive failure), never a timeout (28) or an HTTP answer.
+fn assert_reset(out: &std::process::Output) {
+    let code = out.status.code();
+    assert!(
+        matches!(code, Some(7 | 52 | 56)),
+        "curl exit {code:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 #[test]
 fn refused_and_unreachable_destinations_are_reset_within_the_timeout() {
     let rig = rig("refused");
@@ -346,9 +358,7 @@ fn refused_and_unreachable_destinations_are_reset_within_the_timeout() {
     let out = rig
         .client
         .curl(&[&format!("http://{}:8099/", rig.server.ip4)]);
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("reset") || err.contains("refused"), "{err}");
+    assert_reset(&out);
     assert!(
         started.elapsed().as_secs_f64() < 2.0,
         "took {:?}",
@@ -363,9 +373,7 @@ fn refused_and_unreachable_destinations_are_reset_within_the_timeout() {
     let started = Instant::now();
     let out = rig.client.curl(&["http://198.18.7.7:80/"]);
     let took = started.elapsed();
-    assert!(!out.status.success());
-    let err = String::from_utf8_lossy(&out.stderr);
-    assert!(err.contains("reset"), "{err}");
+    assert_reset(&out);
     assert!(
         took.as_secs_f64() >= 0.9 && took.as_secs_f64() < 3.0,
         "took {took:?}"
