@@ -211,18 +211,24 @@ impl Bound {
             state.clone(),
         ));
 
-        let acceptor = match &identity {
+        let (acceptor, mesh) = match &identity {
             Some(id) => {
                 tokio::spawn(id.store.clone().watch(
                     id.files.clone(),
                     id.provider.clone(),
                     id.reload_interval,
                 ));
-                let config = rustls_config::server_config(id.store.clone(), id.provider.clone())
+                let server = rustls_config::server_config(id.store.clone(), id.provider.clone())
                     .map_err(std::io::Error::other)?;
-                Some(tokio_rustls::TlsAcceptor::from(config))
+                let client = rustls_config::client_config(id.store.clone(), id.provider.clone())
+                    .map_err(std::io::Error::other)?;
+                let mesh = (!config.mesh.cidrs.is_empty()).then(|| forward::Mesh {
+                    cidrs: config.mesh.cidrs.clone(),
+                    connector: tokio_rustls::TlsConnector::from(client),
+                });
+                (Some(tokio_rustls::TlsAcceptor::from(server)), mesh)
             }
-            None => None,
+            None => (None, None),
         };
         let (trigger, watcher) = drain::channel();
         let inputs = Arc::new(Inputs {
@@ -233,6 +239,7 @@ impl Bound {
             metrics: proxy_metrics,
             connections,
             inbound: InboundPolicy::new(&config, acceptor),
+            mesh,
         });
         let mut accept_loops = JoinSet::new();
         let listeners = outbound

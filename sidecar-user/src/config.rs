@@ -75,6 +75,18 @@ pub struct Config {
     pub metrics: MetricsConfig,
     /// The workload's certificate, key and trust bundle; mTLS needs them.
     pub identity: Option<IdentityConfig>,
+    /// Outbound destinations that have a sidecar: reached over mTLS.
+    pub mesh: MeshConfig,
+}
+
+/// Outbound mTLS origination.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MeshConfig {
+    /// Destination networks whose pods run a sidecar (typically the pod CIDRs). The
+    /// server must present our ALPN and a certificate from the trust bundle, or the
+    /// connection fails: it is never sent in plaintext.
+    pub cidrs: Vec<IpNet>,
 }
 
 /// Where the workload identity lives (as a Secret or cert-manager's CSI driver mounts it).
@@ -426,6 +438,12 @@ impl Config {
             return invalid(
                 "inbound.mode",
                 "strict and permissive need an identity (identity.cert, identity.key, identity.bundle)",
+            );
+        }
+        if !self.mesh.cidrs.is_empty() && self.identity.is_none() {
+            return invalid(
+                "mesh.cidrs",
+                "mTLS origination needs an identity (identity.cert, identity.key, identity.bundle)",
             );
         }
         if self.inbound.detect_timeout.is_zero() {

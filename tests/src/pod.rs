@@ -97,6 +97,11 @@ impl Net {
         }
     }
 
+    /// The node namespace (where the bridge is: capture there to see pod traffic).
+    pub fn node_netns(&self) -> &str {
+        &self.node
+    }
+
     /// Adds a pod named `name`.
     pub fn pod(&mut self, name: &str) -> Pod {
         let host = self.next_host;

@@ -284,3 +284,146 @@ fn permissive_port_takes_mtls_and_plaintext_and_drops_silent_clients() {
     let _ = silent.kill();
     let _ = silent.wait();
 }
+
+#[test]
+fn two_sidecars_speak_mtls_on_the_wire() {
+    let mut net = Net::new("wire");
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let certs = Certs::new("wire");
+    let identity = |who: &str| {
+        let dir = certs.workload(who);
+        format!(
+            "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display(),
+            dir.join("bundle.pem").display()
+        )
+    };
+    let mut http = b.app(&pod_tool_bin());
+    http.args(["http", "--listen", &format!("{}:8080", b.ip4)]);
+    let _http = Background::start_ready(http);
+    let b_config = format!(
+        "{}inbound:\n  mode: strict\n  allow: ['spiffe://cluster.local/ns/shop/*']\n",
+        identity("b")
+    );
+    let b_sidecar = Sidecar::start(&b, &b_config, Placement::InPodCgroup);
+    let a_config = format!(
+        "{}mesh:\n  cidrs: [198.18.0.0/24, 'fd00:5c::/64']\n",
+        identity("good")
+    );
+    let a_sidecar = Sidecar::start(&a, &a_config, Placement::InPodCgroup);
+
+    // Capture on the bridge between the pods.
+    let pcap = certs.0.join("wire.pcap");
+    let mut tshark = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            net.node_netns(),
+            "tshark",
+            "-i",
+            "br0",
+            "-f",
+            "tcp port 8080",
+            "-w",
+        ])
+        .arg(&pcap)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tshark (Debian package `tshark`) is required");
+    {
+        use std::io::{BufRead, BufReader};
+        let stderr = tshark.stderr.take().expect("stderr");
+        let mut lines = BufReader::new(stderr).lines();
+        let started = lines.any(|l| l.is_ok_and(|l| l.contains("Capturing on")));
+        assert!(started, "tshark did not start capturing");
+        // "Capturing on" comes a moment before packets are really captured.
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let out = a
+        .app("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{}:8080/marker-5c1e", b.ip4),
+        ])
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // B's application got it from B's sidecar.
+    assert!(
+        body.contains(&format!("served-by {}:8080 peer {}:", b.ip4, b.ip4)),
+        "{body}"
+    );
+    std::thread::sleep(Duration::from_millis(500));
+    // SAFETY: plain kill(2) on our child; SIGINT makes tshark flush and exit.
+    unsafe { libc::kill(tshark.id() as i32, libc::SIGINT) };
+    let _ = tshark.wait();
+
+    let raw = std::fs::read(&pcap).expect("capture file");
+    assert!(raw.len() > 1000, "the capture is empty");
+    assert!(
+        !raw.windows(11).any(|w| w == b"marker-5c1e"),
+        "the marker crossed the wire in cleartext"
+    );
+    let fields = |filter: &str, field: &str| {
+        let out = Command::new("tshark")
+            .args(["-d", "tcp.port==8080,tls", "-r"])
+            .arg(&pcap)
+            .args(["-Y", filter, "-T", "fields", "-e", field])
+            .output()
+            .expect("tshark -r");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    };
+    let alpn = fields(
+        "tls.handshake.type == 1",
+        "tls.handshake.extensions_alpn_str",
+    );
+    assert!(
+        alpn.contains("sidecar-mtls/1"),
+        "ClientHello ALPN: {alpn:?}"
+    );
+    let version = fields(
+        "tls.handshake.type == 2",
+        "tls.handshake.extensions.supported_version",
+    );
+    assert!(
+        version.contains("0x0304"),
+        "ServerHello version: {version:?}"
+    );
+
+    let seen = |sidecar: &Sidecar, direction: &str, id: &str| {
+        sidecar.metric(
+            "sidecar_connections_opened_total",
+            &[
+                ("direction", direction),
+                ("tls", "true"),
+                ("peer_identity", id),
+            ],
+        )
+    };
+    assert_eq!(
+        seen(
+            &a_sidecar,
+            "outbound",
+            "spiffe://cluster.local/ns/shop/sa/db"
+        ),
+        1.0
+    );
+    assert_eq!(
+        seen(
+            &b_sidecar,
+            "inbound",
+            "spiffe://cluster.local/ns/shop/sa/cart"
+        ),
+        1.0
+    );
+}

@@ -15,6 +15,7 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("nftables", "nft"),
     ("netcat-openbsd", "nc"),
     ("prometheus", "promtool"),
+    ("tshark", "tshark"),
 ];
 
 /// Installs missing Debian packages (needs root and apt).
@@ -29,6 +30,15 @@ pub fn deps() -> Result<()> {
         return Ok(());
     }
     eprintln!("xtask: installing {}", missing.join(" "));
+    // tshark's package asks whether non-root users may capture; answer no up front.
+    let mut preseed = Command::new("debconf-set-selections")
+        .stdin(std::process::Stdio::piped())
+        .spawn()?;
+    if let Some(mut stdin) = preseed.stdin.take() {
+        use std::io::Write;
+        stdin.write_all(b"wireshark-common wireshark-common/install-setuid boolean false\n")?;
+    }
+    preseed.wait()?;
     cmd::run(Command::new("apt-get").arg("update").arg("-qq"))?;
     cmd::run(
         Command::new("apt-get")

@@ -96,19 +96,20 @@ pub async fn copy_bidirectional(
     .await
 }
 
-/// As [`copy_bidirectional`], for any stream on the client side (a TLS stream, say).
-pub async fn copy_bidirectional_io<C>(
+/// As [`copy_bidirectional`], for any streams (TLS on either side, say).
+pub async fn copy_bidirectional_io<C, U>(
     client: &mut C,
-    upstream: &mut TcpStream,
+    upstream: &mut U,
     idle: Duration,
     transfer: &Transfer,
     totals: Totals,
 ) -> Result<(), CopyError>
 where
     C: AsyncRead + AsyncWrite + Unpin + Send,
+    U: AsyncRead + AsyncWrite + Unpin + Send,
 {
     let (client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, upstream_write) = upstream.split();
+    let (upstream_read, upstream_write) = tokio::io::split(upstream);
     copy_halves(
         (client_read, client_write),
         (upstream_read, upstream_write),

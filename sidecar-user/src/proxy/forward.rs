@@ -75,6 +75,8 @@ pub struct Inputs {
     pub connections: Arc<ConnTable>,
     /// What inbound ports accept.
     pub inbound: InboundPolicy,
+    /// Outbound destinations reached over mTLS, when an identity is configured.
+    pub mesh: Option<Mesh>,
 }
 
 /// Why a connection was not carried.
@@ -90,6 +92,8 @@ enum ForwardError {
     ConnectTimeout(OrigDstAddr, Duration),
     #[error("connecting to {0}: {1}")]
     Connect(OrigDstAddr, io::Error),
+    #[error("mTLS to {0}: {1}")]
+    Tls(OrigDstAddr, String),
 }
 
 impl ForwardError {
@@ -99,6 +103,7 @@ impl ForwardError {
             ForwardError::Loop(_) => CloseReason::Loop,
             ForwardError::ConnectTimeout(..) => CloseReason::Timeout,
             ForwardError::Connect(..) => CloseReason::Refused,
+            ForwardError::Tls(..) => CloseReason::HandshakeFailed,
         }
     }
 }
@@ -167,69 +172,101 @@ async fn serve(
         }
     };
     match admitted {
-        Admitted::Plain(client) => relay(inputs, client, peer, direction, None, drain).await,
+        Admitted::Plain(client) => {
+            relay(
+                inputs,
+                Downstream::Plain(client),
+                peer,
+                direction,
+                None,
+                drain,
+            )
+            .await
+        }
         Admitted::Mtls(tls, id, handshake) => {
-            relay(inputs, *tls, peer, direction, Some((id, handshake)), drain).await
+            relay(
+                inputs,
+                Downstream::Tls(tls),
+                peer,
+                direction,
+                Some((id, handshake)),
+                drain,
+            )
+            .await
         }
     }
 }
 
-/// The accepted side of a connection: a plain socket, or TLS terminated over one.
-trait ClientStream: Send {
-    /// The underlying socket.
-    fn tcp(&self) -> &TcpStream;
-
-    /// Copies both ways between this stream and `upstream`.
-    fn relay<'a>(
-        &'a mut self,
-        upstream: &'a mut TcpStream,
-        idle: Duration,
-        transfer: &'a copy::Transfer,
-        totals: copy::Totals,
-    ) -> impl std::future::Future<Output = Result<(), CopyError>> + Send + 'a;
+/// The accepted side of a connection: a plain socket, or mTLS terminated over one.
+enum Downstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-impl ClientStream for TcpStream {
-    fn tcp(&self) -> &TcpStream {
-        self
-    }
+/// The connected side: a plain socket, or mTLS originated over one.
+enum Upstream {
+    Plain(TcpStream),
+    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
+}
 
-    fn relay<'a>(
-        &'a mut self,
-        upstream: &'a mut TcpStream,
-        idle: Duration,
-        transfer: &'a copy::Transfer,
-        totals: copy::Totals,
-    ) -> impl std::future::Future<Output = Result<(), CopyError>> + Send + 'a {
-        copy::copy_bidirectional(self, upstream, idle, transfer, totals)
+impl Downstream {
+    fn tcp(&self) -> &TcpStream {
+        match self {
+            Downstream::Plain(tcp) => tcp,
+            Downstream::Tls(tls) => tls.get_ref().0,
+        }
     }
 }
 
-impl ClientStream for tokio_rustls::server::TlsStream<TcpStream> {
+impl Upstream {
     fn tcp(&self) -> &TcpStream {
-        self.get_ref().0
+        match self {
+            Upstream::Plain(tcp) => tcp,
+            Upstream::Tls(tls) => tls.get_ref().0,
+        }
     }
+}
 
-    fn relay<'a>(
-        &'a mut self,
-        upstream: &'a mut TcpStream,
-        idle: Duration,
-        transfer: &'a copy::Transfer,
-        totals: copy::Totals,
-    ) -> impl std::future::Future<Output = Result<(), CopyError>> + Send + 'a {
-        copy::copy_bidirectional_io(self, upstream, idle, transfer, totals)
+/// Copies both ways; plain-to-plain keeps the TCP fast path (lazy buffers).
+async fn copy_between(
+    down: &mut Downstream,
+    up: &mut Upstream,
+    idle: Duration,
+    transfer: &copy::Transfer,
+    totals: copy::Totals,
+) -> Result<(), CopyError> {
+    match (down, up) {
+        (Downstream::Plain(d), Upstream::Plain(u)) => {
+            copy::copy_bidirectional(d, u, idle, transfer, totals).await
+        }
+        (Downstream::Plain(d), Upstream::Tls(u)) => {
+            copy::copy_bidirectional_io(d, u.as_mut(), idle, transfer, totals).await
+        }
+        (Downstream::Tls(d), Upstream::Plain(u)) => {
+            copy::copy_bidirectional_io(d.as_mut(), u, idle, transfer, totals).await
+        }
+        (Downstream::Tls(d), Upstream::Tls(u)) => {
+            copy::copy_bidirectional_io(d.as_mut(), u.as_mut(), idle, transfer, totals).await
+        }
     }
 }
 
 /// Connects to the destination and copies until the connection ends, recording it.
-async fn relay<C: ClientStream>(
+/// `inbound_mtls` is the peer's identity and handshake time when mTLS was terminated.
+async fn relay(
     inputs: Arc<Inputs>,
-    mut client: C,
+    mut down: Downstream,
     peer: ClientAddr,
     direction: Direction,
-    mtls: Option<(SpiffeId, Duration)>,
+    inbound_mtls: Option<(SpiffeId, Duration)>,
     drain: DrainWatcher,
 ) {
+    let connected = connect(&inputs, down.tcp(), peer, direction).await;
+    // The peer identity is the client's inbound and the server's outbound.
+    let (result, mtls) = match connected {
+        Ok((up, dst, outbound_mtls)) => (Ok((up, dst)), inbound_mtls.or(outbound_mtls)),
+        Err(error) => (Err(error), inbound_mtls),
+    };
     let identity = mtls.as_ref().map(|(id, _)| id.to_string());
     let tls = if mtls.is_some() { Tls::Yes } else { Tls::No };
     let label = identity.as_deref().unwrap_or(NO_IDENTITY);
@@ -241,20 +278,19 @@ async fn relay<C: ClientStream>(
             .get_or_create(recorder.service())
             .observe(handshake.as_secs_f64());
     }
-    let (mut upstream, dst) = match connect(&inputs, client.tcp(), peer, direction, &recorder).await
-    {
+    let (mut up, dst) = match result {
         Ok(pair) => pair,
         Err(error) => {
             warn!(%error, "refusing connection");
             recorder.set_reason(error.reason());
             // Reset rather than FIN: the app sees a refused/reset connection, as it
             // would have without the proxy.
-            let _ = client.tcp().set_zero_linger();
+            let _ = down.tcp().set_zero_linger();
             return;
         }
     };
-    let _ = client.tcp().set_nodelay(true);
-    let _ = upstream.set_nodelay(true);
+    let _ = down.tcp().set_nodelay(true);
+    let _ = up.tcp().set_nodelay(true);
     let registration = inputs.connections.register(Entry {
         direction,
         client: peer.0,
@@ -264,11 +300,11 @@ async fn relay<C: ClientStream>(
         tls: mtls.is_some(),
         started: std::time::Instant::now(),
         transfer: recorder.transfer.clone(),
-        upstream_fd: upstream.as_raw_fd(),
+        upstream_fd: up.tcp().as_raw_fd(),
     });
     let transfer = recorder.transfer.clone();
     let copied = tokio::select! {
-        result = client.relay(&mut upstream, inputs.idle_timeout, &transfer, recorder.totals()) => Some(result),
+        result = copy_between(&mut down, &mut up, inputs.idle_timeout, &transfer, recorder.totals()) => Some(result),
         () = drain.forced() => None,
     };
     // Leave the table before the sockets close (see `ConnTable::snapshot`).
@@ -289,26 +325,27 @@ async fn relay<C: ClientStream>(
         }
         Some(Err(error)) => {
             // Pass a reset on to the other side, so neither end waits on a dead peer.
-            let _ = client.tcp().set_zero_linger();
-            let _ = upstream.set_zero_linger();
+            let _ = down.tcp().set_zero_linger();
+            let _ = up.tcp().set_zero_linger();
             debug!(%dst, peer_identity, sent, received, %error, reason = reason.as_str(), "connection closed");
         }
         None => {
-            let _ = client.tcp().set_zero_linger();
-            let _ = upstream.set_zero_linger();
+            let _ = down.tcp().set_zero_linger();
+            let _ = up.tcp().set_zero_linger();
             warn!(%dst, peer_identity, sent, received, "connection closed by drain after the grace period");
         }
     }
 }
 
-/// Finds the original destination and connects to it within the timeout.
+/// Finds the original destination and connects to it within the timeout; to a mesh
+/// destination, over mTLS (the server must be a sidecar: our ALPN, a certificate from
+/// the bundle).
 async fn connect(
     inputs: &Inputs,
     client: &TcpStream,
     peer: ClientAddr,
     direction: Direction,
-    recorder: &ConnRecorder,
-) -> Result<(TcpStream, OrigDstAddr), ForwardError> {
+) -> Result<(Upstream, OrigDstAddr, Option<(SpiffeId, Duration)>), ForwardError> {
     let local = client.local_addr().map_err(ForwardError::OrigDstLookup)?;
     let dst = match direction {
         Direction::Inbound => OrigDstAddr(unmap(local)),
@@ -329,16 +366,64 @@ async fn connect(
     {
         return Err(ForwardError::Loop(dst));
     }
+    let deadline = tokio::time::Instant::now() + inputs.connect_timeout;
     let started = std::time::Instant::now();
-    let connecting = open_upstream(dst.0, direction);
-    match tokio::time::timeout(inputs.connect_timeout, connecting).await {
-        Ok(Ok(upstream)) => {
-            inputs
-                .metrics
-                .upstream_connected(recorder.service(), started);
-            Ok((upstream, dst))
-        }
-        Ok(Err(e)) => Err(ForwardError::Connect(dst, e)),
-        Err(_) => Err(ForwardError::ConnectTimeout(dst, inputs.connect_timeout)),
+    let tcp = match tokio::time::timeout_at(deadline, open_upstream(dst.0, direction)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(ForwardError::Connect(dst, e)),
+        Err(_) => return Err(ForwardError::ConnectTimeout(dst, inputs.connect_timeout)),
+    };
+    let service = crate::metrics::ServiceLabels {
+        direction,
+        service: PASSTHROUGH.to_string(),
+    };
+    inputs.metrics.upstream_connected(&service, started);
+    let mesh = inputs
+        .mesh
+        .as_ref()
+        .filter(|m| direction == Direction::Outbound && m.contains(dst.0.ip()));
+    let Some(mesh) = mesh else {
+        return Ok((Upstream::Plain(tcp), dst, None));
+    };
+    // The handshake shares the connect budget.
+    let handshake_started = std::time::Instant::now();
+    let name = rustls::pki_types::ServerName::IpAddress(dst.0.ip().into());
+    let tls = match tokio::time::timeout_at(deadline, mesh.connector.connect(name, tcp)).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err(e)) => return Err(ForwardError::Tls(dst, e.to_string())),
+        Err(_) => return Err(ForwardError::ConnectTimeout(dst, inputs.connect_timeout)),
+    };
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(crate::tls::ALPN) {
+        return Err(ForwardError::Tls(
+            dst,
+            "the server is not a sidecar (no sidecar-mtls/1 ALPN)".into(),
+        ));
+    }
+    let Some(id) = crate::tls::rustls_config::peer_identity(conn) else {
+        return Err(ForwardError::Tls(
+            dst,
+            "the server certificate has no SPIFFE ID".into(),
+        ));
+    };
+    Ok((
+        Upstream::Tls(Box::new(tls)),
+        dst,
+        Some((id, handshake_started.elapsed())),
+    ))
+}
+
+/// Where outbound connections originate mTLS.
+pub struct Mesh {
+    /// Destinations that have a sidecar.
+    pub cidrs: Vec<ipnet::IpNet>,
+    /// Originates mTLS with the current identity.
+    pub connector: tokio_rustls::TlsConnector,
+}
+
+impl Mesh {
+    /// Whether `ip` is in the mesh.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.cidrs.iter().any(|net| net.contains(&ip))
     }
 }
