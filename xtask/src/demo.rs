@@ -48,7 +48,7 @@ pub fn demo() -> Result<()> {
     );
     println!("  server pod: {} / {}", server.ip4, server.ip6);
 
-    step("Starting an HTTP server in the server pod on :8080");
+    step("Starting an HTTP server in the server pod on :8080 (bound to the pod IPs only)");
     let mut http = server.app(&bin.join("pod-tool").to_string_lossy());
     http.args([
         "http",
@@ -59,10 +59,47 @@ pub fn demo() -> Result<()> {
     ]);
     let _http = Background::start_ready(http);
 
+    step("Issuing dev certificates (sidecar certs): client = shop/cart, server = shop/db");
+    let certs = std::env::temp_dir().join(format!("sidecar-demo-certs-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&certs);
+    cmd::run(
+        Command::new(bin.join("sidecar"))
+            .args(["certs", "--out"])
+            .arg(&certs)
+            .args([
+                "--workload",
+                "client=shop/cart",
+                "--workload",
+                "server=shop/db",
+            ]),
+    )?;
+    let identity = |who: &str| {
+        let dir = certs.join(who);
+        format!(
+            "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n",
+            dir.join("cert.pem").display(),
+            dir.join("key.pem").display(),
+            dir.join("bundle.pem").display()
+        )
+    };
+
     step(
-        "Starting the sidecar in the client pod (attaches connect4/connect6/sock_ops to its cgroup)",
+        "Starting the server pod's sidecar: inbound strict mTLS, only spiffe://cluster.local/ns/shop/*",
     );
-    let sidecar = Sidecar::start(&client, "", Placement::InPodCgroup);
+    let server_config = format!(
+        "{}inbound:\n  mode: strict\n  allow: ['spiffe://cluster.local/ns/shop/*']\n",
+        identity("server")
+    );
+    let server_sidecar = Sidecar::start(&server, &server_config, Placement::InPodCgroup);
+
+    step(
+        "Starting the client pod's sidecar (connect4/connect6/sock_ops on its cgroup; mTLS to the pod network)",
+    );
+    let client_config = format!(
+        "{}mesh:\n  cidrs: [198.18.0.0/24, 'fd00:5c::/64']\n",
+        identity("client")
+    );
+    let sidecar = Sidecar::start(&client, &client_config, Placement::InPodCgroup);
     for line in attached_programs(&client.cgroup) {
         println!(
             "  bpftool cgroup show: {}",
@@ -93,7 +130,23 @@ pub fn demo() -> Result<()> {
         }
     }
 
-    step("What the sidecar saw");
+    step("Both identities, as each sidecar recorded them");
+    for (who, sc, direction) in [
+        ("client", &sidecar, "outbound"),
+        ("server", &server_sidecar, "inbound"),
+    ] {
+        for line in sc
+            .metrics_text()
+            .lines()
+            .filter(|l| l.starts_with("sidecar_connections_opened_total"))
+        {
+            if line.contains(&format!("direction=\"{direction}\"")) {
+                println!("  {who} sidecar: {line}");
+            }
+        }
+    }
+
+    step("What the client sidecar saw");
     let metrics = sidecar.metrics_text();
     let interesting = [
         "sidecar_kernel_events_total",
@@ -127,8 +180,10 @@ pub fn demo() -> Result<()> {
         "  sidecar exited: {status}; programs still attached: {}",
         attached_programs(&client.cgroup).len()
     );
+    drop(server_sidecar);
     drop(net);
-    step("Cleaned up: pods, cgroups and namespaces removed");
+    let _ = std::fs::remove_dir_all(&certs);
+    step("Cleaned up: pods, cgroups, namespaces and certificates removed");
     Ok(())
 }
 
