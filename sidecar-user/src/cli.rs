@@ -50,6 +50,10 @@ pub struct CertsArgs {
     /// Validity of the workload certificates, in hours.
     #[arg(long, default_value_t = 24)]
     pub hours: i64,
+    /// Issue from the CA in this folder (`ca.pem`, `ca-key.pem` from an earlier run)
+    /// instead of making a new one: for rotating a workload's certificate.
+    #[arg(long)]
+    pub ca: Option<PathBuf>,
 }
 
 /// `sidecar connections`.

@@ -66,7 +66,17 @@ fn main() -> ExitCode {
 
 fn certs(args: &cli::CertsArgs) -> anyhow::Result<()> {
     use sidecar::tls::{SpiffeId, dev_ca};
-    let ca = dev_ca::DevCa::new(&args.trust_domain)?;
+    let ca = match &args.ca {
+        Some(dir) => {
+            let read = |name: &str| {
+                let path = dir.join(name);
+                std::fs::read_to_string(&path)
+                    .with_context(|| format!("reading {}", path.display()))
+            };
+            dev_ca::DevCa::load(&read("ca.pem")?, &read("ca-key.pem")?)?
+        }
+        None => dev_ca::DevCa::new(&args.trust_domain)?,
+    };
     std::fs::create_dir_all(&args.out)
         .with_context(|| format!("creating {}", args.out.display()))?;
     dev_ca::write(&args.out.join("ca.pem"), &ca.ca_pem(), false)?;

@@ -427,3 +427,152 @@ fn two_sidecars_speak_mtls_on_the_wire() {
         1.0
     );
 }
+
+/// Writes cert/key/bundle the way the kubelet updates a Secret volume: a new timestamped
+/// folder, then an atomic rename of `..data`; the visible names link through `..data`.
+fn kubelet_write(mount: &Path, generation: u32, from: &Path) {
+    let versioned = mount.join(format!("..2026_11_23_{generation}"));
+    std::fs::create_dir_all(&versioned).expect("dir");
+    for name in ["cert.pem", "key.pem", "bundle.pem"] {
+        std::fs::copy(from.join(name), versioned.join(name)).expect("copy");
+        // Readable by the proxy's UID, as a Secret volume's files are by default.
+        std::fs::set_permissions(
+            versioned.join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .expect("chmod");
+    }
+    let tmp = mount.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(versioned.file_name().expect("name"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
+    for name in ["cert.pem", "key.pem", "bundle.pem"] {
+        let link = mount.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("link");
+        }
+    }
+}
+
+fn serial_of(pem: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(pem)
+        .output()
+        .expect("openssl");
+    String::from_utf8_lossy(&out.stdout).trim().to_lowercase()
+}
+
+#[test]
+fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_certificate() {
+    let mut net = Net::new("rotate");
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let certs = Certs::new("rotate");
+    let mount = certs.0.join("b-mount");
+    std::fs::create_dir_all(&mount).expect("mount");
+    kubelet_write(&mount, 1, &certs.workload("b"));
+    let mut echo = b.app(&pod_tool_bin());
+    echo.args(["echo", "--listen", &format!("{}:9500", b.ip4)]);
+    let _echo = Background::start_ready(echo);
+    let b_config = format!(
+        "identity:\n  cert: {m}/cert.pem\n  key: {m}/key.pem\n  bundle: {m}/bundle.pem\n  reload_interval: 200ms\n\
+         inbound:\n  mode: strict\n",
+        m = mount.display()
+    );
+    let b_sidecar = Sidecar::start(&b, &b_config, Placement::InPodCgroup);
+    let a_dir = certs.workload("good");
+    let a_config = format!(
+        "identity:\n  cert: {d}/cert.pem\n  key: {d}/key.pem\n  bundle: {d}/bundle.pem\nmesh:\n  cidrs: [198.18.0.0/24]\n",
+        d = a_dir.display()
+    );
+    let _a_sidecar = Sidecar::start(&a, &a_config, Placement::InPodCgroup);
+
+    // The serial B presents to a new handshake.
+    let presented = || {
+        let mut cmd = a.outsider("sh");
+        cmd.arg("-c").arg(format!(
+            "timeout 3 openssl s_client -connect {}:9500 -alpn {ALPN} -cert {c}/cert.pem -key {c}/key.pem </dev/null 2>/dev/null | openssl x509 -noout -serial",
+            b.ip4,
+            c = a_dir.display()
+        ));
+        String::from_utf8_lossy(&cmd.output().expect("s_client").stdout)
+            .trim()
+            .to_lowercase()
+    };
+    let first = serial_of(&certs.workload("b").join("cert.pem"));
+    assert_eq!(presented(), first);
+
+    // 50 long-lived connections from A's app, through both sidecars.
+    let mut slow = a.app(&pod_tool_bin());
+    slow.args([
+        "slow",
+        "--to",
+        &format!("{}:9500", b.ip4),
+        "--streams",
+        "50",
+        "--bytes",
+        "30000",
+        "--seconds",
+        "6",
+    ]);
+    let mut slow = slow.stdout(Stdio::piped()).spawn().expect("slow clients");
+    let mut lines =
+        std::io::BufRead::lines(std::io::BufReader::new(slow.stdout.take().expect("stdout")));
+    assert_eq!(lines.next().expect("line").expect("read"), "connected");
+
+    // Rotate: a new certificate from the same CA, swapped in by ..data.
+    let next = certs.0.join("next");
+    let out = Command::new(sidecar_bin())
+        .args(["certs", "--out"])
+        .arg(&next)
+        .arg("--ca")
+        .arg(&certs.0)
+        .args(["--workload", "b=shop/db"])
+        .output()
+        .expect("sidecar certs --ca");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kubelet_write(&mount, 2, &next.join("b"));
+    let second = serial_of(&next.join("b/cert.pem"));
+    assert_ne!(first, second);
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while presented() != second {
+        assert!(
+            Instant::now() < deadline,
+            "new handshakes still present the old certificate"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    // Every long-lived connection survived the rotation.
+    let summary = lines.next().expect("summary").expect("read");
+    let _ = slow.wait();
+    assert!(summary.contains("\"ok\":50"), "{summary}");
+
+    // A broken rotation (unparsable certificate) keeps the current identity.
+    let broken = certs.0.join("broken");
+    std::fs::create_dir_all(&broken).expect("dir");
+    std::fs::write(
+        broken.join("cert.pem"),
+        "-----BEGIN CERTIFICATE-----\ngarbage\n-----END CERTIFICATE-----\n",
+    )
+    .expect("write");
+    std::fs::copy(next.join("b/key.pem"), broken.join("key.pem")).expect("key");
+    std::fs::copy(next.join("b/bundle.pem"), broken.join("bundle.pem")).expect("bundle");
+    kubelet_write(&mount, 3, &broken);
+    std::thread::sleep(Duration::from_secs(1));
+    assert_eq!(
+        presented(),
+        second,
+        "a broken rotation replaced the identity"
+    );
+    let log = b_sidecar.logs();
+    assert!(
+        log.contains("rotation rejected") && log.contains("cert.pem"),
+        "{log}"
+    );
+}

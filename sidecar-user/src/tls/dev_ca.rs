@@ -43,6 +43,8 @@ pub enum DevCaError {
 pub struct DevCa {
     cert: rcgen::Certificate,
     key: KeyPair,
+    /// The original certificate's PEM when reopened, so bundles stay byte-identical.
+    pem: Option<String>,
 }
 
 /// One issued certificate and its key, PEM.
@@ -90,12 +92,31 @@ impl DevCa {
         params.not_after = now + time::Duration::days(365);
         params.serial_number = Some(random_serial());
         let cert = params.self_signed(&key)?;
-        Ok(Self { cert, key })
+        Ok(Self {
+            cert,
+            key,
+            pem: None,
+        })
+    }
+
+    /// Reopens a CA from its certificate and key (as `sidecar certs` wrote them), to
+    /// issue more certificates that chain to it.
+    pub fn load(cert_pem: &str, key_pem: &str) -> Result<Self, DevCaError> {
+        let key = KeyPair::from_pem(key_pem)?;
+        let params = CertificateParams::from_ca_cert_pem(cert_pem)?;
+        // Re-signing the same name and key yields an issuer whose signatures verify
+        // against the original CA certificate.
+        let cert = params.self_signed(&key)?;
+        Ok(Self {
+            cert,
+            key,
+            pem: Some(cert_pem.to_string()),
+        })
     }
 
     /// The CA certificate, PEM (the trust bundle).
     pub fn ca_pem(&self) -> String {
-        self.cert.pem()
+        self.pem.clone().unwrap_or_else(|| self.cert.pem())
     }
 
     /// The CA private key, PEM.
