@@ -15,7 +15,12 @@ use std::{
 };
 
 use prometheus_client::{
-    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
+    metrics::{
+        counter::Counter,
+        family::Family,
+        gauge::Gauge,
+        histogram::{Histogram, exponential_buckets},
+    },
     registry::{Registry, Unit},
 };
 
@@ -33,6 +38,9 @@ pub struct Metrics {
     pub proxy: Arc<ProxyMetrics>,
 }
 
+/// A histogram per service, with a fixed bucket layout.
+pub type HistogramFamily = Family<ServiceLabels, Histogram, fn() -> Histogram>;
+
 /// Connection metrics, shared by every connection task.
 pub struct ProxyMetrics {
     opened: Family<ConnLabels, Counter>,
@@ -40,11 +48,11 @@ pub struct ProxyMetrics {
     open: Family<ServiceLabels, Gauge>,
     sent_bytes: Family<ConnLabels, Counter>,
     received_bytes: Family<ConnLabels, Counter>,
-    duration: Family<ServiceLabels, Histogram>,
-    connection_bytes: Family<ServiceLabels, Histogram>,
-    connect_duration: Family<ServiceLabels, Histogram>,
-    /// TLS handshake latency (recorded once mTLS lands).
-    pub tls_handshake: Family<ServiceLabels, Histogram>,
+    duration: HistogramFamily,
+    connection_bytes: HistogramFamily,
+    connect_duration: HistogramFamily,
+    /// TLS handshake latency.
+    pub tls_handshake: HistogramFamily,
     orig_dst_lookups: Family<labels::LookupLabels, Counter>,
     identities: LabelLimiter,
     services: LabelLimiter,
@@ -85,26 +93,10 @@ impl Metrics {
             open: Family::default(),
             sent_bytes: Family::default(),
             received_bytes: Family::default(),
-            duration: Family::new_with_constructor(|| {
-                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                    0.001, 2.0, 22,
-                ))
-            }),
-            connection_bytes: Family::new_with_constructor(|| {
-                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                    64.0, 4.0, 14,
-                ))
-            }),
-            connect_duration: Family::new_with_constructor(|| {
-                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                    0.0001, 2.0, 17,
-                ))
-            }),
-            tls_handshake: Family::new_with_constructor(|| {
-                Histogram::new(prometheus_client::metrics::histogram::exponential_buckets(
-                    0.0001, 2.0, 17,
-                ))
-            }),
+            duration: Family::new_with_constructor(lifetime_histogram),
+            connection_bytes: Family::new_with_constructor(size_histogram),
+            connect_duration: Family::new_with_constructor(latency_histogram),
+            tls_handshake: Family::new_with_constructor(latency_histogram),
             orig_dst_lookups: Family::default(),
             identities: limiter("peer_identity", max_identities),
             services: limiter("service", max_services),
@@ -180,6 +172,21 @@ impl Metrics {
     pub fn registry(&self) -> &Registry {
         &self.registry
     }
+}
+
+/// Bucket layouts. Connection lifetimes: 1 ms to about 35 min.
+fn lifetime_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.001, 2.0, 22))
+}
+
+/// Connect and handshake latency: 100 µs to about 6.5 s.
+fn latency_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(0.0001, 2.0, 17))
+}
+
+/// Bytes per connection: 64 B to about 4 GiB.
+fn size_histogram() -> Histogram {
+    Histogram::new(exponential_buckets(64.0, 4.0, 14))
 }
 
 // === impl ProxyMetrics ===

@@ -10,24 +10,14 @@ use sidecar_tests::{
     tools::{Background, attached_programs, firewall_rules},
 };
 
-use crate::{build_ebpf::build_ebpf, cmd, tasks, workspace_root};
+use crate::{cmd, tasks};
 
 /// Runs the demo.
 pub fn demo() -> Result<()> {
     tasks::require_root("cargo xtask demo")?;
     tasks::deps()?;
-    build_ebpf()?;
-    let root = workspace_root();
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "sidecar-user",
-        "-p",
-        "sidecar-tests",
-        "--bins",
-    ]))?;
-    let bin = root.join("target/release");
+    let bin = tasks::build_release(&["sidecar-user", "sidecar-tests"])?;
+
     // SAFETY: single-threaded at this point; the pod harness reads these.
     unsafe {
         std::env::set_var("SIDECAR_BIN", bin.join("sidecar"));

@@ -188,15 +188,23 @@ pub fn lint() -> Result<()> {
     )
 }
 
-/// Builds everything (release) and runs the sidecar with `args`.
-pub fn run(args: &[String]) -> Result<()> {
+/// Builds `packages` (release) and returns the folder holding their binaries.
+pub fn build_release(packages: &[&str]) -> Result<std::path::PathBuf> {
     build_ebpf()?;
     let root = workspace_root();
-    cmd::run(Command::new("cargo").current_dir(&root).args([
-        "build",
-        "--release",
-        "-p",
-        "sidecar-user",
-    ]))?;
-    cmd::run(Command::new(root.join("target/release/sidecar")).args(args))
+    let mut build = Command::new("cargo");
+    build
+        .current_dir(&root)
+        .args(["build", "--release", "--bins"]);
+    for package in packages {
+        build.args(["-p", package]);
+    }
+    cmd::run(&mut build)?;
+    Ok(root.join("target/release"))
+}
+
+/// Builds everything (release) and runs the sidecar with `args`.
+pub fn run(args: &[String]) -> Result<()> {
+    let bin = build_release(&["sidecar-user"])?;
+    cmd::run(Command::new(bin.join("sidecar")).args(args))
 }
