@@ -576,3 +576,65 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
         "{log}"
     );
 }
+
+#[test]
+fn ten_thousand_peer_identities_fold_into_a_bounded_label_set() {
+    const PEERS: usize = 10_000;
+    const CAP: usize = 50;
+    let mut net = Net::new("flood");
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let certs = Certs::new("flood");
+    let dir = certs.workload("b");
+    let mut echo = b.app(&pod_tool_bin());
+    echo.args(["echo", "--listen", &format!("{}:9600", b.ip4)]);
+    let _echo = Background::start_ready(echo);
+    let config = format!(
+        "identity:\n  cert: {d}/cert.pem\n  key: {d}/key.pem\n  bundle: {d}/bundle.pem\n\
+         inbound:\n  mode: strict\nmetrics:\n  max_peer_identities: {CAP}\n",
+        d = dir.display()
+    );
+    let sidecar = Sidecar::start(&b, &config, Placement::InPodCgroup);
+    // Real certificates from the dev CA, one identity per connection.
+    let mut flood = a.outsider(&pod_tool_bin());
+    flood.args([
+        "identities",
+        "--to",
+        &format!("{}:9600", b.ip4),
+        "--count",
+        &PEERS.to_string(),
+        "--ca",
+    ]);
+    flood.arg(&certs.0);
+    let result = sidecar_tests::tools::run_json(flood);
+    assert_eq!(result["ok"], PEERS, "{result}");
+
+    let text = sidecar.metrics_text();
+    let identities: std::collections::BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("sidecar_connections_opened_total{direction=\"inbound\""))
+        .filter_map(|l| l.split("peer_identity=\"").nth(1)?.split('"').next())
+        .collect();
+    assert!(
+        identities.len() <= CAP + 1,
+        "{} identity series",
+        identities.len()
+    );
+    assert!(identities.contains("other"), "{identities:?}");
+    let folded = sidecar_tests::sidecar::metric_sum(
+        &text,
+        "sidecar_metric_label_folded_total",
+        &[("label", "peer_identity")],
+    );
+    assert_eq!(
+        folded as usize,
+        PEERS - CAP,
+        "every identity past the cap is folded once"
+    );
+    let opened = sidecar_tests::sidecar::metric_sum(
+        &text,
+        "sidecar_connections_opened_total",
+        &[("direction", "inbound")],
+    );
+    assert_eq!(opened as usize, PEERS);
+}

@@ -81,6 +81,17 @@ enum Cmd {
         #[arg(long)]
         seconds: f64,
     },
+    /// `count` mTLS connections to `to`, each with its own SPIFFE identity
+    /// (spiffe://cluster.local/ns/flood/sa/id-N) issued from the CA in `ca`; each
+    /// sends one echo byte and waits for it.
+    Identities {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        ca: std::path::PathBuf,
+        #[arg(long)]
+        count: usize,
+    },
     /// UDP: `connect()` a datagram socket to `to`, send, wait for the echo.
     Udp {
         #[arg(long)]
@@ -113,6 +124,7 @@ fn main() -> Result<()> {
                 bytes,
                 seconds,
             } => slow(to, streams, bytes, seconds).await,
+            Cmd::Identities { to, ca, count } => identities(to, &ca, count).await,
             Cmd::Udp { to } => udp(to).await,
         }
     })
@@ -448,6 +460,110 @@ async fn slow(to: SocketAddr, streams: usize, bytes: usize, seconds: f64) -> Res
     }
     println!("{}", serde_json::json!({"ok": ok, "failed": failed}));
     Ok(())
+}
+
+async fn identities(to: SocketAddr, ca_dir: &std::path::Path, count: usize) -> Result<()> {
+    let ca_key = rcgen::KeyPair::from_pem(&std::fs::read_to_string(ca_dir.join("ca-key.pem"))?)?;
+    let ca_params = rcgen::CertificateParams::from_ca_cert_pem(&std::fs::read_to_string(
+        ca_dir.join("ca.pem"),
+    )?)?;
+    let ca = ca_params.self_signed(&ca_key)?;
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let limit = Arc::new(Semaphore::new(32));
+    let mut tasks = Vec::with_capacity(count);
+    for i in 0..count {
+        let id = format!("spiffe://cluster.local/ns/flood/sa/id-{i}");
+        let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)?;
+        let mut params = rcgen::CertificateParams::default();
+        params.subject_alt_names = vec![rcgen::SanType::URI(id.clone().try_into()?)];
+        params.extended_key_usages = vec![
+            rcgen::ExtendedKeyUsagePurpose::ClientAuth,
+            rcgen::ExtendedKeyUsagePurpose::ServerAuth,
+        ];
+        let now = time::OffsetDateTime::now_utc();
+        params.not_before = now - time::Duration::hours(1);
+        params.not_after = now + time::Duration::hours(1);
+        let cert = params.signed_by(&key, &ca, &ca_key)?;
+        let chain = vec![cert.der().clone()];
+        let key_der = rustls::pki_types::PrivateKeyDer::try_from(key.serialize_der())
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+        let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
+            .with_protocol_versions(&[&rustls::version::TLS13])?
+            .dangerous()
+            .with_custom_certificate_verifier(Arc::new(AnyServer(provider.clone())))
+            .with_client_auth_cert(chain, key_der)?;
+        config.alpn_protocols = vec![b"sidecar-mtls/1".to_vec()];
+        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        let permit = limit.clone().acquire_owned().await?;
+        tasks.push(tokio::spawn(async move {
+            let result = async {
+                let tcp = TcpStream::connect(to).await?;
+                let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
+                let mut tls = connector.connect(name, tcp).await?;
+                let mut header = [0u8; HEADER];
+                tls.read_exact(&mut header).await?;
+                tls.write_all(b"Sx").await?;
+                let mut back = [0u8; 1];
+                tls.read_exact(&mut back).await?;
+                anyhow::ensure!(&back == b"x", "bad echo");
+                Ok::<_, anyhow::Error>(())
+            }
+            .await;
+            drop(permit);
+            result
+        }));
+    }
+    let (mut ok, mut failed, mut first_error) = (0, 0, None);
+    for t in tasks {
+        match t.await? {
+            Ok(()) => ok += 1,
+            Err(e) => {
+                failed += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    println!(
+        "{}",
+        serde_json::json!({"ok": ok, "failed": failed, "first_error": first_error})
+    );
+    Ok(())
+}
+
+/// The flood client checks nothing about the server: it only tests the server side.
+#[derive(Debug)]
+struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+
+impl rustls::client::danger::ServerCertVerifier for AnyServer {
+    fn verify_server_cert(
+        &self,
+        _: &rustls::pki_types::CertificateDer<'_>,
+        _: &[rustls::pki_types::CertificateDer<'_>],
+        _: &rustls::pki_types::ServerName<'_>,
+        _: &[u8],
+        _: rustls::pki_types::UnixTime,
+    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
+        Ok(rustls::client::danger::ServerCertVerified::assertion())
+    }
+    fn verify_tls12_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn verify_tls13_signature(
+        &self,
+        m: &[u8],
+        c: &rustls::pki_types::CertificateDer<'_>,
+        d: &rustls::DigitallySignedStruct,
+    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
+    }
+    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
 }
 
 async fn udp(to: SocketAddr) -> Result<()> {
