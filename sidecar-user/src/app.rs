@@ -33,6 +33,9 @@ pub enum BuildError {
     /// The workload identity files could not be loaded (the file is named).
     #[error("loading the workload identity: {0}")]
     Identity(#[from] crate::tls::CertError),
+    /// The pin folder could not be used.
+    #[error(transparent)]
+    Pins(#[from] crate::ebpf::pins::PinError),
     /// The TLS configuration could not be built.
     #[error("building the TLS configuration: {0}")]
     Tls(#[from] rustls::Error),
@@ -134,6 +137,12 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         None => None,
     };
     let mut capture = Capture::load(&config)?;
+    if config.pins.enabled {
+        let pins =
+            crate::ebpf::pins::PinDir::for_cgroup(&config.pins.dir, cgroup, config.proxy.uid)?;
+        tracing::info!(dir = %pins.path().display(), "links are pinned: capture outlives a crash");
+        capture.use_pins(pins);
+    }
     capture.attach(cgroup, config.proxy.ipv6)?;
     if !inbound.is_empty() {
         capture.attach_inbound(&inbound)?;

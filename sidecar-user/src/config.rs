@@ -77,6 +77,30 @@ pub struct Config {
     pub identity: Option<IdentityConfig>,
     /// Outbound destinations that have a sidecar: reached over mTLS.
     pub mesh: MeshConfig,
+    /// Pinning the kernel links, so capture outlives a crashed sidecar.
+    pub pins: PinsConfig,
+}
+
+/// Where links are pinned. With pins, a crashed sidecar leaves capture in place and
+/// traffic fails closed (refused outbound, dropped inbound) instead of going around
+/// the proxy; a restarted sidecar takes the links over; a clean stop removes them.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct PinsConfig {
+    /// Pin links (recommended; without it a crash detaches capture).
+    pub enabled: bool,
+    /// Folder on a bpf filesystem; each pod gets `<dir>/cgroup-<id>`. Under
+    /// /sys/fs/bpf, the sidecar mounts a bpffs there if none is.
+    pub dir: PathBuf,
+}
+
+impl Default for PinsConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            dir: PathBuf::from("/sys/fs/bpf/sidecar"),
+        }
+    }
 }
 
 /// Outbound mTLS origination.

@@ -153,7 +153,11 @@ impl Net {
 
 impl Drop for Net {
     fn drop(&mut self) {
-        // Never panic here: this also runs while a failed test unwinds.
+        // Never panic here: this also runs while a failed test unwinds. Pins first: a
+        // crashed sidecar's pinned links would keep programs attached.
+        for pod in &self.pods {
+            let _ = fs::remove_dir_all(PathBuf::from("/sys/fs/bpf/sidecar-tests").join(pod));
+        }
         let children = fs::read_dir(&self.cgroup_root)
             .into_iter()
             .flatten()
@@ -218,6 +222,11 @@ impl Pod {
             });
         }
         cmd
+    }
+
+    /// The bpffs folder the pod's sidecar pins its links in (removed with the net).
+    pub fn pins_dir(&self) -> PathBuf {
+        PathBuf::from("/sys/fs/bpf/sidecar-tests").join(&self.netns)
     }
 
     /// `/run/netns/NAME`.

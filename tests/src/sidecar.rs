@@ -53,6 +53,7 @@ impl Sidecar {
             Placement::Outside => Command::new(tools::sidecar_bin()),
         };
         cmd.env("RUST_LOG", log_filter)
+            .env("SIDECAR__PINS__DIR", pod.pins_dir())
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .args(["run", "--config"])
             .arg(&config_path)
@@ -170,6 +171,14 @@ impl Sidecar {
     pub fn signal(&self, signal: i32) {
         // SAFETY: plain kill(2) on our own child.
         unsafe { libc::kill(self.pid() as i32, signal) };
+    }
+
+    /// SIGKILL, as a crash: the pins stay (the net removes them when dropped).
+    pub fn crash(mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
     }
 
     /// SIGTERM, then waits (up to 30 s) for exit.

@@ -9,7 +9,7 @@ use std::{
 
 use sidecar_tests::{
     Net, Placement, Pod, Sidecar,
-    tools::{Background, pod_tool_bin},
+    tools::{Background, attached_programs, pod_tool_bin},
 };
 
 /// Pod A (a plain client, no sidecar) and pod B (servers and a sidecar).
@@ -183,4 +183,87 @@ fn fail_open_lets_connections_through_while_the_proxy_cannot_take_them() {
         "went direct: {body}"
     );
     assert_eq!(dropped, 0);
+}
+
+#[test]
+fn a_crashed_sidecar_fails_closed_and_a_restarted_one_takes_over() {
+    let rig = rig("crash");
+    let mut http = rig.a.app(&pod_tool_bin());
+    http.args(["http", "--listen", &format!("{}:8080", rig.a.ip4)]);
+    let _a_http = Background::start_ready(http);
+    let inbound_url = format!("http://{}:8080/", rig.b.ip4);
+    let outbound_url = format!("http://{}:8080/", rig.a.ip4);
+    let app_curl = |url: &str| {
+        rig.b
+            .app("curl")
+            .args(["-sS", "--max-time", "3", url])
+            .output()
+            .expect("curl")
+    };
+
+    let sidecar = Sidecar::start(&rig.b, "", Placement::InPodCgroup);
+    assert!(
+        curl(&rig.a, &inbound_url)
+            .expect("inbound")
+            .contains(&format!("peer {}:", rig.b.ip4))
+    );
+    assert!(app_curl(&outbound_url).status.success());
+    sidecar.crash();
+
+    // The pinned programs stay: inbound is dropped, outbound refused, nothing goes direct.
+    assert_eq!(
+        attached_programs(&rig.b.cgroup).len(),
+        3,
+        "capture must outlive the crash"
+    );
+    let err =
+        curl(&rig.a, &inbound_url).expect_err("inbound must not reach the app around the proxy");
+    assert!(err.contains("connect") || err.contains("reset"), "{err}");
+    let out = app_curl(&outbound_url);
+    assert_eq!(
+        out.status.code(),
+        Some(7),
+        "outbound must be refused: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+
+    // A restarted sidecar takes the pinned links over: no second set of programs.
+    let sidecar = Sidecar::start(&rig.b, "", Placement::InPodCgroup);
+    assert!(
+        sidecar.logs().contains("took over the pinned link"),
+        "{}",
+        sidecar.logs()
+    );
+    assert_eq!(attached_programs(&rig.b.cgroup).len(), 3);
+    assert!(
+        curl(&rig.a, &inbound_url)
+            .expect("inbound after restart")
+            .contains(&format!("peer {}:", rig.b.ip4))
+    );
+    assert!(app_curl(&outbound_url).status.success());
+    assert_eq!(
+        sidecar.opened(),
+        2,
+        "both directions go through the new proxy"
+    );
+
+    // A clean stop removes the pins and detaches.
+    let status = sidecar.terminate();
+    assert!(status.success());
+    assert!(attached_programs(&rig.b.cgroup).is_empty());
+    let pins: Vec<_> = std::fs::read_dir(rig.b.pins_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|pod_dir| {
+            std::fs::read_dir(pod_dir.path())
+                .into_iter()
+                .flatten()
+                .flatten()
+        })
+        .map(|pin| pin.path())
+        .collect();
+    assert!(pins.is_empty(), "pins left: {pins:?}");
+    let body = curl(&rig.a, &inbound_url).expect("direct after a clean stop");
+    assert!(body.contains(&format!("peer {}:", rig.a.ip4)), "{body}");
 }

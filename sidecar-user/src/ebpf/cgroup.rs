@@ -101,7 +101,7 @@ pub fn resolve(dir: Option<&Path>) -> Result<PathBuf, CgroupError> {
         path: path.clone(),
         reason: e.desc().to_string(),
     })?;
-    if stat.filesystem_type().0 as i64 != CGROUP2_SUPER_MAGIC {
+    if stat.filesystem_type().0 != CGROUP2_SUPER_MAGIC {
         return Err(CgroupError::NotCgroup2 {
             path,
             reason: "it is on another filesystem (cgroup v1?)".into(),

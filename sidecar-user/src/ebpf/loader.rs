@@ -14,7 +14,7 @@ use aya::{
         Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, SockMap,
         lpm_trie::Key,
     },
-    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps},
+    programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps, links::FdLink},
 };
 use sidecar_common::{
     CaptureConfig, Counter, FlowKey, Program, SockAddr, capture_flags, counter_index, map_names,
@@ -26,6 +26,7 @@ use crate::{
     ebpf::{
         logs::{KernelLogger, kernel_log_level},
         orig_dst::OrigDstTable,
+        pins::{self, PinDir},
     },
 };
 
@@ -76,6 +77,14 @@ pub enum CaptureError {
     /// A descriptor could not be duplicated.
     #[error("duplicating a map descriptor: {0}")]
     Dup(std::io::Error),
+    /// Pinning a link, or taking a pinned one over, failed.
+    #[error("pin of program {name}: {reason}")]
+    Pin {
+        /// The program.
+        name: &'static str,
+        /// What failed.
+        reason: String,
+    },
 }
 
 /// Loaded and attached capture programs. Dropping it detaches them.
@@ -86,6 +95,10 @@ pub struct Capture {
     /// Reader of the programs' log buffer. It owns the log map, so it must outlive
     /// program load (dropping it early closes the map under the loader).
     logger: Option<KernelLogger>,
+    /// Where links are pinned, when they are.
+    pins: Option<PinDir>,
+    /// Links this process attached and pinned (their pins keep them after exit).
+    pinned: Vec<aya::programs::links::PinnedLink>,
 }
 
 /// Views of the maps the running proxy reads; independent of [`Capture`]'s lifetime.
@@ -127,6 +140,8 @@ impl Capture {
             ebpf,
             cgroup: PathBuf::new(),
             logger,
+            pins: None,
+            pinned: Vec::new(),
         })
     }
 
@@ -139,19 +154,86 @@ impl Capture {
             source,
         })?;
         let name = program_names::SOCK_OPS;
-        let prog: &mut SockOps = program(&mut self.ebpf, name)?;
-        prog.attach(dir.as_fd(), link_attach_mode())
-            .map_err(|source| CaptureError::Program { name, source })?;
+        if !self.take_over(name)? {
+            let prog: &mut SockOps = program(&mut self.ebpf, name)?;
+            let id = prog
+                .attach(dir.as_fd(), link_attach_mode())
+                .map_err(|source| CaptureError::Program { name, source })?;
+            if self.pins.is_some() {
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| CaptureError::Program { name, source })?;
+                let link = FdLink::try_from(link).map_err(|e| CaptureError::Pin {
+                    name,
+                    reason: e.to_string(),
+                })?;
+                self.pin(name, link)?;
+            }
+        }
         let mut names = vec![program_names::CONNECT4];
         if ipv6 {
             names.push(program_names::CONNECT6);
         }
         for name in names {
+            if self.take_over(name)? {
+                continue;
+            }
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            prog.attach(dir.as_fd(), link_attach_mode())
+            let id = prog
+                .attach(dir.as_fd(), link_attach_mode())
                 .map_err(|source| CaptureError::Program { name, source })?;
+            if self.pins.is_some() {
+                let link = prog
+                    .take_link(id)
+                    .map_err(|source| CaptureError::Program { name, source })?;
+                let link = FdLink::try_from(link).map_err(|e| CaptureError::Pin {
+                    name,
+                    reason: e.to_string(),
+                })?;
+                self.pin(name, link)?;
+            }
         }
         self.cgroup = cgroup.to_owned();
+        Ok(())
+    }
+
+    /// Pins links under `pins` from now on, and takes over links already pinned there.
+    pub fn use_pins(&mut self, pins: PinDir) {
+        self.pins = Some(pins);
+    }
+
+    /// Swaps program `name` into its pinned link, if there is one (a previous run).
+    fn take_over(&mut self, name: &'static str) -> Result<bool, CaptureError> {
+        let Some(pins) = &self.pins else {
+            return Ok(false);
+        };
+        let path = pins.link(name);
+        let prog = self.ebpf.program(name).ok_or(CaptureError::Missing {
+            kind: "program",
+            name,
+        })?;
+        let fd = prog
+            .fd()
+            .map_err(|source| CaptureError::Program { name, source })?;
+        let taken = pins::take_over(&path, fd.as_fd()).map_err(|e| CaptureError::Pin {
+            name,
+            reason: e.to_string(),
+        })?;
+        if taken {
+            tracing::info!(program = name, pin = %path.display(), "took over the pinned link of a previous run");
+        }
+        Ok(taken)
+    }
+
+    fn pin(&mut self, name: &'static str, link: FdLink) -> Result<(), CaptureError> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let pinned = link.pin(pins.link(name)).map_err(|e| CaptureError::Pin {
+            name,
+            reason: e.to_string(),
+        })?;
+        self.pinned.push(pinned);
         Ok(())
     }
 
@@ -181,9 +263,19 @@ impl Capture {
             source,
         })?;
         let name = program_names::SK_LOOKUP;
+        if self.take_over(name)? {
+            return Ok(());
+        }
         let prog: &mut SkLookup = program(&mut self.ebpf, name)?;
-        prog.attach(netns)
+        let id = prog
+            .attach(netns)
             .map_err(|source| CaptureError::Program { name, source })?;
+        if self.pins.is_some() {
+            let link = prog
+                .take_link(id)
+                .map_err(|source| CaptureError::Program { name, source })?;
+            self.pin(name, FdLink::from(link))?;
+        }
         Ok(())
     }
 
@@ -215,8 +307,14 @@ impl Capture {
         })
     }
 
-    /// Detaches every program now (closing the links).
-    pub fn detach(self) {
+    /// Detaches every program now: closes the links and removes their pins.
+    pub fn detach(mut self) {
+        self.pinned.clear();
+        if let Some(pins) = self.pins.take() {
+            if let Err(error) = pins.remove() {
+                tracing::warn!(%error, "could not remove the pins; programs may stay attached");
+            }
+        }
         drop(self);
     }
 }

@@ -5,6 +5,7 @@ pub mod cgroup;
 pub mod loader;
 pub mod logs;
 pub mod orig_dst;
+pub mod pins;
 
 pub use loader::{Capture, CaptureError, KernelMaps};
 pub use orig_dst::OrigDstTable;

@@ -1,0 +1,223 @@
+//! Links pinned in bpffs, so capture outlives the sidecar process: a crashed sidecar
+//! leaves its programs attached (outbound connects are then refused by the empty proxy
+//! port; inbound connections are dropped by `sk_lookup`), never letting traffic go
+//! around the proxy. A restarted sidecar takes the pinned links over by swapping its
+//! freshly loaded programs into them (`BPF_LINK_UPDATE`), so at no moment do two
+//! generations run side by side; a clean stop removes the pins, which detaches.
+
+use std::{
+    ffi::CString,
+    io,
+    os::{
+        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        unix::{ffi::OsStrExt, fs::MetadataExt},
+    },
+    path::{Path, PathBuf},
+};
+
+/// `BPF_OBJ_GET`.
+const BPF_OBJ_GET: libc::c_long = 7;
+/// `BPF_LINK_UPDATE`.
+const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_FS_MAGIC` from `linux/magic.h`.
+const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
+
+/// The pin folder of one pod: `<root>/<cgroup id>`.
+#[derive(Clone, Debug)]
+pub struct PinDir {
+    dir: PathBuf,
+}
+
+/// Why pins could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PinError {
+    /// The pin root is not on a bpffs.
+    #[error(
+        "{0} is not on a bpf filesystem: mount one there (mount -t bpf bpf /sys/fs/bpf) or set pins.dir"
+    )]
+    NotBpffs(PathBuf),
+    /// A filesystem or syscall operation failed.
+    #[error("{what} {path}: {source}")]
+    Io {
+        /// What was attempted.
+        what: &'static str,
+        /// The path.
+        path: PathBuf,
+        /// The error.
+        source: io::Error,
+    },
+}
+
+impl PinDir {
+    /// The folder for the pod whose cgroup is `cgroup`, under `root` (created, must be
+    /// on bpffs). The cgroup's id (its inode) keeps the name stable across restarts.
+    /// The folder belongs to `owner`, the proxy's UID, so the proxy can still remove
+    /// the pins on a clean stop after it has given up root.
+    pub fn for_cgroup(root: &Path, cgroup: &Path, owner: u32) -> Result<Self, PinError> {
+        fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinError {
+            let path = path.to_owned();
+            move |source| PinError::Io { what, path, source }
+        }
+        mount_bpffs_if_missing(root)?;
+        std::fs::create_dir_all(root).map_err(io("creating", root))?;
+        let stat = nix::sys::statfs::statfs(root).map_err(|e| PinError::Io {
+            what: "statfs",
+            path: root.to_owned(),
+            source: e.into(),
+        })?;
+        if stat.filesystem_type().0 != BPF_FS_MAGIC {
+            return Err(PinError::NotBpffs(root.to_owned()));
+        }
+        let id = std::fs::metadata(cgroup)
+            .map_err(io("reading", cgroup))?
+            .ino();
+        let dir = root.join(format!("cgroup-{id}"));
+        std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
+        let id = Some(nix::unistd::Uid::from_raw(owner));
+        nix::unistd::chown(&dir, id, Some(nix::unistd::Gid::from_raw(owner))).map_err(|e| {
+            PinError::Io {
+                what: "chown",
+                path: dir.clone(),
+                source: e.into(),
+            }
+        })?;
+        Ok(Self { dir })
+    }
+
+    /// The folder.
+    pub fn path(&self) -> &Path {
+        &self.dir
+    }
+
+    /// Where the link of program `name` is pinned.
+    pub fn link(&self, name: &str) -> PathBuf {
+        self.dir.join(name)
+    }
+
+    /// Removes every pin, detaching links nothing else holds. The folder itself is
+    /// removed when its parent allows it (after dropping root it may not: an empty
+    /// folder is harmless and the next start reuses it).
+    pub fn remove(&self) -> io::Result<()> {
+        for entry in std::fs::read_dir(&self.dir)?.flatten() {
+            std::fs::remove_file(entry.path())?;
+        }
+        match std::fs::remove_dir(&self.dir) {
+            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
+            other => other,
+        }
+    }
+}
+
+/// The conventional bpffs mount point.
+const BPFFS: &str = "/sys/fs/bpf";
+
+/// Mounts a bpffs at /sys/fs/bpf when `root` is below it and none is mounted (as
+/// Cilium does on nodes that lack it).
+fn mount_bpffs_if_missing(root: &Path) -> Result<(), PinError> {
+    let bpffs = Path::new(BPFFS);
+    if !root.starts_with(bpffs) {
+        return Ok(());
+    }
+    let mounted =
+        nix::sys::statfs::statfs(bpffs).is_ok_and(|s| s.filesystem_type().0 == BPF_FS_MAGIC);
+    if mounted {
+        return Ok(());
+    }
+    nix::mount::mount(
+        Some("bpf"),
+        bpffs,
+        Some("bpf"),
+        nix::mount::MsFlags::empty(),
+        None::<&str>,
+    )
+    .map_err(|e| PinError::Io {
+        what: "mounting a bpffs on",
+        path: bpffs.to_owned(),
+        source: e.into(),
+    })?;
+    tracing::info!(path = BPFFS, "mounted a bpf filesystem for pins");
+    Ok(())
+}
+
+/// If a link is pinned at `path`, swaps `prog` into it and returns true. A pin whose
+/// link can no longer be updated (its cgroup or namespace is gone) is removed and false
+/// returned, as when there is no pin: the caller then attaches afresh.
+pub fn take_over(path: &Path, prog: BorrowedFd<'_>) -> io::Result<bool> {
+    let link = match obj_get(path) {
+        Ok(fd) => fd,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) => return Err(e),
+    };
+    match link_update(link.as_raw_fd(), prog.as_raw_fd()) {
+        Ok(()) => Ok(true),
+        Err(_) => {
+            std::fs::remove_file(path)?;
+            Ok(false)
+        }
+    }
+}
+
+fn obj_get(path: &Path) -> io::Result<OwnedFd> {
+    let name = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
+    #[repr(C)]
+    struct ObjAttr {
+        pathname: u64,
+        bpf_fd: u32,
+        file_flags: u32,
+        path_fd: i32,
+        // Explicit: the kernel rejects non-zero bytes past the command's fields, and
+        // implicit padding is not guaranteed to be zero.
+        _pad: u32,
+    }
+    let attr = ObjAttr {
+        pathname: name.as_ptr() as u64,
+        bpf_fd: 0,
+        file_flags: 0,
+        path_fd: 0,
+        _pad: 0,
+    };
+    // SAFETY: `attr` points at a valid NUL-terminated path for the call's duration.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET,
+            &attr as *const ObjAttr,
+            std::mem::size_of::<ObjAttr>() as u32,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+fn link_update(link: i32, prog: i32) -> io::Result<()> {
+    #[repr(C)]
+    struct UpdateAttr {
+        link_fd: u32,
+        new_prog_fd: u32,
+        flags: u32,
+        old_prog_fd: u32,
+    }
+    let attr = UpdateAttr {
+        link_fd: link as u32,
+        new_prog_fd: prog as u32,
+        flags: 0,
+        old_prog_fd: 0,
+    };
+    // SAFETY: plain integers; the kernel only reads `attr`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_UPDATE,
+            &attr as *const UpdateAttr,
+            std::mem::size_of::<UpdateAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
