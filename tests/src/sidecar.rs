@@ -37,6 +37,7 @@ impl Sidecar {
 
     /// As [`Sidecar::start`], with `RUST_LOG` set to `log`.
     pub fn start_logged(pod: &Pod, config: &str, placement: Placement, log_filter: &str) -> Self {
+        ensure_bpffs();
         let dir = std::env::temp_dir().join(format!("{}-sidecar", pod.netns));
         fs::create_dir_all(&dir).expect("temp dir");
         let config_path = dir.join("sidecar.yaml");
@@ -250,4 +251,29 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         }
     }
     sum
+}
+
+/// Mounts a bpffs at /sys/fs/bpf once, before any sidecar starts: sidecars mount one
+/// when it is missing, and two starting at once would stack two mounts (hiding the
+/// first one's pins).
+fn ensure_bpffs() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        let mounts = fs::read_to_string("/proc/mounts").unwrap_or_default();
+        if mounts
+            .lines()
+            .any(|l| l.split_whitespace().nth(1) == Some("/sys/fs/bpf") && l.contains(" bpf "))
+        {
+            return;
+        }
+        let out = Command::new("mount")
+            .args(["-t", "bpf", "bpf", "/sys/fs/bpf"])
+            .output()
+            .expect("mount");
+        assert!(
+            out.status.success(),
+            "mounting bpffs: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    });
 }
