@@ -3,6 +3,7 @@
 //! [`Capture::detach`]) detaches the programs.
 
 use std::{
+    collections::BTreeMap,
     net::IpAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -457,36 +458,35 @@ pub fn capture_settings(config: &Config) -> CaptureConfig {
 
 /// Local port → inbound rule bits: captured ports (when listed), exclusions, and the
 /// sidecar's own ports (health, admin, listeners), which are never steered.
-pub fn inbound_rules(config: &Config) -> std::collections::BTreeMap<u16, u32> {
-    let mut rules = std::collections::BTreeMap::new();
-    for &port in &config.inbound.ports {
-        *rules.entry(port).or_default() |= sidecar_common::inbound_rule::CAPTURE;
-    }
-    for &port in config
-        .inbound
-        .exclude_ports
-        .iter()
-        .chain(config.own_ports().iter())
-    {
-        *rules.entry(port).or_default() |= sidecar_common::inbound_rule::EXCLUDE;
-    }
-    rules
+pub fn inbound_rules(config: &Config) -> BTreeMap<u16, u32> {
+    use sidecar_common::inbound_rule::{CAPTURE, EXCLUDE};
+    rule_map(
+        (&config.inbound.ports, CAPTURE),
+        (&config.inbound.exclude_ports, EXCLUDE),
+        &config.own_ports(),
+    )
 }
 
 /// Port → rule bits: configured exclusions and inclusions, plus the sidecar's own ports,
 /// which are always excluded.
-pub fn port_rules(config: &Config) -> std::collections::BTreeMap<u16, u32> {
-    let mut rules = std::collections::BTreeMap::new();
-    for &port in &config.capture.include_ports {
-        *rules.entry(port).or_default() |= port_rule::INCLUDE;
+pub fn port_rules(config: &Config) -> BTreeMap<u16, u32> {
+    let include = (config.capture.include_ports.as_slice(), port_rule::INCLUDE);
+    rule_map(
+        include,
+        (&config.capture.exclude_ports, port_rule::EXCLUDE),
+        &config.own_ports(),
+    )
+}
+
+/// Port → bits: `listed` ports get their bit, `excluded` ports and `own` ports get the
+/// exclusion bit (exclusion wins in the programs).
+fn rule_map(listed: (&[u16], u32), excluded: (&[u16], u32), own: &[u16]) -> BTreeMap<u16, u32> {
+    let mut rules = BTreeMap::new();
+    for &port in listed.0 {
+        *rules.entry(port).or_default() |= listed.1;
     }
-    for &port in config
-        .capture
-        .exclude_ports
-        .iter()
-        .chain(config.own_ports().iter())
-    {
-        *rules.entry(port).or_default() |= port_rule::EXCLUDE;
+    for &port in excluded.0.iter().chain(own) {
+        *rules.entry(port).or_default() |= excluded.1;
     }
     rules
 }
