@@ -67,6 +67,38 @@ impl Drop for Background {
     }
 }
 
+/// A workload still running: `pod-tool slow` once it has printed `connected` (all its
+/// connections are open), until its JSON summary.
+pub struct InFlight {
+    child: Child,
+    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+}
+
+impl InFlight {
+    /// Spawns `cmd` and waits until it reports `connected`.
+    pub fn start(mut cmd: Command) -> Self {
+        let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn workload");
+        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
+        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        assert_eq!(first, "connected", "workload did not connect: {cmd:?}");
+        Self { child, lines }
+    }
+
+    /// Waits for the summary line and the exit.
+    pub fn finish(mut self) -> serde_json::Value {
+        let line = self.lines.next().and_then(Result::ok).unwrap_or_default();
+        let _ = self.child.wait();
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad summary ({e}): {line:?}"))
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// Runs `cmd` to completion and parses its last stdout line as JSON, panicking with
 /// stderr if it failed.
 pub fn run_json(mut cmd: Command) -> serde_json::Value {

@@ -1,15 +1,11 @@
 //! SIGTERM drains: listeners close, open connections get the grace period, the rest
 //! are closed, then the programs are detached.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use sidecar_tests::{
     Net, Placement, Sidecar,
-    tools::{Background, attached_programs, pod_tool_bin},
+    tools::{Background, InFlight, attached_programs, pod_tool_bin},
 };
 
 fn slow_transfers(seconds: f64, drain_timeout: &str) -> (serde_json::Value, String, Duration) {
@@ -35,13 +31,7 @@ fn slow_transfers(seconds: f64, drain_timeout: &str) -> (serde_json::Value, Stri
         "--seconds",
         &seconds.to_string(),
     ]);
-    let mut child = cmd
-        .stdout(Stdio::piped())
-        .spawn()
-        .expect("spawn slow clients");
-    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
-    let first = lines.next().expect("a line").expect("read");
-    assert_eq!(first, "connected");
+    let slow = InFlight::start(cmd);
 
     let started = Instant::now();
     let (status, log) = sidecar.terminate_with_log();
@@ -51,9 +41,7 @@ fn slow_transfers(seconds: f64, drain_timeout: &str) -> (serde_json::Value, Stri
         attached_programs(&client.cgroup).is_empty(),
         "programs left attached"
     );
-    let summary: serde_json::Value =
-        serde_json::from_str(&lines.next().expect("summary").expect("read")).expect("json");
-    let _ = child.wait();
+    let summary = slow.finish();
     (summary, log, took)
 }
 

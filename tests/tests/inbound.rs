@@ -1,15 +1,11 @@
 //! Inbound capture: `sk_lookup` steers connections arriving at a pod into its sidecar,
 //! which delivers them to the address the client dialed.
 
-use std::{
-    io::{BufRead, BufReader},
-    process::Stdio,
-    time::{Duration, Instant},
-};
+use std::time::{Duration, Instant};
 
 use sidecar_tests::{
     Net, Placement, Pod, Sidecar,
-    tools::{Background, attached_programs, pod_tool_bin},
+    tools::{Background, InFlight, attached_programs, pod_tool_bin},
 };
 
 /// Pod A (a plain client, no sidecar) and pod B (servers and a sidecar).
@@ -141,9 +137,7 @@ fn connect_while_draining(fail_closed: bool) -> (Result<String, String>, u64, Ri
         "--seconds",
         "4",
     ]);
-    let mut slow = slow.stdout(Stdio::piped()).spawn().expect("slow client");
-    let mut lines = BufReader::new(slow.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("line").expect("read"), "connected");
+    let slow = InFlight::start(slow);
 
     sidecar.signal(libc::SIGTERM);
     let deadline = Instant::now() + Duration::from_secs(10);
@@ -155,8 +149,7 @@ fn connect_while_draining(fail_closed: bool) -> (Result<String, String>, u64, Ri
     }
     let result = curl(&rig.a, &format!("http://{}:8080/", rig.b.ip4));
     let dropped = sidecar.kernel_stat("listener_missing_dropped");
-    let summary = lines.next().expect("summary").expect("read");
-    let _ = slow.wait();
+    let summary = slow.finish().to_string();
     assert!(
         summary.contains("\"ok\":1"),
         "the in-flight transfer must finish: {summary}"

@@ -2,7 +2,7 @@
 //! lints the output, and the live connection view lists what is open.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     process::{Child, Command, Stdio},
     time::{Duration, Instant},
 };
@@ -10,7 +10,7 @@ use std::{
 use sidecar_tests::{
     Net, Placement, Pod, Sidecar,
     sidecar::metric_sum,
-    tools::{Background, pod_tool_bin, run_json, sidecar_bin},
+    tools::{Background, InFlight, pod_tool_bin, run_json, sidecar_bin},
 };
 
 /// A Prometheus server in `pod`'s network namespace (on its loopback), scraping the
@@ -279,9 +279,7 @@ fn open_connections_are_listed_with_live_bytes() {
         "--seconds",
         "4",
     ]);
-    let mut slow = cmd.stdout(Stdio::piped()).spawn().expect("slow clients");
-    let mut lines = BufReader::new(slow.stdout.take().expect("stdout")).lines();
-    assert_eq!(lines.next().expect("line").expect("read"), "connected");
+    let slow = InFlight::start(cmd);
     std::thread::sleep(Duration::from_millis(1500));
 
     // Long-lived connections: their bytes show before they close.
@@ -331,9 +329,7 @@ fn open_connections_are_listed_with_live_bytes() {
         "{table}"
     );
 
-    let summary: serde_json::Value =
-        serde_json::from_str(&lines.next().expect("summary").expect("read")).expect("json");
-    let _ = slow.wait();
+    let summary = slow.finish();
     assert_eq!(summary["ok"], 3, "{summary}");
     let out = client
         .outsider(&sidecar_bin().to_string_lossy())

@@ -10,7 +10,7 @@ use std::{
 
 use sidecar_tests::{
     Net, Placement, Pod, Sidecar,
-    tools::{Background, pod_tool_bin, sidecar_bin},
+    tools::{Background, InFlight, pod_tool_bin, sidecar_bin},
 };
 
 const ALPN: &str = "sidecar-mtls/1";
@@ -516,10 +516,7 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
         "--seconds",
         "6",
     ]);
-    let mut slow = slow.stdout(Stdio::piped()).spawn().expect("slow clients");
-    let mut lines =
-        std::io::BufRead::lines(std::io::BufReader::new(slow.stdout.take().expect("stdout")));
-    assert_eq!(lines.next().expect("line").expect("read"), "connected");
+    let slow = InFlight::start(slow);
 
     // Rotate: a new certificate from the same CA, swapped in by ..data.
     let next = certs.0.join("next");
@@ -549,9 +546,8 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
     }
 
     // Every long-lived connection survived the rotation.
-    let summary = lines.next().expect("summary").expect("read");
-    let _ = slow.wait();
-    assert!(summary.contains("\"ok\":50"), "{summary}");
+    let summary = slow.finish();
+    assert_eq!(summary["ok"], 50, "{summary}");
 
     // A broken rotation (unparsable certificate) keeps the current identity.
     let broken = certs.0.join("broken");
