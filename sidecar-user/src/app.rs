@@ -24,6 +24,11 @@ use crate::{
         inbound::InboundPolicy,
         listener::{self, BindError},
     },
+    service::{
+        Services,
+        discovery::{ConfigSource, Discovery, DiscoveryStats},
+        metrics::ServiceCollector,
+    },
     tls::{IdentityFiles, IdentityStore, rustls_config},
 };
 
@@ -72,6 +77,7 @@ pub struct Bound {
     identity: Option<LoadedIdentity>,
     admin: std::net::TcpListener,
     health: std::net::TcpListener,
+    source: Option<ConfigSource>,
 }
 
 /// The workload identity and what its rotation watcher needs.
@@ -158,12 +164,19 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         identity,
         admin,
         health,
+        source: None,
     })
 }
 
 // === impl Bound ===
 
 impl Bound {
+    /// Reloads services from `source` when the file changes.
+    pub fn watch_config(mut self, source: ConfigSource) -> Self {
+        self.source = Some(source);
+        self
+    }
+
     /// Starts the runtime and serves until SIGTERM or SIGINT, then drains and detaches.
     pub fn run(self) -> std::io::Result<()> {
         tokio::runtime::Builder::new_multi_thread()
@@ -185,6 +198,7 @@ impl Bound {
             identity,
             admin,
             health,
+            source,
         } = self;
         if let Some(logger) = capture.take_logger() {
             tokio::spawn(crate::ebpf::logs::forward(logger));
@@ -197,6 +211,12 @@ impl Bound {
             config.metrics.max_services,
         );
         let proxy_metrics = metrics.proxy.clone();
+        let services = Arc::new(Services::new(&config));
+        let discovery_stats = Arc::new(DiscoveryStats::default());
+        metrics.register_services(ServiceCollector::new(
+            services.clone(),
+            discovery_stats.clone(),
+        ));
         let collector = Arc::new(KernelCollector::new(kernel.clone(), proxy_metrics.clone()));
         metrics.register_kernel(collector.clone());
         let connections = Arc::new(ConnTable::default());
@@ -220,7 +240,7 @@ impl Bound {
             state.clone(),
         ));
 
-        let (acceptor, mesh) = match &identity {
+        let (acceptor, mesh, connector) = match &identity {
             Some(id) => {
                 tokio::spawn(id.store.clone().watch(
                     id.files.clone(),
@@ -231,14 +251,22 @@ impl Bound {
                     .map_err(std::io::Error::other)?;
                 let client = rustls_config::client_config(id.store.clone(), id.provider.clone())
                     .map_err(std::io::Error::other)?;
-                let mesh = (!config.mesh.cidrs.is_empty()).then(|| forward::Mesh {
+                let connector = tokio_rustls::TlsConnector::from(client);
+                let mesh = forward::Mesh {
                     cidrs: config.mesh.cidrs.clone(),
-                    connector: tokio_rustls::TlsConnector::from(client),
-                });
-                (Some(tokio_rustls::TlsAcceptor::from(server)), mesh)
+                    connector: connector.clone(),
+                };
+                (
+                    Some(tokio_rustls::TlsAcceptor::from(server)),
+                    Some(mesh),
+                    Some(connector),
+                )
             }
-            None => (None, None),
+            None => (None, None, None),
         };
+        let discovery = Discovery::start(&config, services.clone(), discovery_stats, connector);
+        let watcher_task =
+            source.map(|source| tokio::spawn(discovery.watch(source, config.clone())));
         let (trigger, watcher) = drain::channel();
         let inputs = Arc::new(Inputs {
             kernel,
@@ -249,6 +277,7 @@ impl Bound {
             connections,
             inbound: InboundPolicy::new(&config, acceptor),
             mesh,
+            services,
         });
         let mut accept_loops = JoinSet::new();
         let listeners = outbound
@@ -293,6 +322,9 @@ impl Bound {
         info!(cgroup = %cgroup.display(), "programs detached");
         admin.abort();
         health.abort();
+        if let Some(task) = watcher_task {
+            task.abort();
+        }
         Ok(())
     }
 }

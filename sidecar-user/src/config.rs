@@ -14,6 +14,13 @@ use ipnet::IpNet;
 use serde::{Deserialize, Deserializer};
 use serde_yaml_ng::Value;
 
+mod services;
+
+pub use services::{
+    DnsConfig, DnsTarget, EndpointConfig, HashKey, HealthCheckConfig, LbPolicy, LimitsConfig,
+    OutboundConfig, OutboundPolicy, OutlierConfig, ServiceConfig,
+};
+
 /// Prefix of environment variables that override config fields; `__` separates path
 /// segments: `SIDECAR__PROXY__CONNECT_TIMEOUT=2s`, `SIDECAR__CAPTURE__EXCLUDE_PORTS=[22,443]`.
 pub const ENV_PREFIX: &str = "SIDECAR__";
@@ -44,6 +51,14 @@ pub enum ConfigError {
     Invalid {
         /// Dotted path of the field at fault.
         field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// A field inside a list is not allowed (the path names the element).
+    #[error("field `{field}`: {reason}")]
+    InvalidAt {
+        /// Dotted path of the field at fault, with indices: `services[2].endpoints[0]`.
+        field: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -79,6 +94,13 @@ pub struct Config {
     pub mesh: MeshConfig,
     /// Pinning the kernel links, so capture outlives a crashed sidecar.
     pub pins: PinsConfig,
+    /// What happens to outbound connections that are not to a service.
+    pub outbound: OutboundConfig,
+    /// DNS discovery settings.
+    pub dns: DnsConfig,
+    /// Virtual addresses balanced across endpoints. Reloaded from the file without a
+    /// restart when it changes.
+    pub services: Vec<ServiceConfig>,
 }
 
 /// Where links are pinned. With pins, a crashed sidecar leaves capture in place and
@@ -470,6 +492,22 @@ impl Config {
                 "mTLS origination needs an identity (identity.cert, identity.key, identity.bundle)",
             );
         }
+        services::validate(&self.services)?;
+        for (i, s) in self.services.iter().enumerate() {
+            let wants_mtls = s.mtls == Some(true) || s.server_identity.is_some();
+            if wants_mtls && self.identity.is_none() {
+                return Err(ConfigError::InvalidAt {
+                    field: format!("services[{i}].mtls"),
+                    reason: "mTLS to a service needs an identity (identity.cert, identity.key, identity.bundle)".into(),
+                });
+            }
+            if s.mtls == Some(false) && s.server_identity.is_some() {
+                return Err(ConfigError::InvalidAt {
+                    field: format!("services[{i}].server_identity"),
+                    reason: "an expected server identity needs mtls".into(),
+                });
+            }
+        }
         if self.inbound.detect_timeout.is_zero() {
             return invalid("inbound.detect_timeout", "must be greater than 0");
         }
@@ -593,6 +631,11 @@ fn set_path(tree: &mut Value, path: &[String], value: Value) -> Result<(), Strin
     };
     map.insert(Value::String(last.clone()), value);
     Ok(())
+}
+
+/// As [`duration`], for an optional field.
+fn opt_duration<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    duration(d).map(Some)
 }
 
 /// Deserializes "500ms", "5s", "1h 30m" (humantime syntax).
@@ -770,6 +813,77 @@ mod tests {
             e.contains("SIDECAR__PROXY__NOPE") && e.contains("nope"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn services_parse_with_short_and_long_endpoints() {
+        let config = parse(
+            "services:\n- name: web\n  addresses: ['198.19.0.10:80', '[fd00:5d::10]:80']\n  \
+             endpoints: ['10.0.0.1:8080', {address: '10.0.0.2:8080', weight: 3, zone: b}]\n  \
+             policy: maglev\n  hash_key: source_address\n  connect_timeout: 2s\n\
+             - name: db\n  addresses: ['198.19.0.11:5432']\n  dns: db.test:5432\n  dns_refresh: 5s\n\
+             outbound:\n  policy: registry_only\n  allow_cidrs: [192.0.2.0/24]\n\
+             dns:\n  resolver: 127.0.0.1:5353\n",
+        )
+        .expect("valid");
+        let web = &config.services[0];
+        assert_eq!(web.addresses.len(), 2);
+        assert_eq!(web.endpoints[0].weight, 1);
+        assert_eq!(web.endpoints[1].weight, 3);
+        assert_eq!(web.endpoints[1].zone.as_deref(), Some("b"));
+        assert_eq!(web.policy, LbPolicy::Maglev);
+        assert_eq!(web.hash_key, HashKey::SourceAddress);
+        assert_eq!(web.retries, 2);
+        assert_eq!(web.outlier, OutlierConfig::default());
+        let db = &config.services[1];
+        assert_eq!(
+            db.dns.as_ref().map(|d| (d.name.as_str(), d.port)),
+            Some(("db.test", 5432))
+        );
+        assert_eq!(db.policy, LbPolicy::RoundRobin);
+        assert_eq!(config.outbound.policy, OutboundPolicy::RegistryOnly);
+    }
+
+    #[test]
+    fn service_errors_name_the_service_and_field() {
+        let svc =
+            |body: &str| format!("services:\n- name: web\n  addresses: ['198.19.0.10:80']\n{body}");
+        let e = error(&svc("  endpoints: [{address: '10.0.0.1:80', weight: 0}]\n"));
+        assert!(e.contains("services[0].endpoints[0].weight"), "{e}");
+        let e = error(&svc("  endpoints: ['10.0.0.1']\n"));
+        assert!(
+            e.contains("services[0].endpoints[0]") && e.contains("10.0.0.1"),
+            "{e}"
+        );
+        let e = error(&svc("  endpoints: ['10.0.0.1:80']\n  dns: a.b:80\n"));
+        assert!(e.contains("services[0].dns"), "{e}");
+        let e = error(&svc(""));
+        assert!(e.contains("services[0].endpoints"), "{e}");
+        let e = error(&svc("  dns: 'bad name:80'\n"));
+        assert!(e.contains("services[0].dns"), "{e}");
+        let e = error(&svc("  endpoints: ['10.0.0.1:80']\n  policy: fastest\n"));
+        assert!(
+            e.contains("services[0].policy") && e.contains("fastest"),
+            "{e}"
+        );
+        let e = error(&svc("  endpoints: ['10.0.0.1:80']\n  mtls: true\n"));
+        assert!(
+            e.contains("services[0].mtls") && e.contains("identity"),
+            "{e}"
+        );
+        let two = format!(
+            "{}- name: api\n  addresses: ['198.19.0.10:80']\n  endpoints: ['10.0.0.2:80']\n",
+            svc("  endpoints: ['10.0.0.1:80']\n")
+        );
+        let e = error(&two);
+        assert!(
+            e.contains("services[1].addresses") && e.contains("services[0]"),
+            "{e}"
+        );
+        let e = error(&svc(
+            "  endpoints: ['10.0.0.1:80']\n  outlier: {base_ejection: 10s, max_ejection: 1s}\n",
+        ));
+        assert!(e.contains("services[0].outlier.max_ejection"), "{e}");
     }
 
     #[test]

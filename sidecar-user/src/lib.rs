@@ -14,5 +14,6 @@ pub mod ebpf;
 pub mod metrics;
 pub mod process;
 pub mod proxy;
+pub mod service;
 pub mod telemetry;
 pub mod tls;

@@ -119,7 +119,16 @@ fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {
     let nofile = process::raise_nofile_limit();
     tracing::debug!(nofile, "open file limit");
     let uid = config.proxy.uid;
-    let bound = app::build(config, &cgroup).context("starting the sidecar")?;
+    let mut bound = app::build(config, &cgroup).context("starting the sidecar")?;
+    if let Some(path) = &args.config {
+        // Services, endpoints and the outbound policy reload when the file changes.
+        bound = bound.watch_config(sidecar::service::discovery::ConfigSource {
+            path: path.clone(),
+            env: std::env::vars()
+                .filter(|(k, _)| k.starts_with(sidecar::config::ENV_PREFIX))
+                .collect(),
+        });
+    }
     process::become_proxy_user(uid)?;
     bound.run().context("running the proxy")
 }

@@ -168,6 +168,11 @@ impl Metrics {
         self.registry.register_collector(Box::new(collector));
     }
 
+    /// Adds the service and endpoint collector.
+    pub fn register_services(&mut self, collector: crate::service::metrics::ServiceCollector) {
+        self.registry.register_collector(Box::new(collector));
+    }
+
     /// The registry, for encoding.
     pub fn registry(&self) -> &Registry {
         &self.registry

@@ -105,6 +105,14 @@ impl Sidecar {
         panic!("sidecar not ready after 20s:\n{}", self.logs());
     }
 
+    /// Replaces the config file the sidecar watches, atomically (write, then rename),
+    /// as a ConfigMap update lands.
+    pub fn write_config(&self, config: &str) {
+        let tmp = self.dir.join("sidecar.yaml.new");
+        fs::write(&tmp, config).expect("write config");
+        fs::rename(&tmp, self.dir.join("sidecar.yaml")).expect("replace config");
+    }
+
     /// The sidecar's log so far.
     pub fn logs(&self) -> String {
         fs::read_to_string(&self.log).unwrap_or_default()

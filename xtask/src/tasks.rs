@@ -16,6 +16,8 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("netcat-openbsd", "nc"),
     ("prometheus", "promtool"),
     ("tshark", "tshark"),
+    // The DNS server the DNS-discovery tests run on loopback.
+    ("dnsmasq-base", "dnsmasq"),
 ];
 
 /// Installs missing Debian packages (needs root and apt).

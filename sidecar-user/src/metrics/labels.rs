@@ -39,8 +39,10 @@ pub enum CloseReason {
     NoDestination,
     /// The destination was the proxy itself.
     Loop,
-    /// Authorization refused the peer.
+    /// Authorization refused the peer, or `registry_only` the destination.
     PolicyDenied,
+    /// A service's circuit breaker (connection or pending limit) was open.
+    Overflow,
     /// The TLS handshake failed.
     HandshakeFailed,
     /// Closed by drain after the grace period.
@@ -78,6 +80,7 @@ impl CloseReason {
             CloseReason::Timeout => "timeout",
             CloseReason::Idle => "idle",
             CloseReason::Refused => "refused",
+            CloseReason::Overflow => "overflow",
             CloseReason::NoDestination => "no_destination",
             CloseReason::Loop => "loop",
             CloseReason::PolicyDenied => "policy_denied",

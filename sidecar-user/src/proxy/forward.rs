@@ -10,37 +10,26 @@
 
 use std::{io, net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
 
-use tokio::net::{TcpListener, TcpStream};
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
     drain::DrainWatcher,
     ebpf::KernelMaps,
-    metrics::{CloseReason, ConnRecorder, Direction, ProxyMetrics, Tls},
+    metrics::{CloseReason, ConnRecorder, Direction, ProxyMetrics, ServiceLabels, Tls},
     proxy::{
         ClientAddr, OrigDstAddr,
         connections::{ConnTable, Entry},
         copy::{self, CopyError},
         inbound::{Admitted, InboundPolicy},
+        upstream::{self, MeshTarget, PeerTls, Upstream, UpstreamError},
     },
-    tls::SpiffeId,
+    service::{Admission, EndpointLease, Overflow, Route, Service, Services},
+    tls::{SpiffeId, status},
 };
-
-/// Connects to `dst`. Inbound, the source is bound to the destination address itself:
-/// `sk_lookup` recognises a connection whose two ends share an address as the pod
-/// talking to itself, so the delivery is never steered back into the proxy.
-async fn open_upstream(dst: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
-    if direction == Direction::Outbound {
-        return TcpStream::connect(dst).await;
-    }
-    let socket = if dst.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket.bind(SocketAddr::new(dst.ip(), 0))?;
-    socket.connect(dst).await
-}
 
 /// An IPv4-mapped IPv6 address (what a dual-stack socket reports for IPv4 peers) as
 /// plain IPv4.
@@ -77,6 +66,8 @@ pub struct Inputs {
     pub inbound: InboundPolicy,
     /// Outbound destinations reached over mTLS, when an identity is configured.
     pub mesh: Option<Mesh>,
+    /// Services (virtual addresses) and the outbound traffic policy.
+    pub services: Arc<Services>,
 }
 
 /// Why a connection was not carried.
@@ -88,12 +79,20 @@ enum ForwardError {
     OrigDstLookup(io::Error),
     #[error("destination {0} is the proxy itself")]
     Loop(OrigDstAddr),
-    #[error("connecting to {0} timed out after {1:?}")]
-    ConnectTimeout(OrigDstAddr, Duration),
-    #[error("connecting to {0}: {1}")]
-    Connect(OrigDstAddr, io::Error),
-    #[error("mTLS to {0}: {1}")]
-    Tls(OrigDstAddr, String),
+    #[error("destination {0} is not a service and outbound.policy is registry_only")]
+    NotInRegistry(OrigDstAddr),
+    #[error("service {0}: {1}, connection refused")]
+    Overflow(String, Overflow),
+    #[error("service {0} has no endpoint to try")]
+    NoEndpoint(String),
+    #[error("service {service}: all {attempts} attempts failed, last: {last}")]
+    Exhausted {
+        service: String,
+        attempts: usize,
+        last: UpstreamError,
+    },
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
 }
 
 impl ForwardError {
@@ -101,11 +100,25 @@ impl ForwardError {
         match self {
             ForwardError::NoOrigDst | ForwardError::OrigDstLookup(_) => CloseReason::NoDestination,
             ForwardError::Loop(_) => CloseReason::Loop,
-            ForwardError::ConnectTimeout(..) => CloseReason::Timeout,
-            ForwardError::Connect(..) => CloseReason::Refused,
-            ForwardError::Tls(..) => CloseReason::HandshakeFailed,
+            ForwardError::NotInRegistry(_) => CloseReason::PolicyDenied,
+            ForwardError::Overflow(..) => CloseReason::Overflow,
+            ForwardError::NoEndpoint(_) => CloseReason::Refused,
+            ForwardError::Exhausted { last, .. } => last.reason(),
+            ForwardError::Upstream(e) => e.reason(),
         }
     }
+}
+
+/// An open upstream and what the connection needs to know about it.
+struct Connected {
+    up: Upstream,
+    dst: OrigDstAddr,
+    /// Where the proxy connected: the original destination, or a service endpoint.
+    endpoint: SocketAddr,
+    /// The server sidecar's identity, outbound over mTLS.
+    peer_tls: Option<PeerTls>,
+    /// A service's connection slot and the endpoint's active count, held while open.
+    _leases: Option<(Admission, EndpointLease)>,
 }
 
 /// Accepts on `listener` until a drain starts; each connection is a tracked task.
@@ -203,26 +216,11 @@ enum Downstream {
     Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
 }
 
-/// The connected side: a plain socket, or mTLS originated over one.
-enum Upstream {
-    Plain(TcpStream),
-    Tls(Box<tokio_rustls::client::TlsStream<TcpStream>>),
-}
-
 impl Downstream {
     fn tcp(&self) -> &TcpStream {
         match self {
             Downstream::Plain(tcp) => tcp,
             Downstream::Tls(tls) => tls.get_ref().0,
-        }
-    }
-}
-
-impl Upstream {
-    fn tcp(&self) -> &TcpStream {
-        match self {
-            Upstream::Plain(tcp) => tcp,
-            Upstream::Tls(tls) => tls.get_ref().0,
         }
     }
 }
@@ -261,16 +259,32 @@ async fn relay(
     inbound_mtls: Option<(SpiffeId, Duration)>,
     drain: DrainWatcher,
 ) {
-    let connected = connect(&inputs, down.tcp(), peer, direction).await;
+    let (service, connected) = connect(&inputs, down.tcp(), peer, direction).await;
+    // A client sidecar waits for our status byte before sending anything: tell it
+    // whether the application took the connection.
+    if let Downstream::Tls(tls) = &mut down {
+        let byte = if connected.is_ok() {
+            status::READY
+        } else {
+            status::APP_REFUSED
+        };
+        let sent = async {
+            tls.write_all(&[byte]).await?;
+            tls.flush().await
+        };
+        if let Err(error) = sent.await {
+            debug!(%error, "peer sidecar left before the status byte");
+        }
+    }
     // The peer identity is the client's inbound and the server's outbound.
-    let (result, mtls) = match connected {
-        Ok((up, dst, outbound_mtls)) => (Ok((up, dst)), inbound_mtls.or(outbound_mtls)),
-        Err(error) => (Err(error), inbound_mtls),
+    let mtls = match &connected {
+        Ok(c) => inbound_mtls.or_else(|| c.peer_tls.clone()),
+        Err(_) => inbound_mtls,
     };
     let identity = mtls.as_ref().map(|(id, _)| id.to_string());
     let tls = if mtls.is_some() { Tls::Yes } else { Tls::No };
     let label = identity.as_deref().unwrap_or(NO_IDENTITY);
-    let mut recorder = ConnRecorder::open(&inputs.metrics, direction, PASSTHROUGH, label, tls);
+    let mut recorder = ConnRecorder::open(&inputs.metrics, direction, &service, label, tls);
     if let Some((_, handshake)) = &mtls {
         inputs
             .metrics
@@ -278,14 +292,24 @@ async fn relay(
             .get_or_create(recorder.service())
             .observe(handshake.as_secs_f64());
     }
-    let (mut up, dst) = match result {
-        Ok(pair) => pair,
+    let Connected {
+        mut up,
+        dst,
+        endpoint,
+        _leases,
+        ..
+    } = match connected {
+        Ok(c) => c,
         Err(error) => {
             warn!(%error, "refusing connection");
             recorder.set_reason(error.reason());
-            // Reset rather than FIN: the app sees a refused/reset connection, as it
-            // would have without the proxy.
-            let _ = down.tcp().set_zero_linger();
+            if let Downstream::Tls(tls) = &mut down {
+                let _ = tls.shutdown().await;
+            } else {
+                // Reset rather than FIN: the app sees a refused/reset connection, as
+                // it would have without the proxy.
+                let _ = down.tcp().set_zero_linger();
+            }
             return;
         }
     };
@@ -295,7 +319,7 @@ async fn relay(
         direction,
         client: peer.0,
         orig_dst: dst.0,
-        endpoint: dst.0,
+        endpoint,
         peer_identity: identity.clone(),
         tls: mtls.is_some(),
         started: std::time::Instant::now(),
@@ -321,31 +345,87 @@ async fn relay(
     let peer_identity = identity.as_deref().unwrap_or("-");
     match copied {
         Some(Ok(())) | Some(Err(CopyError::Idle(_))) => {
-            debug!(%dst, peer_identity, sent, received, reason = reason.as_str(), "connection closed")
+            debug!(%dst, %endpoint, peer_identity, sent, received, reason = reason.as_str(), "connection closed")
         }
         Some(Err(error)) => {
             // Pass a reset on to the other side, so neither end waits on a dead peer.
             let _ = down.tcp().set_zero_linger();
             let _ = up.tcp().set_zero_linger();
-            debug!(%dst, peer_identity, sent, received, %error, reason = reason.as_str(), "connection closed");
+            debug!(%dst, %endpoint, peer_identity, sent, received, %error, reason = reason.as_str(), "connection closed");
         }
         None => {
             let _ = down.tcp().set_zero_linger();
             let _ = up.tcp().set_zero_linger();
-            warn!(%dst, peer_identity, sent, received, "connection closed by drain after the grace period");
+            warn!(%dst, %endpoint, peer_identity, sent, received, "connection closed by drain after the grace period");
         }
     }
 }
 
-/// Finds the original destination and connects to it within the timeout; to a mesh
-/// destination, over mTLS (the server must be a sidecar: our ALPN, a certificate from
-/// the bundle).
+/// Finds where the connection goes and connects there: inbound, the application;
+/// outbound, a service's endpoint (balanced, retried) or the original destination.
+/// Returns the service label with the result.
 async fn connect(
     inputs: &Inputs,
     client: &TcpStream,
     peer: ClientAddr,
     direction: Direction,
-) -> Result<(Upstream, OrigDstAddr, Option<(SpiffeId, Duration)>), ForwardError> {
+) -> (String, Result<Connected, ForwardError>) {
+    let passthrough = || PASSTHROUGH.to_string();
+    let dst = match original_destination(inputs, client, peer, direction) {
+        Ok(dst) => dst,
+        Err(e) => return (passthrough(), Err(e)),
+    };
+    if direction == Direction::Outbound {
+        let route = inputs.services.load().route(dst.0);
+        match route {
+            Route::Service(service) => {
+                let name = service.name().to_string();
+                return (name, balance(inputs, &service, peer, dst).await);
+            }
+            Route::Denied => return (passthrough(), Err(ForwardError::NotInRegistry(dst))),
+            Route::Passthrough => {}
+        }
+    }
+    let deadline = tokio::time::Instant::now() + inputs.connect_timeout;
+    let started = std::time::Instant::now();
+    let mesh = inputs
+        .mesh
+        .as_ref()
+        .filter(|m| direction == Direction::Outbound && m.contains(dst.0.ip()))
+        .map(|m| MeshTarget {
+            connector: &m.connector,
+            expected: None,
+        });
+    let result = match upstream::open(dst.0, direction, deadline, mesh).await {
+        Ok((up, peer_tls)) => {
+            inputs.metrics.upstream_connected(
+                &ServiceLabels {
+                    direction,
+                    service: passthrough(),
+                },
+                started,
+            );
+            Ok(Connected {
+                up,
+                dst,
+                endpoint: dst.0,
+                peer_tls,
+                _leases: None,
+            })
+        }
+        Err(e) => Err(e.into()),
+    };
+    (passthrough(), result)
+}
+
+/// The original destination: inbound, the address the client dialed (our socket's
+/// local address); outbound, what the kernel recorded at connect.
+fn original_destination(
+    inputs: &Inputs,
+    client: &TcpStream,
+    peer: ClientAddr,
+    direction: Direction,
+) -> Result<OrigDstAddr, ForwardError> {
     let local = client.local_addr().map_err(ForwardError::OrigDstLookup)?;
     let dst = match direction {
         Direction::Inbound => OrigDstAddr(unmap(local)),
@@ -353,7 +433,7 @@ async fn connect(
             let found = inputs.kernel.orig_dst.take(peer.0, local);
             inputs.metrics.orig_dst_lookup(matches!(found, Ok(Some(_))));
             match found {
-                Ok(Some(dst)) => OrigDstAddr(dst),
+                Ok(Some(dst)) => OrigDstAddr(unmap(dst)),
                 Ok(None) => return Err(ForwardError::NoOrigDst),
                 Err(e) => return Err(ForwardError::OrigDstLookup(e)),
             }
@@ -366,51 +446,96 @@ async fn connect(
     {
         return Err(ForwardError::Loop(dst));
     }
-    let deadline = tokio::time::Instant::now() + inputs.connect_timeout;
+    Ok(dst)
+}
+
+/// Connects to one of `service`'s endpoints: within the circuit breaker's limits,
+/// trying up to `retries` further endpoints after a failed attempt, all within the
+/// service's connect budget (each attempt gets an equal share of what is left).
+/// Failures feed outlier detection; successes the latency average.
+async fn balance(
+    inputs: &Inputs,
+    service: &Service,
+    peer: ClientAddr,
+    dst: OrigDstAddr,
+) -> Result<Connected, ForwardError> {
+    let name = service.name();
+    let mut admission = service
+        .admit()
+        .map_err(|o| ForwardError::Overflow(name.to_string(), o))?;
+    let key = service.hash_key(peer.0);
     let started = std::time::Instant::now();
-    let tcp = match tokio::time::timeout_at(deadline, open_upstream(dst.0, direction)).await {
-        Ok(Ok(tcp)) => tcp,
-        Ok(Err(e)) => return Err(ForwardError::Connect(dst, e)),
-        Err(_) => return Err(ForwardError::ConnectTimeout(dst, inputs.connect_timeout)),
-    };
-    let service = crate::metrics::ServiceLabels {
-        direction,
-        service: PASSTHROUGH.to_string(),
-    };
-    inputs.metrics.upstream_connected(&service, started);
-    let mesh = inputs
-        .mesh
-        .as_ref()
-        .filter(|m| direction == Direction::Outbound && m.contains(dst.0.ip()));
-    let Some(mesh) = mesh else {
-        return Ok((Upstream::Plain(tcp), dst, None));
-    };
-    // The handshake shares the connect budget.
-    let handshake_started = std::time::Instant::now();
-    let name = rustls::pki_types::ServerName::IpAddress(dst.0.ip().into());
-    let tls = match tokio::time::timeout_at(deadline, mesh.connector.connect(name, tcp)).await {
-        Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => return Err(ForwardError::Tls(dst, e.to_string())),
-        Err(_) => return Err(ForwardError::ConnectTimeout(dst, inputs.connect_timeout)),
-    };
-    let (_, conn) = tls.get_ref();
-    if conn.alpn_protocol() != Some(crate::tls::ALPN) {
-        return Err(ForwardError::Tls(
-            dst,
-            "the server is not a sidecar (no sidecar-mtls/1 ALPN)".into(),
-        ));
+    let deadline = tokio::time::Instant::now() + service.connect_timeout;
+    let attempts = service.config.retries as usize + 1;
+    let mut tried = Vec::with_capacity(attempts);
+    let mut last = None;
+    while tried.len() < attempts {
+        let Some(endpoint) = service.choose(key, &tried) else {
+            break;
+        };
+        tried.push(endpoint.addr);
+        let now = tokio::time::Instant::now();
+        if now >= deadline {
+            break;
+        }
+        let share = (deadline - now) / (attempts - tried.len() + 1) as u32;
+        let lease = endpoint.state.lease();
+        let mesh = match (endpoint.mtls, &inputs.mesh) {
+            (false, _) => None,
+            (true, Some(mesh)) => Some(MeshTarget {
+                connector: &mesh.connector,
+                expected: service.config.server_identity.as_ref(),
+            }),
+            // Config validation requires an identity for mTLS services.
+            (true, None) => {
+                last = Some(UpstreamError::Tls(
+                    endpoint.addr,
+                    "no workload identity".into(),
+                ));
+                break;
+            }
+        };
+        let attempt_started = std::time::Instant::now();
+        match upstream::open(endpoint.addr, Direction::Outbound, now + share, mesh).await {
+            Ok((up, peer_tls)) => {
+                endpoint.state.connected(attempt_started.elapsed());
+                admission.connected();
+                inputs.metrics.upstream_connected(
+                    &ServiceLabels {
+                        direction: Direction::Outbound,
+                        service: name.to_string(),
+                    },
+                    started,
+                );
+                if tried.len() > 1 {
+                    debug!(service = name, endpoint = %endpoint.addr, attempts = tried.len(), "connected after retrying");
+                }
+                return Ok(Connected {
+                    up,
+                    dst,
+                    endpoint: endpoint.addr,
+                    peer_tls,
+                    _leases: Some((admission, lease)),
+                });
+            }
+            Err(error) => {
+                if let Some(backoff) = endpoint.state.failed(&service.config.outlier) {
+                    warn!(service = name, endpoint = %endpoint.addr, ?backoff, %error, "endpoint ejected");
+                } else {
+                    debug!(service = name, endpoint = %endpoint.addr, %error, "attempt failed");
+                }
+                last = Some(error);
+            }
+        }
     }
-    let Some(id) = crate::tls::rustls_config::peer_identity(conn) else {
-        return Err(ForwardError::Tls(
-            dst,
-            "the server certificate has no SPIFFE ID".into(),
-        ));
-    };
-    Ok((
-        Upstream::Tls(Box::new(tls)),
-        dst,
-        Some((id, handshake_started.elapsed())),
-    ))
+    Err(match last {
+        Some(last) => ForwardError::Exhausted {
+            service: name.to_string(),
+            attempts: tried.len(),
+            last,
+        },
+        None => ForwardError::NoEndpoint(name.to_string()),
+    })
 }
 
 /// Where outbound connections originate mTLS.

@@ -8,5 +8,6 @@ pub mod detect;
 pub mod forward;
 pub mod inbound;
 pub mod listener;
+pub mod upstream;
 
 pub use addr::{ClientAddr, OrigDstAddr};

@@ -34,6 +34,21 @@ enum Cmd {
     Echo {
         #[arg(long = "listen", required = true)]
         listen: Vec<SocketAddr>,
+        /// Wait this long after accepting before answering (a slow backend).
+        #[arg(long, default_value_t = 0)]
+        delay_ms: u64,
+    },
+    /// `count` short echo connections to `to`, `concurrency` at a time, one every
+    /// `interval_ms` per worker; tallies which server answered each (its header).
+    Tally {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 1)]
+        concurrency: usize,
+        #[arg(long, default_value_t = 0)]
+        interval_ms: u64,
     },
     /// Minimal HTTP servers answering `served-by <addr>`, plus UDP echo on the same addresses.
     Http {
@@ -107,8 +122,14 @@ fn main() -> Result<()> {
         .build()?;
     rt.block_on(async {
         match Cli::parse().cmd {
-            Cmd::Echo { listen } => serve(listen, false).await,
-            Cmd::Http { listen } => serve(listen, true).await,
+            Cmd::Echo { listen, delay_ms } => serve(listen, false, delay_ms).await,
+            Cmd::Http { listen } => serve(listen, true, 0).await,
+            Cmd::Tally {
+                to,
+                count,
+                concurrency,
+                interval_ms,
+            } => tally(to, count, concurrency, interval_ms).await,
             Cmd::Clients {
                 to,
                 connections,
@@ -144,7 +165,7 @@ fn raise_nofile_limit() {
     }
 }
 
-async fn serve(addrs: Vec<SocketAddr>, http: bool) -> Result<()> {
+async fn serve(addrs: Vec<SocketAddr>, http: bool, delay_ms: u64) -> Result<()> {
     let mut tasks = Vec::new();
     for addr in addrs {
         let socket = if addr.is_ipv4() {
@@ -155,7 +176,7 @@ async fn serve(addrs: Vec<SocketAddr>, http: bool) -> Result<()> {
         socket.set_reuseaddr(true)?;
         socket.bind(addr).with_context(|| format!("bind {addr}"))?;
         let listener = socket.listen(4096)?;
-        tasks.push(tokio::spawn(accept(listener, addr, http)));
+        tasks.push(tokio::spawn(accept(listener, addr, http, delay_ms)));
         if http {
             let udp = UdpSocket::bind(addr)
                 .await
@@ -175,12 +196,13 @@ async fn serve(addrs: Vec<SocketAddr>, http: bool) -> Result<()> {
     Ok(())
 }
 
-async fn accept(listener: TcpListener, addr: SocketAddr, http: bool) {
+async fn accept(listener: TcpListener, addr: SocketAddr, http: bool, delay_ms: u64) {
     loop {
         let Ok((stream, _)) = listener.accept().await else {
             continue;
         };
         tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(delay_ms)).await;
             let _ = if http {
                 http_reply(stream, addr).await
             } else {
@@ -226,6 +248,68 @@ async fn echo(mut stream: TcpStream, addr: SocketAddr) -> Result<()> {
         tokio::io::copy(&mut r, &mut w).await?;
     }
     w.shutdown().await?;
+    Ok(())
+}
+
+/// One short echo exchange: returns the server's address (from its header).
+async fn tally_one(to: SocketAddr) -> Result<String> {
+    let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
+        .await
+        .context("connect timed out")??;
+    let mut header = [0u8; HEADER];
+    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut header))
+        .await
+        .context("no header within 10 s")??;
+    s.write_all(b"Stally-ping").await?;
+    s.shutdown().await?;
+    let mut back = Vec::new();
+    s.read_to_end(&mut back).await?;
+    if back != b"tally-ping" {
+        bail!("echo mismatch: {:?}", String::from_utf8_lossy(&back));
+    }
+    Ok(String::from_utf8_lossy(&header).trim().to_string())
+}
+
+async fn tally(to: SocketAddr, count: usize, concurrency: usize, interval_ms: u64) -> Result<()> {
+    use std::collections::BTreeMap;
+    let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let results = Arc::new(std::sync::Mutex::new((
+        BTreeMap::<String, usize>::new(),
+        Vec::<String>::new(),
+    )));
+    let start = Instant::now();
+    let mut workers = Vec::new();
+    for _ in 0..concurrency.max(1) {
+        let (next, results) = (next.clone(), results.clone());
+        workers.push(tokio::spawn(async move {
+            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count {
+                let outcome = tally_one(to).await;
+                if let Ok(mut r) = results.lock() {
+                    match outcome {
+                        Ok(server) => *r.0.entry(server).or_default() += 1,
+                        Err(e) => r.1.push(format!("{e:#}")),
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(interval_ms)).await;
+            }
+        }));
+    }
+    for w in workers {
+        w.await?;
+    }
+    let (by_server, errors) =
+        std::mem::take(&mut *results.lock().map_err(|_| anyhow::anyhow!("poisoned"))?);
+    let ok: usize = by_server.values().sum();
+    println!(
+        "{}",
+        serde_json::json!({
+            "ok": ok,
+            "failed": errors.len(),
+            "by_server": by_server,
+            "errors": errors.iter().take(5).collect::<Vec<_>>(),
+            "elapsed_ms": start.elapsed().as_millis(),
+        })
+    );
     Ok(())
 }
 
@@ -500,6 +584,10 @@ async fn identities(to: SocketAddr, ca_dir: &std::path::Path, count: usize) -> R
                 let tcp = TcpStream::connect(to).await?;
                 let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
                 let mut tls = connector.connect(name, tcp).await?;
+                // A server sidecar first says whether its app took the connection.
+                let mut status = [0u8; 1];
+                tls.read_exact(&mut status).await?;
+                anyhow::ensure!(status == [0], "status byte {status:?}: app refused");
                 let mut header = [0u8; HEADER];
                 tls.read_exact(&mut header).await?;
                 tls.write_all(b"Sx").await?;

@@ -1,0 +1,163 @@
+//! Opening the upstream side of a connection: plain TCP, or mTLS to a peer sidecar
+//! (our ALPN, a certificate from the bundle, optionally an expected identity, then the
+//! peer's status byte saying whether its application took the connection).
+
+use std::{io, net::SocketAddr, time::Duration};
+
+use tokio::{
+    io::AsyncReadExt,
+    net::{TcpSocket, TcpStream},
+    time::Instant,
+};
+use tokio_rustls::{TlsConnector, client::TlsStream};
+
+use crate::{
+    metrics::{CloseReason, Direction},
+    tls::{ALPN, IdentityMatcher, SpiffeId, rustls_config::peer_identity, status},
+};
+
+/// The connected side: a plain socket, or mTLS originated over one.
+pub enum Upstream {
+    /// Plain TCP.
+    Plain(TcpStream),
+    /// mTLS to a sidecar.
+    Tls(Box<TlsStream<TcpStream>>),
+}
+
+/// mTLS to a peer sidecar: who it is and how long the handshake took.
+pub type PeerTls = (SpiffeId, Duration);
+
+/// Why an upstream could not be opened. Each names the address.
+#[derive(Debug, thiserror::Error)]
+pub enum UpstreamError {
+    /// The budget ran out.
+    #[error("connecting to {0} timed out after {1:?}")]
+    Timeout(SocketAddr, Duration),
+    /// Refused, unreachable, ...
+    #[error("connecting to {0}: {1}")]
+    Connect(SocketAddr, io::Error),
+    /// The mTLS handshake failed or the server is not a sidecar.
+    #[error("mTLS to {0}: {1}")]
+    Tls(SocketAddr, String),
+    /// The server's identity is not the one the service expects.
+    #[error("mTLS to {0}: server identity {1} is not the service's server_identity")]
+    WrongIdentity(SocketAddr, SpiffeId),
+    /// The peer sidecar could not reach its application.
+    #[error("{0}: the peer sidecar's application refused the connection")]
+    AppRefused(SocketAddr),
+}
+
+/// How to reach a destination over mTLS.
+#[derive(Clone, Copy)]
+pub struct MeshTarget<'a> {
+    /// Originates mTLS with the current identity.
+    pub connector: &'a TlsConnector,
+    /// The identity the server must have, when the service names one.
+    pub expected: Option<&'a IdentityMatcher>,
+}
+
+// === impl Upstream ===
+
+impl Upstream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Upstream::Plain(tcp) => tcp,
+            Upstream::Tls(tls) => tls.get_ref().0,
+        }
+    }
+}
+
+// === impl UpstreamError ===
+
+impl UpstreamError {
+    /// The close reason recorded when this ends the connection.
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            UpstreamError::Timeout(..) => CloseReason::Timeout,
+            UpstreamError::Connect(..) | UpstreamError::AppRefused(_) => CloseReason::Refused,
+            UpstreamError::Tls(..) | UpstreamError::WrongIdentity(..) => {
+                CloseReason::HandshakeFailed
+            }
+        }
+    }
+}
+
+/// Connects to `dst` before `deadline`, over mTLS when `mesh` says so. Inbound, the
+/// source is bound to the destination address itself: `sk_lookup` recognises a
+/// connection whose two ends share an address as the pod talking to itself, so the
+/// delivery is never steered back into the proxy.
+pub async fn open(
+    dst: SocketAddr,
+    direction: Direction,
+    deadline: Instant,
+    mesh: Option<MeshTarget<'_>>,
+) -> Result<(Upstream, Option<PeerTls>), UpstreamError> {
+    let budget = deadline.saturating_duration_since(Instant::now());
+    let tcp = match tokio::time::timeout_at(deadline, tcp_connect(dst, direction)).await {
+        Ok(Ok(tcp)) => tcp,
+        Ok(Err(e)) => return Err(UpstreamError::Connect(dst, e)),
+        Err(_) => return Err(UpstreamError::Timeout(dst, budget)),
+    };
+    let Some(mesh) = mesh else {
+        return Ok((Upstream::Plain(tcp), None));
+    };
+    let started = std::time::Instant::now();
+    match tokio::time::timeout_at(deadline, handshake(dst, tcp, mesh)).await {
+        Ok(Ok((tls, id))) => Ok((Upstream::Tls(Box::new(tls)), Some((id, started.elapsed())))),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(UpstreamError::Timeout(dst, budget)),
+    }
+}
+
+async fn tcp_connect(dst: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
+    if direction == Direction::Outbound {
+        return TcpStream::connect(dst).await;
+    }
+    let socket = if dst.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.bind(SocketAddr::new(dst.ip(), 0))?;
+    socket.connect(dst).await
+}
+
+/// The handshake, the identity checks and the peer's status byte.
+async fn handshake(
+    dst: SocketAddr,
+    tcp: TcpStream,
+    mesh: MeshTarget<'_>,
+) -> Result<(TlsStream<TcpStream>, SpiffeId), UpstreamError> {
+    let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
+    let mut tls = mesh
+        .connector
+        .connect(name, tcp)
+        .await
+        .map_err(|e| UpstreamError::Tls(dst, e.to_string()))?;
+    let (_, conn) = tls.get_ref();
+    if conn.alpn_protocol() != Some(ALPN) {
+        return Err(UpstreamError::Tls(
+            dst,
+            "the server is not a sidecar (no sidecar-mtls/1 ALPN)".into(),
+        ));
+    }
+    let Some(id) = peer_identity(conn) else {
+        return Err(UpstreamError::Tls(
+            dst,
+            "the server certificate has no SPIFFE ID".into(),
+        ));
+    };
+    if let Some(expected) = mesh.expected {
+        if !expected.matches(&id) {
+            return Err(UpstreamError::WrongIdentity(dst, id));
+        }
+    }
+    let mut byte = [0u8; 1];
+    match tls.read_exact(&mut byte).await {
+        Ok(_) if byte[0] == status::READY => Ok((tls, id)),
+        Ok(_) => Err(UpstreamError::AppRefused(dst)),
+        // The peer closed (or reset) without a status: its app was not reached.
+        Err(_) => Err(UpstreamError::AppRefused(dst)),
+    }
+}
