@@ -37,6 +37,8 @@ pub struct AdminState {
     pub evicted: Arc<KernelCollector>,
     /// Open connections, for `/connections`.
     pub connections: Arc<ConnTable>,
+    /// Services and endpoints, for `/services`.
+    pub services: Arc<crate::service::Services>,
     /// The cgroup the programs are attached to.
     pub cgroup: PathBuf,
     /// When the sidecar started.
@@ -109,6 +111,7 @@ fn route(req: &Request<Incoming>, surface: Surface, state: &AdminState) -> Respo
         ("/metrics", _) => metrics(req, state),
         ("/stats", Surface::Admin) => json(&stats(state)),
         ("/connections", Surface::Admin) => json(&state.connections.snapshot()),
+        ("/services", Surface::Admin) => json(&state.services.view()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

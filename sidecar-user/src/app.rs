@@ -226,6 +226,7 @@ impl Bound {
             evicted: collector,
             connections: connections.clone(),
             kernel: kernel.clone(),
+            services: services.clone(),
             cgroup: capture.cgroup().to_owned(),
             started: Instant::now(),
         });

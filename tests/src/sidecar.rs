@@ -120,15 +120,21 @@ impl Sidecar {
 
     /// The admin `/stats` document.
     pub fn stats(&self) -> serde_json::Value {
+        self.admin_json("/stats")
+    }
+
+    /// A JSON document from the loopback admin listener (`/stats`, `/services`, ...).
+    pub fn admin_json(&self, path: &str) -> serde_json::Value {
         let out = self
             .pod
             .outsider("curl")
-            .args(["-sS", "--max-time", "5", "http://127.0.0.1:15000/stats"])
+            .args(["-sS", "--max-time", "5"])
+            .arg(format!("http://127.0.0.1:15000{path}"))
             .output()
-            .expect("curl /stats");
+            .expect("curl admin");
         serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
             panic!(
-                "bad /stats ({e}): {}\nlog:\n{}",
+                "bad {path} ({e}): {}\nlog:\n{}",
                 String::from_utf8_lossy(&out.stdout),
                 self.logs()
             )

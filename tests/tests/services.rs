@@ -305,6 +305,16 @@ fn meshed_backend_whose_app_stopped_is_retried_and_ejected() {
     );
     assert_eq!(refused, 2.0);
     assert_eq!(sidecar.closed("refused"), 0);
+    // The admin view says the same.
+    let view = sidecar.admin_json("/services");
+    let eps = view[0]["endpoints"].as_array().expect("endpoints");
+    let b2 = eps
+        .iter()
+        .find(|e| e["address"] == endpoint(&b[1]))
+        .expect("b2 listed");
+    assert_eq!(b2["health"], "ejected", "{view}");
+    assert_eq!(b2["mtls"], true, "{view}");
+    assert_eq!(view[0]["policy"], "round_robin", "{view}");
 }
 
 #[test]

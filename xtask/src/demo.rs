@@ -1,6 +1,7 @@
-//! `cargo xtask demo`: two pods on a private bridge, the sidecar in the client pod,
-//! an unmodified curl in the client pod's app cgroup talking to a server pod.
-//! Prints what the kernel captured and what the proxy carried, then cleans up.
+//! `cargo xtask demo`: three pods on a private bridge, each with its sidecar; an
+//! unmodified curl in the client pod's app cgroup talks to a server pod over mTLS, then
+//! to a service's virtual address balanced across both server pods. Prints what the
+//! kernel captured and what the proxy carried, then cleans up.
 
 use std::process::Command;
 
@@ -11,6 +12,9 @@ use sidecar_tests::{
 };
 
 use crate::{cmd, tasks};
+
+/// The demo service's virtual address: no route to it exists anywhere.
+const VIP: &str = "198.19.0.10:80";
 
 /// Runs the demo.
 pub fn demo() -> Result<()> {
@@ -30,24 +34,33 @@ pub fn demo() -> Result<()> {
     let mut net = Net::new("demo");
     let client = net.pod("client");
     let server = net.pod("server");
+    let server2 = net.pod("server2");
     println!(
         "  client pod: {} / {}   cgroup {}",
         client.ip4,
         client.ip6,
         client.cgroup.display()
     );
-    println!("  server pod: {} / {}", server.ip4, server.ip6);
+    println!(
+        "  server pods: {} / {} and {} / {}",
+        server.ip4, server.ip6, server2.ip4, server2.ip6
+    );
 
-    step("Starting an HTTP server in the server pod on :8080 (bound to the pod IPs only)");
-    let mut http = server.app(&bin.join("pod-tool").to_string_lossy());
-    http.args([
-        "http",
-        "--listen",
-        &format!("{}:8080", server.ip4),
-        "--listen",
-        &format!("[{}]:8080", server.ip6),
-    ]);
-    let _http = Background::start_ready(http);
+    step("Starting an HTTP server in each server pod on :8080 (bound to the pod IPs only)");
+    let _http: Vec<Background> = [&server, &server2]
+        .iter()
+        .map(|pod| {
+            let mut http = pod.app(&bin.join("pod-tool").to_string_lossy());
+            http.args([
+                "http",
+                "--listen",
+                &format!("{}:8080", pod.ip4),
+                "--listen",
+                &format!("[{}]:8080", pod.ip6),
+            ]);
+            Background::start_ready(http)
+        })
+        .collect();
 
     step("Issuing dev certificates (sidecar certs): client = shop/cart, server = shop/db");
     let certs = std::env::temp_dir().join(format!("sidecar-demo-certs-{}", std::process::id()));
@@ -74,20 +87,25 @@ pub fn demo() -> Result<()> {
     };
 
     step(
-        "Starting the server pod's sidecar: inbound strict mTLS, only spiffe://cluster.local/ns/shop/*",
+        "Starting the server pods' sidecars: inbound strict mTLS, only spiffe://cluster.local/ns/shop/*",
     );
     let server_config = format!(
         "{}inbound:\n  mode: strict\n  allow: ['spiffe://cluster.local/ns/shop/*']\n",
         identity("server")
     );
     let server_sidecar = Sidecar::start(&server, &server_config, Placement::InPodCgroup);
+    let server2_sidecar = Sidecar::start(&server2, &server_config, Placement::InPodCgroup);
 
     step(
         "Starting the client pod's sidecar (connect4/connect6/sock_ops on its cgroup; mTLS to the pod network)",
     );
     let client_config = format!(
-        "{}mesh:\n  cidrs: [198.18.0.0/24, 'fd00:5c::/64']\n",
-        identity("client")
+        "{}mesh:\n  cidrs: [198.18.0.0/24, 'fd00:5c::/64']\n\
+         services:\n- name: db\n  addresses: ['{VIP}']\n  policy: round_robin\n  \
+         endpoints: ['{}:8080', '{}:8080']\n  server_identity: spiffe://cluster.local/ns/shop/sa/db\n",
+        identity("client"),
+        server.ip4,
+        server2.ip4,
     );
     let sidecar = Sidecar::start(&client, &client_config, Placement::InPodCgroup);
     for line in attached_programs(&client.cgroup) {
@@ -117,6 +135,34 @@ pub fn demo() -> Result<()> {
         print!("  {}", String::from_utf8_lossy(&out.stdout));
         if !out.status.success() {
             bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+
+    step(&format!(
+        "Service db: the app curls the virtual address {VIP} (routed nowhere) 4 times"
+    ));
+    for _ in 0..4 {
+        let out = client
+            .app("curl")
+            .args(["-sS", "--max-time", "10", &format!("http://{VIP}/")])
+            .output()
+            .context("curl")?;
+        print!("  {}", String::from_utf8_lossy(&out.stdout));
+        if !out.status.success() {
+            bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
+        }
+    }
+    for s in sidecar
+        .admin_json("/services")
+        .as_array()
+        .into_iter()
+        .flatten()
+    {
+        for e in s["endpoints"].as_array().into_iter().flatten() {
+            println!(
+                "  /services: {} endpoint {} health={} mtls={} attempts_ok={}",
+                s["name"], e["address"], e["health"], e["mtls"], e["attempts_ok"]
+            );
         }
     }
 
@@ -171,6 +217,7 @@ pub fn demo() -> Result<()> {
         attached_programs(&client.cgroup).len()
     );
     drop(server_sidecar);
+    drop(server2_sidecar);
     drop(net);
     let _ = std::fs::remove_dir_all(&certs);
     step("Cleaned up: pods, cgroups, namespaces and certificates removed");

@@ -124,7 +124,7 @@ pub struct DnsTarget {
 }
 
 /// Load-balancing policies, with Envoy's names.
-#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
 #[serde(rename_all = "snake_case")]
 pub enum LbPolicy {
     /// Each endpoint in turn, weighted.
