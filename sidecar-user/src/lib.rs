@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod admin_client;
 pub mod app;
+pub mod caps;
 pub mod config;
 pub mod drain;
 pub mod ebpf;

@@ -112,6 +112,8 @@ fn connections(args: &cli::ConnectionsArgs) -> anyhow::Result<String> {
 }
 
 fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {
+    // Name a missing capability now rather than as an EPERM from bpf(2) later.
+    sidecar::caps::check_required(args.netns.is_some())?;
     if let Some(netns) = &args.netns {
         process::enter_netns(netns)?;
     }

@@ -20,6 +20,9 @@ pub enum ProcessError {
         /// What failed.
         reason: String,
     },
+    /// Capabilities could not be dropped.
+    #[error("dropping capabilities: {0}")]
+    Capabilities(String),
     /// Switching to the proxy UID failed.
     #[error("switching to proxy.uid {uid}: {reason}")]
     Identity {
@@ -41,12 +44,18 @@ pub fn enter_netns(path: &Path) -> Result<(), ProcessError> {
 }
 
 /// Becomes `uid` (and the group of the same number) so that the kernel programs
-/// recognise the proxy's own connects. Running as root, this gives up root (and with it
-/// every capability). Already running as `uid` is fine; running as another non-root
-/// user is an error, since the proxy's connects would be captured again.
+/// recognise the proxy's own connects, and gives up every capability: the bounding
+/// and ambient sets are emptied first (while `CAP_SETPCAP` is still held), switching
+/// away from root empties the permitted and effective sets, and the inheritable set is
+/// cleared last. Already running as `uid` is fine; running as another non-root user is
+/// an error, since the proxy's connects would be captured again. Call it while the
+/// process has one thread: capability sets are per thread.
 pub fn become_proxy_user(uid: u32) -> Result<(), ProcessError> {
+    let caps = |e: crate::caps::CapError| ProcessError::Capabilities(e.to_string());
+    crate::caps::clear_bounding_and_ambient().map_err(caps)?;
     let current = geteuid();
     if current.as_raw() == uid {
+        crate::caps::clear_thread_sets().map_err(caps)?;
         return Ok(());
     }
     let err = |reason: String| ProcessError::Identity { uid, reason };
@@ -60,10 +69,17 @@ pub fn become_proxy_user(uid: u32) -> Result<(), ProcessError> {
     setresgid(gid, gid, gid).map_err(|e| err(format!("setresgid: {}", e.desc())))?;
     let user = Uid::from_raw(uid);
     setresuid(user, user, user).map_err(|e| err(format!("setresuid: {}", e.desc())))?;
+    crate::caps::clear_thread_sets().map_err(caps)?;
+    let sets = crate::caps::CapSets::current().map_err(caps)?;
+    if !sets.is_empty() {
+        return Err(ProcessError::Capabilities(format!(
+            "capabilities remain after dropping them: {sets:?}"
+        )));
+    }
     tracing::info!(
         uid,
         gid = getegid().as_raw(),
-        "dropped root; proxy runs as proxy.uid"
+        "dropped root and every capability; proxy runs as proxy.uid"
     );
     Ok(())
 }

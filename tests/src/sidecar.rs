@@ -37,32 +37,76 @@ impl Sidecar {
 
     /// As [`Sidecar::start`], with `RUST_LOG` set to `log`.
     pub fn start_logged(pod: &Pod, config: &str, placement: Placement, log_filter: &str) -> Self {
+        let cmd = match placement {
+            Placement::InPodCgroup => {
+                // Join the cgroup only: the sidecar enters the netns itself (--netns).
+                // (`app` also entered the netns; --netns re-enters the same one.)
+                pod.app(&tools::sidecar_bin().to_string_lossy())
+            }
+            Placement::Outside => Command::new(tools::sidecar_bin()),
+        };
+        Self::spawn(pod, config, log_filter, cmd, true)
+    }
+
+    /// Starts the sidecar as an app of `pod` (in its cgroup and netns, so no
+    /// `--netns`) through `wrapper` (for example `setpriv` with a reduced capability
+    /// set), and waits for `/readyz`.
+    pub fn start_wrapped(pod: &Pod, config: &str, wrapper: &[&str]) -> Self {
+        let (program, args) = wrapper.split_first().expect("wrapper program");
+        let mut cmd = pod.app(program);
+        cmd.args(args).arg(tools::sidecar_bin());
+        let log = std::env::var("SIDECAR_TEST_LOG").unwrap_or_else(|_| "info".into());
+        Self::spawn(pod, config, &log, cmd, false)
+    }
+
+    /// Tries to start like [`Sidecar::start_wrapped`]; returns the exit status and log
+    /// when the sidecar exits within 20 s instead of becoming ready.
+    pub fn start_wrapped_failing(
+        pod: &Pod,
+        config: &str,
+        wrapper: &[&str],
+    ) -> (ExitStatus, String) {
+        let dir = std::env::temp_dir().join(format!("{}-sidecar", pod.netns));
+        fs::create_dir_all(&dir).expect("temp dir");
+        let config_path = dir.join("sidecar.yaml");
+        fs::write(&config_path, config).expect("write config");
+        let (program, args) = wrapper.split_first().expect("wrapper program");
+        let out = pod
+            .app(program)
+            .args(args)
+            .arg(tools::sidecar_bin())
+            .env("SIDECAR__PINS__DIR", pod.pins_dir())
+            .args(["run", "--config"])
+            .arg(&config_path)
+            .arg("--cgroup")
+            .arg(&pod.cgroup)
+            .output()
+            .expect("spawn sidecar");
+        (
+            out.status,
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    fn spawn(pod: &Pod, config: &str, log_filter: &str, mut cmd: Command, netns: bool) -> Self {
         ensure_bpffs();
         let dir = std::env::temp_dir().join(format!("{}-sidecar", pod.netns));
         fs::create_dir_all(&dir).expect("temp dir");
         let config_path = dir.join("sidecar.yaml");
         fs::write(&config_path, config).expect("write config");
         let log = dir.join("sidecar.log");
-        let mut cmd = match placement {
-            Placement::InPodCgroup => {
-                // Join the cgroup only: the sidecar enters the netns itself (--netns).
-                let mut c = pod.app(&tools::sidecar_bin().to_string_lossy());
-                // `app` also entered the netns; harmless, --netns re-enters the same one.
-                c.env_clear();
-                c
-            }
-            Placement::Outside => Command::new(tools::sidecar_bin()),
-        };
-        cmd.env("RUST_LOG", log_filter)
+        cmd.env_clear()
+            .env("RUST_LOG", log_filter)
             .env("SIDECAR__PINS__DIR", pod.pins_dir())
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .args(["run", "--config"])
             .arg(&config_path)
             .arg("--cgroup")
-            .arg(&pod.cgroup)
-            .arg("--netns")
-            .arg(pod.netns_path())
-            .stdout(Stdio::null())
+            .arg(&pod.cgroup);
+        if netns {
+            cmd.arg("--netns").arg(pod.netns_path());
+        }
+        cmd.stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("log file"));
         let child = cmd.spawn().expect("spawn sidecar");
         let mut sidecar = Self {

@@ -51,8 +51,9 @@ pub enum PinError {
 impl PinDir {
     /// The folder for the pod whose cgroup is `cgroup`, under `root` (created, must be
     /// on bpffs). The cgroup's id (its inode) keeps the name stable across restarts.
-    /// The folder belongs to `owner`, the proxy's UID, so the proxy can still remove
-    /// the pins on a clean stop after it has given up root.
+    /// The folder is root's with group `owner` (the proxy's UID and GID) allowed to
+    /// write, so the proxy can still remove the pins on a clean stop after it has
+    /// given up root, and root needs no `CAP_DAC_OVERRIDE` to pin or reopen them.
     pub fn for_cgroup(root: &Path, cgroup: &Path, owner: u32) -> Result<Self, PinError> {
         fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinError {
             let path = path.to_owned();
@@ -73,14 +74,19 @@ impl PinDir {
             .ino();
         let dir = root.join(format!("cgroup-{id}"));
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-        let id = Some(nix::unistd::Uid::from_raw(owner));
-        nix::unistd::chown(&dir, id, Some(nix::unistd::Gid::from_raw(owner))).map_err(|e| {
-            PinError::Io {
+        // Root keeps owning the folder (it pins there, and a restart reopens the pins,
+        // without CAP_DAC_OVERRIDE); the proxy's group may write to it, so that after
+        // giving up root it can still unpin on a clean stop.
+        let root_uid = Some(nix::unistd::Uid::from_raw(0));
+        nix::unistd::chown(&dir, root_uid, Some(nix::unistd::Gid::from_raw(owner))).map_err(
+            |e| PinError::Io {
                 what: "chown",
                 path: dir.clone(),
                 source: e.into(),
-            }
-        })?;
+            },
+        )?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o770))
+            .map_err(io("chmod", &dir))?;
         Ok(Self { dir })
     }
 
