@@ -70,6 +70,9 @@ pub mod capture_flags {
     /// Inbound: drop a captured connection when the proxy's listener is missing, rather
     /// than letting it reach the application around the proxy.
     pub const INBOUND_FAIL_CLOSED: u32 = 4;
+    /// Outbound: when no proxy listens on the outbound port, leave the connect alone
+    /// (it goes direct) instead of redirecting it to a refused port.
+    pub const OUTBOUND_FAIL_OPEN: u32 = 8;
 }
 
 /// Bits of a [`map_names::INBOUND_PORTS`] value.

@@ -3,8 +3,8 @@
 //! cookie. Every path returns "allow": a bug here must never block the app's connect.
 
 use aya_ebpf::{
-    bindings::bpf_sock_addr,
-    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie},
+    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple},
+    helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
     programs::SockAddrContext,
@@ -33,7 +33,9 @@ pub fn connect4(ctx: SockAddrContext) -> i32 {
         return ALLOW;
     };
     let dst = SockAddr::v4(sa.user_ip4, u16::from_be(sa.user_port as u16));
-    if should_capture_v4(Program::Connect4, cfg, dst.addr[0], dst.port) {
+    if should_capture_v4(Program::Connect4, cfg, dst.addr[0], dst.port)
+        && proxy_listening(Program::Connect4, &ctx, cfg, false)
+    {
         record(Program::Connect4, &ctx, &dst);
         debug!(
             &ctx,
@@ -59,7 +61,9 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
     let ip6 = sa.user_ip6;
     let port = u16::from_be(sa.user_port as u16);
     if ip6[0] == 0 && ip6[1] == 0 && ip6[2] == V4_MAPPED_WORD {
-        if should_capture_v4(Program::Connect6, cfg, ip6[3], port) {
+        if should_capture_v4(Program::Connect6, cfg, ip6[3], port)
+            && proxy_listening(Program::Connect6, &ctx, cfg, false)
+        {
             record(Program::Connect6, &ctx, &SockAddr::v4(ip6[3], port));
             debug!(
                 &ctx,
@@ -70,13 +74,68 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
             sa.user_ip6[3] = cfg.outbound_ip4;
             sa.user_port = u32::from(cfg.outbound_port.to_be());
         }
-    } else if should_capture_v6(Program::Connect6, cfg, ip6, port) {
+    } else if should_capture_v6(Program::Connect6, cfg, ip6, port)
+        && proxy_listening(Program::Connect6, &ctx, cfg, true)
+    {
         record(Program::Connect6, &ctx, &SockAddr::v6(ip6, port));
         debug!(&ctx, "connect6: captured connect to port {}", port);
         set_user_ip6(sa, cfg.outbound_ip6);
         sa.user_port = u32::from(cfg.outbound_port.to_be());
     }
     ALLOW
+}
+
+/// In fail-open mode, whether the proxy's outbound listener exists in this network
+/// namespace (a socket lookup, as `bpf_sk_lookup_tcp` finds listeners): when it does
+/// not, the connect is left alone and goes direct. In fail-closed mode (the default)
+/// always true: the connect is redirected, and refused if nothing listens.
+#[inline(always)]
+fn proxy_listening(prog: Program, ctx: &SockAddrContext, cfg: &CaptureConfig, v6: bool) -> bool {
+    if cfg.flags & capture_flags::OUTBOUND_FAIL_OPEN == 0 {
+        return true;
+    }
+    // SAFETY: an all-zero tuple is valid; only plain fields are written below.
+    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
+    let size = if v6 {
+        // SAFETY: writing plain integers into the union's IPv6 variant.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv6;
+            t.saddr = cfg.outbound_ip6;
+            t.daddr = cfg.outbound_ip6;
+            t.dport = cfg.outbound_port.to_be();
+        }
+        36
+    } else {
+        // SAFETY: as above, IPv4 variant.
+        unsafe {
+            let t = &mut tuple.__bindgen_anon_1.ipv4;
+            t.saddr = cfg.outbound_ip4;
+            t.daddr = cfg.outbound_ip4;
+            t.dport = cfg.outbound_port.to_be();
+        }
+        12
+    };
+    // SAFETY: a sock_addr context and a tuple of `size` bytes, as the helper expects;
+    // a found socket is released right away.
+    let found = unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.sock_addr.cast(),
+            &mut tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            false
+        } else {
+            bpf_sk_release(sk.cast());
+            true
+        }
+    };
+    if !found {
+        bump(prog, Counter::ListenerMissingPassed);
+    }
+    found
 }
 
 /// Writes the IPv6 address word by word: the verifier only accepts aligned 4-byte

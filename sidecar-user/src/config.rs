@@ -247,6 +247,11 @@ pub struct CaptureConfig {
     pub include_ports: Vec<u16>,
     /// Destination networks never captured (for example the API server's address).
     pub exclude_cidrs: Vec<IpNet>,
+    /// When no proxy listens (crashed, not yet started, stopped), let the app's
+    /// connects go direct (true) instead of refusing them (false, the default: traffic
+    /// never goes around mTLS silently). The kernel checks for the proxy's listener on
+    /// each connect.
+    pub fail_open: bool,
 }
 
 /// Inbound capture: connections arriving from outside the pod for captured local ports

@@ -25,7 +25,7 @@ fn slow_transfers(seconds: f64, drain_timeout: &str) -> (serde_json::Value, Stri
         "--to",
         &dst,
         "--streams",
-        "5",
+        "20",
         "--bytes",
         "200000",
         "--seconds",
@@ -48,7 +48,7 @@ fn slow_transfers(seconds: f64, drain_timeout: &str) -> (serde_json::Value, Stri
 #[test]
 fn open_connections_finish_within_the_grace_period() {
     let (summary, log, took) = slow_transfers(2.0, "20s");
-    assert_eq!(summary["ok"], 5, "{summary}\n{log}");
+    assert_eq!(summary["ok"], 20, "all 20 byte-exact: {summary}\n{log}");
     assert!(log.contains("drained: every connection finished"), "{log}");
     // The sidecar waited for the transfers (about 2 s), not for the whole grace period.
     assert!(
@@ -60,7 +60,7 @@ fn open_connections_finish_within_the_grace_period() {
 #[test]
 fn connections_past_the_grace_period_are_closed() {
     let (summary, log, took) = slow_transfers(30.0, "1s");
-    assert_eq!(summary["failed"], 5, "{summary}\n{log}");
+    assert_eq!(summary["failed"], 20, "{summary}\n{log}");
     assert!(
         log.contains("drain timeout: closed remaining connections"),
         "{log}"

@@ -445,6 +445,9 @@ pub fn capture_settings(config: &Config) -> CaptureConfig {
     if config.inbound.fail_closed {
         flags |= capture_flags::INBOUND_FAIL_CLOSED;
     }
+    if config.capture.fail_open {
+        flags |= capture_flags::OUTBOUND_FAIL_OPEN;
+    }
     CaptureConfig {
         proxy_uid: config.proxy.uid,
         flags,

@@ -1,0 +1,131 @@
+//! A sidecar killed with SIGKILL in the middle of a steady stream of connections:
+//! with `capture.fail_open` the kernel notices the proxy's listener is gone and lets
+//! new connects go direct; by default (fail closed) they are refused, so nothing
+//! reaches the destination around the proxy. A restarted sidecar takes the pinned
+//! links over, and a clean stop leaves no program and no pin.
+
+use std::time::{Duration, Instant};
+
+use sidecar_tests::{
+    Net, Placement, Pod, Sidecar,
+    tools::{Background, attached_programs, pod_tool_bin, run_json},
+};
+
+fn tally(pod: &Pod, to: &str, count: usize, interval_ms: u64) -> serde_json::Value {
+    let mut cmd = pod.app(&pod_tool_bin());
+    cmd.args(["tally", "--to", to, "--count", &count.to_string()])
+        .args(["--interval-ms", &interval_ms.to_string()]);
+    run_json(cmd)
+}
+
+fn pins_left(pod: &Pod) -> Vec<std::path::PathBuf> {
+    std::fs::read_dir(pod.pins_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
+        .map(|p| p.path())
+        .collect()
+}
+
+fn crash_during_a_stream(fail_open: bool) {
+    let tag = if fail_open {
+        "crash-open"
+    } else {
+        "crash-closed"
+    };
+    let mut net = Net::new(tag);
+    let client = net.pod("client");
+    let server = net.pod("server");
+    let mut echo = server.app(&pod_tool_bin());
+    echo.args(["echo", "--listen", &format!("{}:8080", server.ip4)]);
+    let _echo = Background::start_ready(echo);
+    let dst = format!("{}:8080", server.ip4);
+    let config = format!("capture:\n  fail_open: {fail_open}\n");
+    let sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
+
+    // About 2 s of connections, one every 10 ms; the sidecar dies 0.5 s in.
+    let stream = {
+        let (client, dst) = (client.clone(), dst.clone());
+        std::thread::spawn(move || tally(&client, &dst, 150, 10))
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    sidecar.crash();
+    let during = stream.join().expect("stream");
+    let ok = during["ok"].as_u64().unwrap_or(0);
+    let failed = during["failed"].as_u64().unwrap_or(0);
+    assert_eq!(ok + failed, 150, "{during}");
+    assert_eq!(
+        attached_programs(&client.cgroup).len(),
+        3,
+        "pinned programs outlive the crash"
+    );
+
+    if fail_open {
+        // At most the connection in flight at the kill fails; the rest went direct.
+        assert!(failed <= 1, "{during}");
+        let after = tally(&client, &dst, 10, 0);
+        assert_eq!(after["ok"], 10, "{after}");
+    } else {
+        // Everything after the kill was refused: nothing reached the server direct.
+        assert!(ok < 150 && failed >= 100, "{during}");
+        let after = tally(&client, &dst, 10, 0);
+        assert_eq!(
+            after["failed"], 10,
+            "nothing goes around the proxy: {after}"
+        );
+    }
+
+    // A restarted sidecar takes over; every later connection goes through it.
+    let sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
+    assert!(sidecar.logs().contains("took over the pinned link"));
+    assert_eq!(attached_programs(&client.cgroup).len(), 3);
+    let after = tally(&client, &dst, 20, 0);
+    assert_eq!(after["ok"], 20, "{after}");
+    assert_eq!(sidecar.opened(), 20, "all through the new proxy");
+    assert!(sidecar.terminate().success());
+    assert!(attached_programs(&client.cgroup).is_empty());
+    assert!(pins_left(&client).is_empty(), "{:?}", pins_left(&client));
+}
+
+#[test]
+fn fail_open_lets_new_connections_go_direct_while_the_proxy_is_gone() {
+    crash_during_a_stream(true);
+}
+
+#[test]
+fn fail_closed_refuses_every_connection_while_the_proxy_is_gone() {
+    crash_during_a_stream(false);
+}
+
+#[test]
+fn fail_open_first_direct_connection_comes_within_a_second() {
+    let mut net = Net::new("crash-fast");
+    let client = net.pod("client");
+    let server = net.pod("server");
+    let mut echo = server.app(&pod_tool_bin());
+    echo.args(["echo", "--listen", &format!("{}:8080", server.ip4)]);
+    let _echo = Background::start_ready(echo);
+    let dst = format!("{}:8080", server.ip4);
+    let sidecar = Sidecar::start(
+        &client,
+        "capture:\n  fail_open: true\n",
+        Placement::InPodCgroup,
+    );
+    assert_eq!(tally(&client, &dst, 1, 0)["ok"], 1);
+    sidecar.crash();
+    let killed = Instant::now();
+    loop {
+        if tally(&client, &dst, 1, 0)["ok"] == 1 {
+            break;
+        }
+        assert!(
+            killed.elapsed() < Duration::from_secs(1),
+            "no direct connection within 1 s"
+        );
+    }
+    eprintln!(
+        "first direct connection {:?} after SIGKILL",
+        killed.elapsed()
+    );
+}
