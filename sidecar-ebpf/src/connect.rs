@@ -3,7 +3,10 @@
 //! cookie. Every path returns "allow": a bug here must never block the app's connect.
 
 use aya_ebpf::{
-    bindings::{BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple},
+    bindings::{
+        BPF_F_CURRENT_NETNS, bpf_sock_addr, bpf_sock_tuple, bpf_sock_tuple__bindgen_ty_1,
+        bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1, bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2,
+    },
     helpers::{bpf_get_current_uid_gid, bpf_get_socket_cookie, bpf_sk_lookup_tcp, bpf_sk_release},
     macros::cgroup_sock_addr,
     maps::lpm_trie::Key,
@@ -94,48 +97,72 @@ fn proxy_listening(prog: Program, ctx: &SockAddrContext, cfg: &CaptureConfig, v6
     if cfg.flags & capture_flags::OUTBOUND_FAIL_OPEN == 0 {
         return true;
     }
-    // SAFETY: an all-zero tuple is valid; only plain fields are written below.
-    let mut tuple: bpf_sock_tuple = unsafe { core::mem::zeroed() };
-    let size = if v6 {
-        // SAFETY: writing plain integers into the union's IPv6 variant.
-        unsafe {
-            let t = &mut tuple.__bindgen_anon_1.ipv6;
-            t.saddr = cfg.outbound_ip6;
-            t.daddr = cfg.outbound_ip6;
-            t.dport = cfg.outbound_port.to_be();
-        }
-        36
+    let found = if v6 {
+        listener_v6(ctx, cfg)
     } else {
-        // SAFETY: as above, IPv4 variant.
-        unsafe {
-            let t = &mut tuple.__bindgen_anon_1.ipv4;
-            t.saddr = cfg.outbound_ip4;
-            t.daddr = cfg.outbound_ip4;
-            t.dport = cfg.outbound_port.to_be();
-        }
-        12
-    };
-    // SAFETY: a sock_addr context and a tuple of `size` bytes, as the helper expects;
-    // a found socket is released right away.
-    let found = unsafe {
-        let sk = bpf_sk_lookup_tcp(
-            ctx.sock_addr.cast(),
-            &mut tuple,
-            size,
-            BPF_F_CURRENT_NETNS as u64,
-            0,
-        );
-        if sk.is_null() {
-            false
-        } else {
-            bpf_sk_release(sk.cast());
-            true
-        }
+        listener_v4(ctx, cfg)
     };
     if !found {
         bump(prog, Counter::ListenerMissingPassed);
     }
     found
+}
+
+/// Looks up the IPv4 outbound listener. Separate functions per family keep each
+/// stack tuple at a fixed offset: the verifier refuses pointer arithmetic that mixes
+/// paths unless the loader has CAP_PERFMON, which the sidecar does not ask for.
+#[inline(never)]
+fn listener_v4(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
+    // Built field by field: `mem::zeroed` becomes a byte loop the verifier refuses.
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv4: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_1 {
+                saddr: cfg.outbound_ip4,
+                daddr: cfg.outbound_ip4,
+                sport: 0,
+                dport: cfg.outbound_port.to_be(),
+            },
+        },
+    };
+    lookup(ctx, &mut tuple, 12)
+}
+
+/// Looks up the IPv6 outbound listener (see [`listener_v4`]).
+#[inline(never)]
+fn listener_v6(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
+    let mut tuple = bpf_sock_tuple {
+        __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
+            ipv6: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
+                saddr: cfg.outbound_ip6,
+                daddr: cfg.outbound_ip6,
+                sport: 0,
+                dport: cfg.outbound_port.to_be(),
+            },
+        },
+    };
+    lookup(ctx, &mut tuple, 36)
+}
+
+/// Whether a TCP socket matches `tuple` in the current netns; releases it at once.
+#[inline(always)]
+fn lookup(ctx: &SockAddrContext, tuple: &mut bpf_sock_tuple, size: u32) -> bool {
+    // SAFETY: a sock_addr context and a tuple of `size` bytes, as the helper expects;
+    // a found socket is released right away.
+    unsafe {
+        let sk = bpf_sk_lookup_tcp(
+            ctx.sock_addr.cast(),
+            tuple,
+            size,
+            BPF_F_CURRENT_NETNS as u64,
+            0,
+        );
+        if sk.is_null() {
+            return false;
+        }
+        // Decide from the helper's result, not the pointer: after the release the
+        // verifier forbids reading the pointer's register again.
+        bpf_sk_release(sk.cast()) == 0
+    }
 }
 
 /// Writes the IPv6 address word by word: the verifier only accepts aligned 4-byte

@@ -73,10 +73,19 @@ pub struct RunArgs {
     /// YAML config file; without it, every field takes its default.
     #[arg(long, env = "SIDECAR_CONFIG")]
     pub config: Option<PathBuf>,
-    /// cgroup v2 directory to capture (absolute, or relative to the cgroup2 mount).
-    /// Default: the sidecar's own cgroup.
+    /// cgroup v2 directory to capture (absolute, or relative to the cgroup root).
+    /// Default: the cgroup of --pod-uid, else the sidecar's own cgroup (its pod's, in
+    /// a Kubernetes pod).
     #[arg(long)]
     pub cgroup: Option<PathBuf>,
+    /// The pod's UID (downward API `metadata.uid`): its cgroup is found under
+    /// --cgroup-root, which works from a private cgroup namespace.
+    #[arg(long, env = "POD_UID")]
+    pub pod_uid: Option<String>,
+    /// Where the host's cgroup2 hierarchy is mounted (a hostPath in a container).
+    /// Default: this host's cgroup2 mount point from /proc/mounts.
+    #[arg(long, env = "SIDECAR_CGROUP_ROOT")]
+    pub cgroup_root: Option<PathBuf>,
     /// Network namespace to enter before binding (e.g. /run/netns/NAME or
     /// /proc/PID/ns/net). Default: the current one.
     #[arg(long)]

@@ -117,7 +117,11 @@ fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {
     if let Some(netns) = &args.netns {
         process::enter_netns(netns)?;
     }
-    let cgroup = cgroup::resolve(args.cgroup.as_deref())?;
+    let cgroup = cgroup::resolve(&cgroup::CgroupSelector {
+        dir: args.cgroup.clone(),
+        pod_uid: args.pod_uid.clone(),
+        root: args.cgroup_root.clone(),
+    })?;
     let nofile = process::raise_nofile_limit();
     tracing::debug!(nofile, "open file limit");
     let uid = config.proxy.uid;

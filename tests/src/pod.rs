@@ -175,6 +175,11 @@ impl Drop for Net {
 /// Kills every process in `cgroup` and removes it, retrying while exiting processes
 /// are still being released (best effort, never panics).
 fn kill_cgroup(cgroup: &Path) {
+    // Nested cgroups (a pod's container cgroups) go first.
+    let children = fs::read_dir(cgroup).into_iter().flatten().flatten();
+    for child in children.filter(|e| e.file_type().is_ok_and(|t| t.is_dir())) {
+        kill_cgroup(&child.path());
+    }
     for _ in 0..250 {
         if fs::remove_dir(cgroup).is_ok() || !cgroup.exists() {
             return;

@@ -45,18 +45,42 @@ impl Sidecar {
             }
             Placement::Outside => Command::new(tools::sidecar_bin()),
         };
-        Self::spawn(pod, config, log_filter, cmd, true)
+        let cgroup = pod.cgroup.to_string_lossy().into_owned();
+        let netns = pod.netns_path().to_string_lossy().into_owned();
+        Self::spawn(
+            pod,
+            config,
+            log_filter,
+            cmd,
+            &["--cgroup", &cgroup, "--netns", &netns],
+        )
     }
 
     /// Starts the sidecar as an app of `pod` (in its cgroup and netns, so no
     /// `--netns`) through `wrapper` (for example `setpriv` with a reduced capability
     /// set), and waits for `/readyz`.
     pub fn start_wrapped(pod: &Pod, config: &str, wrapper: &[&str]) -> Self {
+        Self::start_finding_cgroup(
+            pod,
+            config,
+            wrapper,
+            &["--cgroup", &pod.cgroup.to_string_lossy()],
+        )
+    }
+
+    /// As [`Sidecar::start_wrapped`], but with `find_args` instead of `--cgroup`: the
+    /// sidecar finds the pod's cgroup itself (`--pod-uid`, `--cgroup-root`, or its own).
+    pub fn start_finding_cgroup(
+        pod: &Pod,
+        config: &str,
+        wrapper: &[&str],
+        find_args: &[&str],
+    ) -> Self {
         let (program, args) = wrapper.split_first().expect("wrapper program");
         let mut cmd = pod.app(program);
         cmd.args(args).arg(tools::sidecar_bin());
         let log = std::env::var("SIDECAR_TEST_LOG").unwrap_or_else(|_| "info".into());
-        Self::spawn(pod, config, &log, cmd, false)
+        Self::spawn(pod, config, &log, cmd, find_args)
     }
 
     /// Tries to start like [`Sidecar::start_wrapped`]; returns the exit status and log
@@ -65,6 +89,7 @@ impl Sidecar {
         pod: &Pod,
         config: &str,
         wrapper: &[&str],
+        find_args: &[&str],
     ) -> (ExitStatus, String) {
         let dir = std::env::temp_dir().join(format!("{}-sidecar", pod.netns));
         fs::create_dir_all(&dir).expect("temp dir");
@@ -78,8 +103,7 @@ impl Sidecar {
             .env("SIDECAR__PINS__DIR", pod.pins_dir())
             .args(["run", "--config"])
             .arg(&config_path)
-            .arg("--cgroup")
-            .arg(&pod.cgroup)
+            .args(find_args)
             .output()
             .expect("spawn sidecar");
         (
@@ -88,7 +112,7 @@ impl Sidecar {
         )
     }
 
-    fn spawn(pod: &Pod, config: &str, log_filter: &str, mut cmd: Command, netns: bool) -> Self {
+    fn spawn(pod: &Pod, config: &str, log_filter: &str, mut cmd: Command, args: &[&str]) -> Self {
         ensure_bpffs();
         let dir = std::env::temp_dir().join(format!("{}-sidecar", pod.netns));
         fs::create_dir_all(&dir).expect("temp dir");
@@ -101,11 +125,7 @@ impl Sidecar {
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .args(["run", "--config"])
             .arg(&config_path)
-            .arg("--cgroup")
-            .arg(&pod.cgroup);
-        if netns {
-            cmd.arg("--netns").arg(pod.netns_path());
-        }
+            .args(args);
         cmd.stdout(Stdio::null())
             .stderr(fs::File::create(&log).expect("log file"));
         let child = cmd.spawn().expect("spawn sidecar");

@@ -92,6 +92,7 @@ fn a_missing_capability_is_named_before_anything_attaches() {
             "--inh-caps=-all",
             "--",
         ],
+        &["--cgroup", &pod.cgroup.to_string_lossy()],
     );
     assert!(!status.success());
     assert!(log.contains("missing capabilities: CAP_NET_ADMIN"), "{log}");
@@ -99,4 +100,59 @@ fn a_missing_capability_is_named_before_anything_attaches() {
         sidecar_tests::tools::attached_programs(&pod.cgroup).is_empty(),
         "nothing attached"
     );
+}
+
+#[test]
+fn in_a_private_cgroup_namespace_the_pod_is_found_by_its_uid() {
+    let mut net = Net::new("poduid");
+    let app = net.pod("app");
+    let server = net.pod("server");
+    let mut echo = server.app(&pod_tool_bin());
+    echo.args(["http", "--listen", &format!("{}:8080", server.ip4)]);
+    let _echo = Background::start_ready(echo);
+    // The kubelet's layout: .../kubepods/burstable/pod<uid>/<container>.
+    let uid = "1b4e28ba-2fa1-11d2-883f-0016d3cca427";
+    let pod_dir = app
+        .cgroup
+        .join("kubepods/burstable")
+        .join(format!("pod{uid}"));
+    let container = pod_dir.join("sidecar-container");
+    std::fs::create_dir_all(&container).expect("cgroups");
+    let app_container = pod_dir.join("app-container");
+    std::fs::create_dir_all(&app_container).expect("cgroups");
+    let in_container = |dir: &std::path::Path| sidecar_tests::Pod {
+        cgroup: dir.to_path_buf(),
+        ..app.clone()
+    };
+    let root = sidecar_tests::pod::cgroup2_mount();
+    let root = root.to_string_lossy();
+    // `unshare --cgroup`: /proc/self/cgroup reads 0::/, as in a container.
+    let private = ["unshare", "--cgroup", "--"];
+    let (status, log) =
+        Sidecar::start_wrapped_failing(&in_container(&container), "", &private, &[]);
+    assert!(!status.success());
+    assert!(
+        log.contains("private cgroup namespace") && log.contains("--pod-uid"),
+        "{log}"
+    );
+
+    let sidecar = Sidecar::start_finding_cgroup(
+        &in_container(&container),
+        "",
+        &private,
+        &["--pod-uid", uid, "--cgroup-root", &root],
+    );
+    assert!(
+        sidecar.logs().contains(&format!("pod{uid}")),
+        "{}",
+        sidecar.logs()
+    );
+    // The app runs in another container of the same pod: captured all the same.
+    let out = in_container(&app_container).curl(&[&format!("http://{}:8080/", server.ip4)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(sidecar.opened(), 1);
 }

@@ -26,6 +26,21 @@ pub enum CgroupError {
     /// `/proc/self/cgroup` has no cgroup v2 line.
     #[error("/proc/self/cgroup has no cgroup v2 (`0::`) entry")]
     NoOwnCgroup,
+    /// This process is in a private cgroup namespace and no pod UID was given.
+    #[error(
+        "/proc/self/cgroup reads 0::/ (a private cgroup namespace, as in a container, or the host's root cgroup): pass --pod-uid (downward API metadata.uid) with the host's cgroup2 mounted at --cgroup-root, or --cgroup"
+    )]
+    PrivateNamespace,
+    /// No cgroup of the given pod was found.
+    #[error(
+        "no cgroup of pod {uid} under {root} (looked for pod<uid> and *pod<uid_with_underscores>.slice); is the host's cgroup2 mounted there?"
+    )]
+    PodNotFound {
+        /// The pod UID.
+        uid: String,
+        /// Where it was searched.
+        root: PathBuf,
+    },
     /// The given directory is not a cgroup v2 directory.
     #[error("{path} is not a cgroup v2 directory: {reason}")]
     NotCgroup2 {
@@ -79,14 +94,37 @@ pub fn own_cgroup_in(text: &str) -> Option<&str> {
     text.lines().find_map(|line| line.strip_prefix("0::"))
 }
 
-/// Resolves the cgroup to attach to: `dir` if given (absolute, or relative to the
-/// cgroup2 mount), else the cgroup this process runs in.
-pub fn resolve(dir: Option<&Path>) -> Result<PathBuf, CgroupError> {
-    let mount = cgroup2_mount()?;
-    let path = match dir {
-        Some(dir) if dir.is_absolute() => dir.to_path_buf(),
-        Some(dir) => mount.join(dir),
-        None => {
+/// How to find the pod's cgroup.
+#[derive(Clone, Debug, Default)]
+pub struct CgroupSelector {
+    /// An explicit directory (absolute, or relative to the cgroup root).
+    pub dir: Option<PathBuf>,
+    /// The pod's UID (Kubernetes downward API `metadata.uid`).
+    pub pod_uid: Option<String>,
+    /// Where the host's cgroup2 hierarchy is mounted (default: this host's cgroup2
+    /// mount from /proc/mounts).
+    pub root: Option<PathBuf>,
+}
+
+/// Resolves the cgroup to attach to: `dir` if given; else the directory of pod
+/// `pod_uid` under the cgroup root; else this process's own cgroup, widened to its
+/// pod's when it is a container inside a Kubernetes pod cgroup (so the app's
+/// containers are captured too).
+pub fn resolve(selector: &CgroupSelector) -> Result<PathBuf, CgroupError> {
+    let root = match &selector.root {
+        Some(root) => root.clone(),
+        None => cgroup2_mount()?,
+    };
+    let path = match (&selector.dir, &selector.pod_uid) {
+        (Some(dir), _) if dir.is_absolute() => dir.to_path_buf(),
+        (Some(dir), _) => root.join(dir),
+        (None, Some(uid)) => {
+            find_pod_cgroup(&root, uid).ok_or_else(|| CgroupError::PodNotFound {
+                uid: uid.clone(),
+                root: root.clone(),
+            })?
+        }
+        (None, None) => {
             let text = std::fs::read_to_string("/proc/self/cgroup").map_err(|source| {
                 CgroupError::Read {
                     path: "/proc/self/cgroup",
@@ -94,7 +132,13 @@ pub fn resolve(dir: Option<&Path>) -> Result<PathBuf, CgroupError> {
                 }
             })?;
             let own = own_cgroup_in(&text).ok_or(CgroupError::NoOwnCgroup)?;
-            mount.join(own.trim_start_matches('/'))
+            // Either a private cgroup namespace (a container) or the host's root
+            // cgroup: capturing the whole host is never what a sidecar should do.
+            if own == "/" {
+                return Err(CgroupError::PrivateNamespace);
+            }
+            let own = Path::new(own.trim_start_matches('/'));
+            root.join(pod_ancestor(own).unwrap_or(own))
         }
     };
     let stat = nix::sys::statfs::statfs(&path).map_err(|e| CgroupError::NotCgroup2 {
@@ -108,6 +152,46 @@ pub fn resolve(dir: Option<&Path>) -> Result<PathBuf, CgroupError> {
         });
     }
     Ok(path)
+}
+
+/// Whether a cgroup directory name is pod `uid`'s: `pod<uid>` (cgroupfs driver) or
+/// `...-pod<uid with _ for ->.slice` (systemd driver).
+fn is_pod_dir(name: &str, uid: &str) -> bool {
+    let systemd = format!("pod{}.slice", uid.replace('-', "_"));
+    name == format!("pod{uid}") || name.ends_with(&systemd)
+}
+
+/// The pod-level ancestor of a container's cgroup path, if it is in a Kubernetes pod.
+pub fn pod_ancestor(path: &Path) -> Option<&Path> {
+    path.ancestors().find(|p| {
+        p.file_name().and_then(|n| n.to_str()).is_some_and(|n| {
+            (n.starts_with("pod") && n.len() > 3 && !n.contains('.'))
+                || (n.contains("-pod") && n.ends_with(".slice"))
+        })
+    })
+}
+
+/// Searches `root` (breadth-first, up to 8 levels: kubepods/<qos>/pod<uid> is 3) for pod
+/// `uid`'s cgroup.
+pub fn find_pod_cgroup(root: &Path, uid: &str) -> Option<PathBuf> {
+    let mut level = vec![root.to_path_buf()];
+    for _ in 0..8 {
+        let mut next = Vec::new();
+        for dir in &level {
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if !entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    continue;
+                }
+                let name = entry.file_name();
+                if is_pod_dir(&name.to_string_lossy(), uid) {
+                    return Some(entry.path());
+                }
+                next.push(entry.path());
+            }
+        }
+        level = next;
+    }
+    None
 }
 
 #[cfg(test)]
@@ -141,6 +225,51 @@ mod tests {
             cgroup2_mount_in(mounts),
             Some(PathBuf::from("/mnt/with space"))
         );
+    }
+
+    #[test]
+    fn finds_pod_cgroups_of_both_drivers() {
+        let root = std::env::temp_dir().join(format!("sidecar-cg-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&root);
+        let uid = "3f1a9c2e-77b0-4d4e-9a39-0c1b2d3e4f50";
+        let cgroupfs = root.join("a/kubepods/burstable").join(format!("pod{uid}"));
+        let systemd = root
+            .join("b/kubepods.slice/kubepods-besteffort.slice")
+            .join(format!(
+                "kubepods-besteffort-pod{}.slice",
+                uid.replace('-', "_")
+            ));
+        for d in [&cgroupfs, &systemd] {
+            std::fs::create_dir_all(d.join("cri-containerd-abc.scope")).expect("mkdir");
+        }
+        std::fs::create_dir_all(root.join("a/kubepods/burstable/podother")).expect("mkdir");
+        assert_eq!(
+            find_pod_cgroup(&root.join("a"), uid),
+            Some(cgroupfs.clone())
+        );
+        assert_eq!(find_pod_cgroup(&root.join("b"), uid), Some(systemd.clone()));
+        assert_eq!(find_pod_cgroup(&root.join("a"), "nope"), None);
+        let _ = std::fs::remove_dir_all(&root);
+    }
+
+    #[test]
+    fn widens_a_container_cgroup_to_its_pod() {
+        let c = Path::new("kubepods/burstable/pod1234-ab/0123456789abcdef");
+        assert_eq!(
+            pod_ancestor(c),
+            Some(Path::new("kubepods/burstable/pod1234-ab"))
+        );
+        let s = Path::new(
+            "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12_34.slice/cri-containerd-9.scope",
+        );
+        assert_eq!(
+            pod_ancestor(s),
+            Some(Path::new(
+                "kubepods.slice/kubepods-burstable.slice/kubepods-burstable-pod12_34.slice"
+            ))
+        );
+        assert_eq!(pod_ancestor(Path::new("sidecar-tests/client")), None);
+        assert_eq!(pod_ancestor(Path::new("user.slice/session-1.scope")), None);
     }
 
     #[test]
