@@ -39,6 +39,8 @@ pub struct AdminState {
     pub connections: Arc<ConnTable>,
     /// Services and endpoints, for `/services`.
     pub services: Arc<crate::service::Services>,
+    /// Kubelet probes rewritten by `sidecar inject`, by path.
+    pub app_probes: crate::app_health::AppProbes,
     /// The cgroup the programs are attached to.
     pub cgroup: PathBuf,
     /// When the sidecar started.
@@ -85,10 +87,32 @@ pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminStat
             }
         };
         let state = state.clone();
+        // The pod IP the kubelet dialed: forwarded app probes go to the same address.
+        let local_ip = stream
+            .local_addr()
+            .map(|a| match a.ip() {
+                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a.ip(), Into::into),
+                ip => ip,
+            })
+            .ok();
         tokio::spawn(async move {
-            let service = service_fn(move |req| {
+            let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                async move { Ok::<_, Infallible>(route(&req, surface, &state)) }
+                async move {
+                    let probe = state.app_probes.get(req.uri().path()).cloned();
+                    let response = match (probe, local_ip) {
+                        (Some(probe), Some(ip)) => {
+                            let (code, body) = crate::app_health::check(&probe, ip).await;
+                            let code = StatusCode::from_u16(code)
+                                .unwrap_or(StatusCode::SERVICE_UNAVAILABLE);
+                            let mut resp = Response::new(Full::new(Bytes::from(body)));
+                            *resp.status_mut() = code;
+                            resp
+                        }
+                        _ => route(&req, surface, &state),
+                    };
+                    Ok::<_, Infallible>(response)
+                }
             });
             if let Err(error) = hyper::server::conn::http1::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)

@@ -78,6 +78,7 @@ pub struct Bound {
     admin: std::net::TcpListener,
     health: std::net::TcpListener,
     source: Option<ConfigSource>,
+    app_probes: crate::app_health::AppProbes,
 }
 
 /// The workload identity and what its rotation watcher needs.
@@ -165,12 +166,19 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         admin,
         health,
         source: None,
+        app_probes: Default::default(),
     })
 }
 
 // === impl Bound ===
 
 impl Bound {
+    /// Answers `/app-health/...` on the health listener with these app probes.
+    pub fn with_app_probes(mut self, probes: crate::app_health::AppProbes) -> Self {
+        self.app_probes = probes;
+        self
+    }
+
     /// Reloads services from `source` when the file changes.
     pub fn watch_config(mut self, source: ConfigSource) -> Self {
         self.source = Some(source);
@@ -199,6 +207,7 @@ impl Bound {
             admin,
             health,
             source,
+            app_probes,
         } = self;
         if let Some(logger) = capture.take_logger() {
             tokio::spawn(crate::ebpf::logs::forward(logger));
@@ -227,6 +236,7 @@ impl Bound {
             connections: connections.clone(),
             kernel: kernel.clone(),
             services: services.clone(),
+            app_probes,
             cgroup: capture.cgroup().to_owned(),
             started: Instant::now(),
         });

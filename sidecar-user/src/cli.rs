@@ -28,6 +28,27 @@ pub enum Command {
     Connections(ConnectionsArgs),
     /// Create a throwaway CA and workload certificates (for demos and tests only).
     Certs(CertsArgs),
+    /// Add the sidecar to Kubernetes workloads (YAML on stdin or from FILE, to stdout).
+    Inject(InjectArgs),
+}
+
+/// `sidecar inject`.
+#[derive(Debug, Args)]
+pub struct InjectArgs {
+    /// YAML file (one or more documents); default: stdin.
+    pub file: Option<PathBuf>,
+    /// Sidecar image.
+    #[arg(long, default_value = sidecar::inject::DEFAULT_IMAGE)]
+    pub image: String,
+    /// ConfigMap holding sidecar.yaml.
+    #[arg(long, default_value = "sidecar-config")]
+    pub config_map: String,
+    /// Secret holding cert.pem, key.pem and bundle.pem (the workload identity).
+    #[arg(long, default_value = "sidecar-identity")]
+    pub identity_secret: String,
+    /// Mount no identity Secret (plaintext only).
+    #[arg(long)]
+    pub no_identity: bool,
 }
 
 /// `sidecar certs`.

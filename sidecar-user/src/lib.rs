@@ -8,10 +8,12 @@
 pub mod admin;
 pub mod admin_client;
 pub mod app;
+pub mod app_health;
 pub mod caps;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
+pub mod inject;
 pub mod metrics;
 pub mod process;
 pub mod proxy;

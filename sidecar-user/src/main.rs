@@ -38,6 +38,16 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Inject(args) => match inject(&args) {
+            Ok(text) => {
+                print!("{text}");
+                ExitCode::SUCCESS
+            }
+            Err(error) => {
+                eprintln!("sidecar inject: {error:#}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Certs(args) => match certs(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {
@@ -101,6 +111,28 @@ fn certs(args: &cli::CertsArgs) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn inject(args: &cli::InjectArgs) -> anyhow::Result<String> {
+    use std::io::Read;
+    let input = match &args.file {
+        Some(path) => {
+            std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?
+        }
+        None => {
+            let mut text = String::new();
+            std::io::stdin()
+                .read_to_string(&mut text)
+                .context("reading stdin")?;
+            text
+        }
+    };
+    let options = sidecar::inject::InjectOptions {
+        image: args.image.clone(),
+        config_map: args.config_map.clone(),
+        identity_secret: (!args.no_identity).then(|| args.identity_secret.clone()),
+    };
+    Ok(sidecar::inject::inject(&input, &options)?)
+}
+
 fn connections(args: &cli::ConnectionsArgs) -> anyhow::Result<String> {
     let body = sidecar::admin_client::get(args.admin, "/connections")?;
     if args.json {
@@ -114,6 +146,7 @@ fn connections(args: &cli::ConnectionsArgs) -> anyhow::Result<String> {
 fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {
     // Name a missing capability now rather than as an EPERM from bpf(2) later.
     sidecar::caps::check_required(args.netns.is_some())?;
+    let app_probes = sidecar::app_health::from_env().map_err(anyhow::Error::msg)?;
     if let Some(netns) = &args.netns {
         process::enter_netns(netns)?;
     }
@@ -125,7 +158,9 @@ fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {
     let nofile = process::raise_nofile_limit();
     tracing::debug!(nofile, "open file limit");
     let uid = config.proxy.uid;
-    let mut bound = app::build(config, &cgroup).context("starting the sidecar")?;
+    let mut bound = app::build(config, &cgroup)
+        .context("starting the sidecar")?
+        .with_app_probes(app_probes);
     if let Some(path) = &args.config {
         // Services, endpoints and the outbound policy reload when the file changes.
         bound = bound.watch_config(sidecar::service::discovery::ConfigSource {
@@ -136,5 +171,13 @@ fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {
         });
     }
     process::become_proxy_user(uid)?;
+    // Test hook: hold between attaching the programs and serving, to show that app
+    // connects made in that window wait for the proxy instead of going around it.
+    if let Ok(hold) = std::env::var("SIDECAR_TEST_HOLD_AFTER_ATTACH") {
+        let hold = humantime::parse_duration(&hold)
+            .with_context(|| format!("SIDECAR_TEST_HOLD_AFTER_ATTACH={hold:?}"))?;
+        tracing::warn!(?hold, "test hook: holding after attach before serving");
+        std::thread::sleep(hold);
+    }
     bound.run().context("running the proxy")
 }

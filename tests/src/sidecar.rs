@@ -56,6 +56,24 @@ impl Sidecar {
         )
     }
 
+    /// As [`Sidecar::start`] (in the pod's cgroup), with extra environment variables.
+    pub fn start_env(pod: &Pod, config: &str, env: &[(&str, &str)]) -> Self {
+        let mut cmd = pod.app(&tools::sidecar_bin().to_string_lossy());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let cgroup = pod.cgroup.to_string_lossy().into_owned();
+        let netns = pod.netns_path().to_string_lossy().into_owned();
+        let log = std::env::var("SIDECAR_TEST_LOG").unwrap_or_else(|_| "info".into());
+        Self::spawn(
+            pod,
+            config,
+            &log,
+            cmd,
+            &["--cgroup", &cgroup, "--netns", &netns],
+        )
+    }
+
     /// Starts the sidecar as an app of `pod` (in its cgroup and netns, so no
     /// `--netns`) through `wrapper` (for example `setpriv` with a reduced capability
     /// set), and waits for `/readyz`.
@@ -119,7 +137,12 @@ impl Sidecar {
         let config_path = dir.join("sidecar.yaml");
         fs::write(&config_path, config).expect("write config");
         let log = dir.join("sidecar.log");
+        let extra: Vec<(std::ffi::OsString, std::ffi::OsString)> = cmd
+            .get_envs()
+            .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
+            .collect();
         cmd.env_clear()
+            .envs(extra)
             .env("RUST_LOG", log_filter)
             .env("SIDECAR__PINS__DIR", pod.pins_dir())
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())

@@ -7,7 +7,7 @@ use anyhow::{Context, Result};
 
 use crate::{
     cmd,
-    toolchain::{self, CleanCargoEnv, NIGHTLY},
+    toolchain::{self, CleanCargoEnv, nightly},
     workspace_root,
 };
 
@@ -21,7 +21,7 @@ pub fn build_ebpf() -> Result<PathBuf> {
         .env_clear_cargo()
         .env("PATH", path)
         .current_dir(&crate_dir)
-        .args([&format!("+{NIGHTLY}"), "build", "--release", "--locked"]);
+        .args([&format!("+{}", nightly()), "build", "--release", "--locked"]);
     cmd::run(&mut build)?;
     let built = crate_dir.join("target/bpfel-unknown-none/release/sidecar-ebpf");
     let out = object_path();

@@ -4,7 +4,7 @@ use std::process::Command;
 
 use anyhow::{Result, bail};
 
-use crate::{build_ebpf::build_ebpf, cmd, toolchain::NIGHTLY, workspace_root};
+use crate::{build_ebpf::build_ebpf, cmd, toolchain::nightly, workspace_root};
 
 /// Debian packages the tests and demo use, with the command each provides.
 pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
@@ -170,7 +170,7 @@ pub fn lint() -> Result<()> {
     let ebpf = root.join("sidecar-ebpf");
     let path = crate::build_ebpf::path_with_linker()?;
     cmd::run(Command::new("cargo").current_dir(&ebpf).args([
-        &format!("+{NIGHTLY}"),
+        &format!("+{}", nightly()),
         "fmt",
         "--",
         "--check",
@@ -180,7 +180,7 @@ pub fn lint() -> Result<()> {
             .current_dir(&ebpf)
             .env("PATH", path)
             .args([
-                &format!("+{NIGHTLY}"),
+                &format!("+{}", nightly()),
                 "clippy",
                 "--release",
                 "--",

@@ -13,23 +13,27 @@ use anyhow::{Context, Result, bail};
 
 use crate::{cmd, workspace_root};
 
-/// The toolchain that builds kernel programs.
-pub const NIGHTLY: &str = "nightly";
+/// The toolchain that builds kernel programs: `nightly`, or `$SIDECAR_NIGHTLY` (the
+/// Dockerfile pins a dated nightly this way).
+pub fn nightly() -> String {
+    std::env::var("SIDECAR_NIGHTLY").unwrap_or_else(|_| "nightly".into())
+}
 /// bpf-linker release known to work with nightly's LLVM 22.
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Makes sure nightly, its `rust-src` and `bpf-linker` are present; returns the folder
 /// holding `bpf-linker` so callers can put it on `PATH`.
 pub fn ensure() -> Result<PathBuf> {
+    let nightly = nightly();
     let sysroot = nightly_sysroot()?;
     if !sysroot.join("lib/rustlib/src/rust/library/core").is_dir() {
-        eprintln!("xtask: installing rust-src for {NIGHTLY}");
+        eprintln!("xtask: installing rust-src for {nightly}");
         cmd::run(Command::new("rustup").args([
             "component",
             "add",
             "rust-src",
             "--toolchain",
-            NIGHTLY,
+            &nightly,
         ]))?;
     }
     let bin_dir = tools_dir().join("bin");
@@ -53,13 +57,14 @@ fn tools_dir() -> PathBuf {
 }
 
 fn nightly_sysroot() -> Result<PathBuf> {
+    let nightly = nightly();
     let out = Command::new("rustc")
-        .args([&format!("+{NIGHTLY}"), "--print", "sysroot"])
+        .args([&format!("+{nightly}"), "--print", "sysroot"])
         .output()
         .context("running rustc +nightly (is rustup installed?)")?;
     if !out.status.success() {
         bail!(
-            "the {NIGHTLY} toolchain is missing ({}); install it with `rustup toolchain install {NIGHTLY}`",
+            "the {nightly} toolchain is missing ({}); install it with `rustup toolchain install {nightly}`",
             String::from_utf8_lossy(&out.stderr).trim()
         );
     }
@@ -105,7 +110,12 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
     install
         .env_clear_cargo()
         .env("LLVM_PREFIX", &prefix)
-        .args([&format!("+{NIGHTLY}"), "install", "--locked", "bpf-linker"])
+        .args([
+            &format!("+{}", nightly()),
+            "install",
+            "--locked",
+            "bpf-linker",
+        ])
         .args(["--version", BPF_LINKER_VERSION, "--no-default-features"])
         .args(["--features", &format!("llvm-{major}")])
         .arg("--root")

@@ -107,6 +107,12 @@ enum Cmd {
         #[arg(long)]
         count: usize,
     },
+    /// A long-running app: opens connection A to `to`, prints `connected`, waits for a
+    /// line on stdin, opens connection B, then checks both still echo.
+    Enrol {
+        #[arg(long)]
+        to: SocketAddr,
+    },
     /// UDP: `connect()` a datagram socket to `to`, send, wait for the echo.
     Udp {
         #[arg(long)]
@@ -147,6 +153,7 @@ fn main() -> Result<()> {
             } => slow(to, streams, bytes, seconds).await,
             Cmd::Identities { to, ca, count } => identities(to, &ca, count).await,
             Cmd::Udp { to } => udp(to).await,
+            Cmd::Enrol { to } => enrol(to).await,
         }
     })
 }
@@ -248,6 +255,36 @@ async fn echo(mut stream: TcpStream, addr: SocketAddr) -> Result<()> {
         tokio::io::copy(&mut r, &mut w).await?;
     }
     w.shutdown().await?;
+    Ok(())
+}
+
+async fn echo_once(s: &mut TcpStream, byte: u8) -> Result<()> {
+    s.write_all(&[byte]).await?;
+    let mut back = [0u8; 1];
+    s.read_exact(&mut back).await?;
+    anyhow::ensure!(back[0] == byte, "echo mismatch");
+    Ok(())
+}
+
+async fn enrol(to: SocketAddr) -> Result<()> {
+    let mut a = TcpStream::connect(to).await?;
+    let mut header = [0u8; HEADER];
+    a.read_exact(&mut header).await?;
+    a.write_all(b"S").await?;
+    echo_once(&mut a, 1).await?;
+    println!("connected");
+    // Wait for the go-ahead on stdin (a blocking read off the runtime's threads).
+    tokio::task::spawn_blocking(|| {
+        let mut line = String::new();
+        std::io::stdin().read_line(&mut line)
+    })
+    .await??;
+    let mut b = TcpStream::connect(to).await?;
+    b.read_exact(&mut header).await?;
+    b.write_all(b"S").await?;
+    let b_ok = echo_once(&mut b, 2).await.is_ok();
+    let a_ok = echo_once(&mut a, 3).await.is_ok();
+    println!("{}", serde_json::json!({"a_ok": a_ok, "b_ok": b_ok}));
     Ok(())
 }
 
