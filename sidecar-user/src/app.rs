@@ -145,6 +145,9 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
     };
     let mut capture = Capture::load(&config)?;
     if config.pins.enabled {
+        for dir in crate::ebpf::pins::collect_garbage(&config.pins.dir, cgroup) {
+            tracing::info!(dir = %dir.display(), "removed the pins of a cgroup that no longer exists");
+        }
         let pins =
             crate::ebpf::pins::PinDir::for_cgroup(&config.pins.dir, cgroup, config.proxy.uid)?;
         tracing::info!(dir = %pins.path().display(), "links are pinned: capture outlives a crash");

@@ -129,3 +129,43 @@ fn fail_open_first_direct_connection_comes_within_a_second() {
         killed.elapsed()
     );
 }
+
+#[test]
+fn pins_of_a_cgroup_that_no_longer_exists_are_removed_at_start() {
+    let mut net = Net::new("pin-gc");
+    let pod = net.pod("app");
+    // An earlier pod (a child cgroup here) whose sidecar crashed, leaving its pins.
+    let old_cgroup = pod.cgroup.join("deleted-pod");
+    std::fs::create_dir_all(&old_cgroup).expect("cgroup");
+    let old = Pod {
+        cgroup: old_cgroup.clone(),
+        ..pod.clone()
+    };
+    let sidecar = Sidecar::start(&old, "", Placement::Outside);
+    sidecar.crash();
+    let old_pins: Vec<_> = std::fs::read_dir(pod.pins_dir())
+        .expect("pins dir")
+        .flatten()
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(old_pins.len(), 1, "{old_pins:?}");
+    assert!(!pins_left(&pod).is_empty());
+    // The pod goes away while no sidecar runs.
+    std::fs::remove_dir(&old_cgroup).expect("remove the old cgroup");
+
+    // The next sidecar on the node (same pin root) cleans up.
+    let sidecar = Sidecar::start(&pod, "", Placement::InPodCgroup);
+    assert!(!old_pins[0].exists(), "stale pins removed");
+    assert!(
+        sidecar
+            .logs()
+            .contains("removed the pins of a cgroup that no longer exists"),
+        "{}",
+        sidecar.logs()
+    );
+    let now: Vec<_> = std::fs::read_dir(pod.pins_dir())
+        .expect("pins dir")
+        .flatten()
+        .collect();
+    assert_eq!(now.len(), 1, "only the live pod's folder remains");
+}

@@ -156,3 +156,19 @@ fn rewritten_kubelet_probes_reach_the_app_behind_strict_mtls() {
     assert_eq!(health("liveness"), "503");
     let _ = std::fs::remove_dir_all(&certs);
 }
+
+#[test]
+fn a_job_pods_sidecar_exits_at_once_on_sigterm_when_idle() {
+    // Kubernetes stops a Job's native sidecar with SIGTERM once the app has exited:
+    // with nothing open, the sidecar must not sit out its drain timeout (10 s).
+    let mut net = Net::new("job");
+    let pod = net.pod("job");
+    let sidecar = Sidecar::start(&pod, "", Placement::InPodCgroup);
+    let started = Instant::now();
+    let (status, log) = sidecar.terminate_with_log();
+    let took = started.elapsed();
+    assert!(status.success(), "{status}\n{log}");
+    assert!(took < Duration::from_secs(3), "took {took:?}");
+    assert!(log.contains("drained: every connection finished"), "{log}");
+    assert!(attached_programs(&pod.cgroup).is_empty());
+}

@@ -114,6 +114,71 @@ impl PinDir {
     }
 }
 
+/// `CGROUP2_SUPER_MAGIC`.
+const CGROUP2_MAGIC: i64 = 0x6367_7270;
+
+/// Removes pin folders under `root` whose cgroup no longer exists (a pod deleted while
+/// its sidecar was down): their links are defunct, and nothing else would remove them.
+/// `cgroup` is any cgroup of the hierarchy; the whole hierarchy it belongs to is
+/// searched for the cgroup ids the folders are named after. Returns what was removed.
+pub fn collect_garbage(root: &Path, cgroup: &Path) -> Vec<PathBuf> {
+    let stale: Vec<(u64, PathBuf)> = std::fs::read_dir(root)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let name = e.file_name();
+            let id = name.to_str()?.strip_prefix("cgroup-")?.parse().ok()?;
+            Some((id, e.path()))
+        })
+        .collect();
+    if stale.is_empty() {
+        return Vec::new();
+    }
+    // The top of the cgroup2 hierarchy as this process sees it.
+    let is_cgroup2 = |p: &Path| {
+        nix::sys::statfs::statfs(p).is_ok_and(|s| s.filesystem_type().0 == CGROUP2_MAGIC)
+    };
+    let top = cgroup
+        .ancestors()
+        .take_while(|p| is_cgroup2(p))
+        .last()
+        .unwrap_or(cgroup)
+        .to_path_buf();
+    let mut live = std::collections::HashSet::new();
+    let mut level = vec![top];
+    for _ in 0..16 {
+        let mut next = Vec::new();
+        for dir in &level {
+            if let Ok(meta) = std::fs::metadata(dir) {
+                live.insert(meta.ino());
+            }
+            for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+                if entry.file_type().is_ok_and(|t| t.is_dir()) {
+                    next.push(entry.path());
+                }
+            }
+        }
+        if next.is_empty() {
+            break;
+        }
+        level = next;
+    }
+    let mut removed = Vec::new();
+    for (id, dir) in stale {
+        if live.contains(&id) {
+            continue;
+        }
+        for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let _ = std::fs::remove_file(entry.path());
+        }
+        if std::fs::remove_dir(&dir).is_ok() {
+            removed.push(dir);
+        }
+    }
+    removed
+}
+
 /// The conventional bpffs mount point.
 const BPFFS: &str = "/sys/fs/bpf";
 
