@@ -36,6 +36,15 @@ pub fn pod_tool_bin() -> String {
         .into_owned()
 }
 
+/// `pod-tool echo` as an app of `server` on its IPv4 address and `port`; returns the
+/// running server and its `ip:port`.
+pub fn echo_server(server: &crate::Pod, port: u16) -> (Background, String) {
+    let dst = format!("{}:{port}", server.ip4);
+    let mut cmd = server.app(&pod_tool_bin());
+    cmd.args(["echo", "--listen", &dst]);
+    (Background::start_ready(cmd), dst)
+}
+
 /// A background process killed on drop.
 pub struct Background {
     child: Child,

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use sidecar_tests::{
     Net, Placement, Pod, Sidecar,
-    tools::{Background, attached_programs, pod_tool_bin, run_json},
+    tools::{attached_programs, echo_server, pod_tool_bin, run_json},
 };
 
 fn tally(pod: &Pod, to: &str, count: usize, interval_ms: u64) -> serde_json::Value {
@@ -37,10 +37,7 @@ fn crash_during_a_stream(fail_open: bool) {
     let mut net = Net::new(tag);
     let client = net.pod("client");
     let server = net.pod("server");
-    let mut echo = server.app(&pod_tool_bin());
-    echo.args(["echo", "--listen", &format!("{}:8080", server.ip4)]);
-    let _echo = Background::start_ready(echo);
-    let dst = format!("{}:8080", server.ip4);
+    let (_echo, dst) = echo_server(&server, 8080);
     let config = format!("capture:\n  fail_open: {fail_open}\n");
     let sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
 
@@ -103,10 +100,7 @@ fn fail_open_first_direct_connection_comes_within_a_second() {
     let mut net = Net::new("crash-fast");
     let client = net.pod("client");
     let server = net.pod("server");
-    let mut echo = server.app(&pod_tool_bin());
-    echo.args(["echo", "--listen", &format!("{}:8080", server.ip4)]);
-    let _echo = Background::start_ready(echo);
-    let dst = format!("{}:8080", server.ip4);
+    let (_echo, dst) = echo_server(&server, 8080);
     let sidecar = Sidecar::start(
         &client,
         "capture:\n  fail_open: true\n",

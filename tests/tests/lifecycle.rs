@@ -10,7 +10,7 @@ use std::{
 
 use sidecar_tests::{
     Net, Placement, Sidecar,
-    tools::{Background, attached_programs, pod_tool_bin, run_json},
+    tools::{Background, attached_programs, echo_server, pod_tool_bin, run_json},
 };
 
 #[test]
@@ -23,9 +23,7 @@ fn connects_between_attach_and_serving_wait_for_the_proxy() {
         });
         let client = net.pod("client");
         let server = net.pod("server");
-        let mut echo = server.app(&pod_tool_bin());
-        echo.args(["echo", "--listen", &format!("{}:8080", server.ip4)]);
-        let _echo = Background::start_ready(echo);
+        let (_echo, _) = echo_server(&server, 8080);
         let config = format!("capture:\n  fail_open: {fail_open}\n");
         let starting = {
             let client = client.clone();
@@ -68,9 +66,7 @@ fn a_running_app_is_enrolled_without_restart_and_keeps_its_connection() {
     let mut net = Net::new("enrol");
     let client = net.pod("client");
     let server = net.pod("server");
-    let mut echo = server.app(&pod_tool_bin());
-    echo.args(["echo", "--listen", &format!("{}:8080", server.ip4)]);
-    let _echo = Background::start_ready(echo);
+    let (_echo, _) = echo_server(&server, 8080);
     let mut app = client
         .app(&pod_tool_bin())
         .args(["enrol", "--to", &format!("{}:8080", server.ip4)])

@@ -10,7 +10,7 @@ use std::{
 use sidecar_tests::{
     Net, Placement, Pod, Sidecar,
     sidecar::metric_sum,
-    tools::{Background, InFlight, pod_tool_bin, run_json, sidecar_bin},
+    tools::{InFlight, echo_server, pod_tool_bin, run_json, sidecar_bin},
 };
 
 /// A Prometheus server in `pod`'s network namespace (on its loopback), scraping the
@@ -93,13 +93,6 @@ impl Drop for Prometheus {
         let _ = self.child.wait();
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn echo_server(server: &Pod, port: u16) -> (Background, String) {
-    let dst = format!("{}:{port}", server.ip4);
-    let mut cmd = server.app(&pod_tool_bin());
-    cmd.args(["echo", "--listen", &dst]);
-    (Background::start_ready(cmd), dst)
 }
 
 #[test]

@@ -6,10 +6,11 @@ use std::sync::{Arc, atomic::Ordering::Relaxed};
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
+    metrics::MetricType,
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
 
-use super::{Health, Services, discovery::DiscoveryStats, endpoint::now_ns};
+use super::{Endpoint, Health, Registry, Services, discovery::DiscoveryStats, endpoint::now_ns};
 
 /// Renders service and endpoint state.
 #[derive(Clone)]
@@ -31,63 +32,83 @@ impl ServiceCollector {
     }
 }
 
+/// The Prometheus type of a constant metric, known without a value.
+trait Kind {
+    fn metric_kind() -> MetricType;
+}
+
+impl Kind for ConstGauge<i64> {
+    fn metric_kind() -> MetricType {
+        MetricType::Gauge
+    }
+}
+
+impl Kind for ConstCounter<u64> {
+    fn metric_kind() -> MetricType {
+        MetricType::Counter
+    }
+}
+
+/// One series per endpoint of every service, labelled `service` and `endpoint`.
+fn per_endpoint<M: EncodeMetric + Kind>(
+    encoder: &mut DescriptorEncoder,
+    registry: &Registry,
+    (name, help): (&str, &str),
+    value: impl Fn(&Endpoint) -> M,
+) -> Result<(), std::fmt::Error> {
+    // Declared even without endpoints, so dashboards always find the family.
+    let mut family = encoder.encode_descriptor(name, help, None, M::metric_kind())?;
+    for s in &registry.services {
+        for e in &s.balancer().endpoints {
+            let labels = [("service", s.name()), ("endpoint", e.name.as_str())];
+            value(e).encode(family.encode_family(&labels)?)?;
+        }
+    }
+    Ok(())
+}
+
 impl Collector for ServiceCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
         let registry = self.services.load();
         let now = now_ns();
-        let gauge = ConstGauge::new(0i64).metric_type();
         let counter = ConstCounter::new(0u64).metric_type();
-
-        let mut active = encoder.encode_descriptor(
-            "endpoint_active_connections",
-            "Connections (and connects in progress) to each endpoint",
-            None,
-            gauge,
+        let gauge = |v: bool| ConstGauge::new(i64::from(v));
+        per_endpoint(
+            &mut encoder,
+            &registry,
+            (
+                "endpoint_active_connections",
+                "Connections (and connects in progress) to each endpoint",
+            ),
+            |e| ConstGauge::new(e.state.active() as i64),
         )?;
-        for s in &registry.services {
-            for e in &s.balancer().endpoints {
-                let labels = [("service", s.name()), ("endpoint", e.name.as_str())];
-                ConstGauge::new(e.state.active() as i64).encode(active.encode_family(&labels)?)?;
-            }
-        }
-        let mut healthy = encoder.encode_descriptor(
-            "endpoint_healthy",
-            "1 when the endpoint takes new connections, 0 when ejected or failing health checks",
-            None,
-            gauge,
+        per_endpoint(
+            &mut encoder,
+            &registry,
+            (
+                "endpoint_healthy",
+                "1 when the endpoint takes new connections, 0 when ejected or failing health checks",
+            ),
+            |e| gauge(e.state.health(now) == Health::Healthy),
         )?;
-        for s in &registry.services {
-            for e in &s.balancer().endpoints {
-                let labels = [("service", s.name()), ("endpoint", e.name.as_str())];
-                let up = i64::from(e.state.health(now) == Health::Healthy);
-                ConstGauge::new(up).encode(healthy.encode_family(&labels)?)?;
-            }
-        }
-        let mut ejected = encoder.encode_descriptor(
-            "endpoint_ejected",
-            "1 while outlier detection has the endpoint ejected",
-            None,
-            gauge,
+        per_endpoint(
+            &mut encoder,
+            &registry,
+            (
+                "endpoint_ejected",
+                "1 while outlier detection has the endpoint ejected",
+            ),
+            |e| gauge(e.state.health(now) == Health::Ejected),
         )?;
-        for s in &registry.services {
-            for e in &s.balancer().endpoints {
-                let labels = [("service", s.name()), ("endpoint", e.name.as_str())];
-                let out = i64::from(e.state.health(now) == Health::Ejected);
-                ConstGauge::new(out).encode(ejected.encode_family(&labels)?)?;
-            }
-        }
-        let mut ejections = encoder.encode_descriptor(
-            "endpoint_ejections",
-            "Times outlier detection ejected the endpoint",
-            None,
-            counter,
+        per_endpoint(
+            &mut encoder,
+            &registry,
+            (
+                "endpoint_ejections",
+                "Times outlier detection ejected the endpoint",
+            ),
+            |e| ConstCounter::new(e.state.ejections()),
         )?;
-        for s in &registry.services {
-            for e in &s.balancer().endpoints {
-                let labels = [("service", s.name()), ("endpoint", e.name.as_str())];
-                ConstCounter::new(e.state.ejections()).encode(ejections.encode_family(&labels)?)?;
-            }
-        }
         let mut attempts = encoder.encode_descriptor(
             "endpoint_connect_attempts",
             "Connect attempts to each endpoint, by result (failures are retried elsewhere)",
