@@ -79,6 +79,9 @@ enum Cmd {
         /// Keep them open this long after printing the summary (memory measurements).
         #[arg(long, default_value_t = 0)]
         linger_ms: u64,
+        /// Connects in flight at once.
+        #[arg(long, default_value_t = 256)]
+        concurrency: usize,
     },
     /// `count` non-blocking connects to `to`, each closed with a reset right away.
     Abort {
@@ -150,7 +153,8 @@ fn main() -> Result<()> {
                 to,
                 count,
                 linger_ms,
-            } => hold(to, count, linger_ms).await,
+                concurrency,
+            } => hold(to, count, linger_ms, concurrency).await,
             Cmd::Abort { to, count } => abort(to, count).await,
             Cmd::Slow {
                 to,
@@ -482,9 +486,9 @@ async fn one_client(
     Ok(())
 }
 
-async fn hold(to: SocketAddr, count: usize, linger_ms: u64) -> Result<()> {
+async fn hold(to: SocketAddr, count: usize, linger_ms: u64, concurrency: usize) -> Result<()> {
     let start = Instant::now();
-    let limit = Arc::new(Semaphore::new(256));
+    let limit = Arc::new(Semaphore::new(concurrency.max(1)));
     let mut conns = Vec::with_capacity(count);
     let mut pending = Vec::new();
     for _ in 0..count {

@@ -111,6 +111,20 @@ impl Rig {
                 ..pod.clone()
             })
         };
+        // A proxied connection takes two ephemeral ports (app -> proxy on loopback, proxy
+        // -> server), and the connection-rate scenarios leave TIME_WAIT behind: give the
+        // pods the wide range a busy pod would set (a namespaced sysctl), above the
+        // sidecar's own ports (15000-15020).
+        for pod in [&client, &server] {
+            let ok = pod
+                .outsider("sysctl")
+                .args(["-qw", "net.ipv4.ip_local_port_range=20000 65000"])
+                .status()
+                .is_ok_and(|s| s.success());
+            if !ok {
+                bail!("setting net.ipv4.ip_local_port_range in {}", pod.netns);
+            }
+        }
         let (client_app, client_proxy) = (child(&client, "app")?, child(&client, "proxy")?);
         let (server_app, server_proxy) = (child(&server, "app")?, child(&server, "proxy")?);
         let dir = std::env::temp_dir().join(format!("sidecar-bench-{}", std::process::id()));
@@ -349,6 +363,20 @@ impl Running {
             pids.push(h.id());
         }
         pids
+    }
+
+    /// The last `n` log lines of each sidecar (for problem reports).
+    pub fn log_tail(&self, n: usize) -> String {
+        let mut out = String::new();
+        for s in &self.sidecars {
+            let logs = s.logs();
+            let lines: Vec<&str> = logs.lines().collect();
+            for l in &lines[lines.len().saturating_sub(n)..] {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
     }
 
     /// Stops the proxies (a clean stop for sidecars: pins removed, programs detached).
