@@ -142,6 +142,9 @@ pub async fn accept_loop(
                 continue;
             }
         };
+        // Before anything is written: a handshake or the mesh status byte held back
+        // by Nagle's algorithm waits for the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
         let client = ClientAddr(unmap(peer));
         let span = info_span!("conn", direction = direction.as_str(), %client);
         let inputs = inputs.clone();

@@ -111,6 +111,14 @@ pub async fn open(
 }
 
 async fn tcp_connect(dst: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
+    let stream = connect_from(dst, direction).await?;
+    // Before the handshake: small TLS records (Finished, the status byte) must not
+    // wait for a delayed ACK.
+    stream.set_nodelay(true)?;
+    Ok(stream)
+}
+
+async fn connect_from(dst: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
     if direction == Direction::Outbound {
         return TcpStream::connect(dst).await;
     }
