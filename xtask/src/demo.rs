@@ -30,7 +30,7 @@ pub fn demo() -> Result<()> {
     }
     let firewall_before = firewall_rules();
 
-    step("Creating two pods (network namespace + cgroup v2) on a private bridge");
+    step("Creating three pods (network namespace + cgroup v2) on a private bridge");
     let mut net = Net::new("demo");
     let client = net.pod("client");
     let server = net.pod("server");
