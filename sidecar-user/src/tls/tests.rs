@@ -436,3 +436,62 @@ impl Drop for TempDir {
         let _ = std::fs::remove_dir_all(&self.0);
     }
 }
+
+/// A second connection between the same two sidecars resumes the TLS 1.3 session
+/// (a PSK with a fresh key exchange): no certificate signatures or chain checks.
+#[tokio::test]
+async fn a_second_handshake_between_the_same_sidecars_resumes() {
+    let tmp = TempDir::new("resume");
+    let ca = DevCa::new("td").expect("ca");
+    let a = store(
+        &ca,
+        &tmp.0.join("a"),
+        "spiffe://td/ns/shop/sa/cart",
+        KeyType::EcdsaP256,
+        Validity::default(),
+    );
+    let b = store(
+        &ca,
+        &tmp.0.join("b"),
+        "spiffe://td/ns/shop/sa/db",
+        KeyType::EcdsaP256,
+        Validity::default(),
+    );
+    let acceptor = TlsAcceptor::from(server_config(b, provider()).expect("server config"));
+    let connector = TlsConnector::from(client_config(a, provider()).expect("client config"));
+    let mut kinds = Vec::new();
+    for _ in 0..2 {
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let acceptor = acceptor.clone();
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.expect("server handshake");
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await.expect("read");
+            tls.write_all(&byte).await.expect("write");
+            tls.flush().await.expect("flush");
+            // Keep the stream until the client has read (tickets arrive with the echo).
+            let _ = tls.read(&mut byte).await;
+            peer_identity(tls.get_ref().1)
+        });
+        let name = ServerName::try_from("sidecar.invalid").expect("name");
+        let mut tls = connector.connect(name, c).await.expect("client handshake");
+        kinds.push(tls.get_ref().1.handshake_kind());
+        tls.write_all(b"x").await.expect("write");
+        let mut byte = [0u8; 1];
+        tls.read_exact(&mut byte).await.expect("read");
+        drop(tls);
+        let peer = server.await.expect("server task");
+        assert_eq!(
+            peer,
+            Some(id("spiffe://td/ns/shop/sa/cart")),
+            "the resumed session keeps the client's identity"
+        );
+    }
+    assert_eq!(
+        kinds,
+        [
+            Some(rustls::HandshakeKind::Full),
+            Some(rustls::HandshakeKind::Resumed)
+        ]
+    );
+}
