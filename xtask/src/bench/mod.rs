@@ -98,7 +98,8 @@ pub fn bench(quick: bool) -> Result<()> {
     {
         plan.idle_connections = n;
     }
-    // BENCH_SETUPS=SidecarMtls,HaproxyMtls narrows a run while investigating.
+    // BENCH_SETUPS=Direct,SidecarMtls,HaproxyMtls narrows a run while investigating
+    // (keep Direct for the added-latency figures).
     let only = std::env::var("BENCH_SETUPS").ok();
     let setups: Vec<Setup> = Setup::ALL
         .into_iter()
@@ -108,21 +109,25 @@ pub fn bench(quick: bool) -> Result<()> {
         })
         .collect();
     let started = Instant::now();
-    let rig = Rig::new(&bin)?;
     let loadgen = bin.join("loadgen");
     let mut results = Results::default();
     for round in 0..plan.rounds {
-        for setup in Setup::ALL {
+        for setup in setups.iter().copied() {
             eprintln!(
                 "bench: round {}/{}: {}",
                 round + 1,
                 plan.rounds,
                 setup.title()
             );
+            // Fresh pods for every run: the TIME_WAIT sockets the previous setup's
+            // connection-rate scenario left in the pods would slow the ephemeral port
+            // search of whichever setup comes next.
+            let rig = Rig::new(&bin)?;
             let running = rig.start(setup)?;
             let figures = measure(&rig, &running, &loadgen, &plan, &mut results)
                 .with_context(|| format!("{setup:?}"))?;
             running.stop()?;
+            drop(rig);
             let entry = results.rounds.entry(setup).or_default();
             for (k, v) in figures {
                 entry.entry(k).or_default().push(v);
@@ -136,16 +141,17 @@ pub fn bench(quick: bool) -> Result<()> {
             plan.idle_connections,
             setup.title()
         );
+        let rig = Rig::new(&bin)?;
         let running = rig.start(setup)?;
         let figures = idle_memory(&rig, &running, &plan, &mut results)?;
         running.stop()?;
+        drop(rig);
         let entry = results.rounds.entry(setup).or_default();
         for (k, v) in figures {
             entry.entry(k).or_default().push(v);
         }
     }
-    let haproxy = rig.haproxy_configs()?;
-    drop(rig);
+    let haproxy = Rig::new(&bin)?.haproxy_configs()?;
     let out = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
     let machine = report::Machine::detect(started.elapsed(), quick);
