@@ -3,7 +3,9 @@
 //! Each direction runs until its reader sends EOF, then half-closes the other side
 //! (FIN) while the opposite direction keeps flowing. An error in either direction ends
 //! both, and so does a period with no bytes either way. Buffers are allocated when a
-//! direction first has data, so idle connections hold none.
+//! direction first has data, so idle connections hold none. Between two plain sockets a
+//! direction that fills a whole buffer in one read (a bulk transfer) switches to
+//! `splice(2)` through a pipe, so its bytes no longer pass through userspace.
 
 use std::{
     io,
@@ -14,9 +16,14 @@ use std::{
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
     io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
-    net::{TcpStream, tcp::ReadHalf},
+    net::{
+        TcpStream,
+        tcp::{ReadHalf, WriteHalf},
+    },
     time::Instant,
 };
+
+use crate::proxy::splice::Pipe;
 
 /// Size of each direction's buffer: one read fills most of a 64 KiB socket buffer
 /// in a few calls while keeping per-connection memory small.
@@ -130,8 +137,8 @@ async fn copy_halves<CR, CW, UR, UW>(
 where
     CR: ReadReady,
     UR: ReadReady,
-    CW: AsyncWrite + Unpin + Send,
-    UW: AsyncWrite + Unpin + Send,
+    CW: WriteTcp,
+    UW: WriteTcp,
 {
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, in either direction.
@@ -139,16 +146,20 @@ where
     let out = Direction {
         from: (client.0, Side::Client),
         to: (upstream.1, Side::Upstream),
-        bytes: (&transfer.sent, totals.sent),
-        last_activity: &last_activity,
-        start,
+        meter: Meter {
+            bytes: (&transfer.sent, totals.sent),
+            last_activity: &last_activity,
+            start,
+        },
     };
     let back = Direction {
         from: (upstream.0, Side::Upstream),
         to: (client.1, Side::Client),
-        bytes: (&transfer.received, totals.received),
-        last_activity: &last_activity,
-        start,
+        meter: Meter {
+            bytes: (&transfer.received, totals.received),
+            last_activity: &last_activity,
+            start,
+        },
     };
     tokio::select! {
         result = async { tokio::try_join!(out.run(), back.run()) } => result.map(|_| ()),
@@ -163,12 +174,23 @@ trait ReadReady: AsyncRead + Unpin + Send {
     const WAITS: bool;
     /// Resolves when a read would not block (or at once, if the type cannot tell).
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
+    /// The plain TCP socket read from, when there is one (splice source).
+    fn tcp(&self) -> Option<&TcpStream>;
+}
+
+/// A write half that may be a plain TCP socket (splice destination).
+trait WriteTcp: AsyncWrite + Unpin + Send {
+    /// The plain TCP socket written to, when there is one.
+    fn tcp(&self) -> Option<&TcpStream>;
 }
 
 impl ReadReady for ReadHalf<'_> {
     const WAITS: bool = true;
     fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
         self.readable()
+    }
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
     }
 }
 
@@ -178,20 +200,71 @@ impl<T: AsyncRead + Send> ReadReady for tokio::io::ReadHalf<T> {
         // A TLS stream may hold decrypted bytes already; just read.
         std::future::ready(Ok(()))
     }
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl WriteTcp for WriteHalf<'_> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        Some(self.as_ref())
+    }
+}
+
+impl<T: AsyncWrite + Send> WriteTcp for tokio::io::WriteHalf<T> {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
 }
 
 struct Direction<'a, R, W> {
     from: (R, Side),
     to: (W, Side),
+    meter: Meter<'a>,
+}
+
+/// Where a direction counts its bytes and notes activity.
+struct Meter<'a> {
     bytes: (&'a AtomicU64, Counter),
     last_activity: &'a AtomicU64,
     start: Instant,
 }
 
-impl<R: ReadReady, W: AsyncWrite + Unpin + Send> Direction<'_, R, W> {
+impl Meter<'_> {
+    /// Counts `n` bytes moved and notes the activity.
+    fn moved(&self, n: usize) {
+        self.bytes.0.fetch_add(n as u64, Relaxed);
+        self.bytes.1.inc_by(n as u64);
+        let now = self.start.elapsed().as_millis() as u64;
+        self.last_activity.store(now, Relaxed);
+    }
+
+    /// Splices `src` into `dst` until EOF.
+    async fn splice(
+        &self,
+        pipe: &Pipe,
+        src: &TcpStream,
+        dst: &TcpStream,
+        (from, to): (Side, Side),
+    ) -> Result<(), CopyError> {
+        loop {
+            let n = pipe.fill(src).await.map_err(|e| from.error(e))?;
+            if n == 0 {
+                return Ok(());
+            }
+            pipe.drain(dst, n).await.map_err(|e| to.error(e))?;
+            self.moved(n);
+        }
+    }
+}
+
+impl<R: ReadReady, W: WriteTcp> Direction<'_, R, W> {
     async fn run(self) -> Result<(), CopyError> {
-        let (mut reader, from) = self.from;
-        let (mut writer, to) = self.to;
+        let Direction {
+            from: (mut reader, from),
+            to: (mut writer, to),
+            meter,
+        } = self;
         // On plain sockets the buffer exists only while data flows: it is allocated
         // when the socket is readable and given back after a short read (drained), so
         // an idle connection holds none, however much it moved before. A TLS reader
@@ -208,13 +281,18 @@ impl<R: ReadReady, W: AsyncWrite + Unpin + Send> Direction<'_, R, W> {
                 return writer.shutdown().await.map_err(|e| to.error(e));
             }
             writer.write_all(&b[..n]).await.map_err(|e| to.error(e))?;
+            meter.moved(n);
             if R::WAITS && n < BUF_SIZE {
                 buf = None;
+            } else if let (Some(src), Some(dst)) = (reader.tcp(), writer.tcp()) {
+                // A full buffer between plain sockets: a bulk transfer. Out of
+                // descriptors for a pipe, keep copying.
+                if let Ok(pipe) = Pipe::new() {
+                    drop(buf);
+                    meter.splice(&pipe, src, dst, (from, to)).await?;
+                    return writer.shutdown().await.map_err(|e| to.error(e));
+                }
             }
-            self.bytes.0.fetch_add(n as u64, Relaxed);
-            self.bytes.1.inc_by(n as u64);
-            let now = self.start.elapsed().as_millis() as u64;
-            self.last_activity.store(now, Relaxed);
         }
     }
 }

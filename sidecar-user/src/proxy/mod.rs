@@ -8,6 +8,7 @@ pub mod detect;
 pub mod forward;
 pub mod inbound;
 pub mod listener;
+pub mod splice;
 pub mod upstream;
 
 pub use addr::{ClientAddr, OrigDstAddr};
