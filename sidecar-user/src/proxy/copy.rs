@@ -2,12 +2,16 @@
 //!
 //! Each direction runs until its reader sends EOF, then half-closes the other side
 //! (FIN) while the opposite direction keeps flowing. An error in either direction ends
-//! both, and so does a period with no bytes either way. Buffers are allocated when a
-//! direction first has data, so idle connections hold none. Between two plain sockets a
-//! direction that fills a whole buffer in one read (a bulk transfer) switches to
-//! `splice(2)` through a pipe, so its bytes no longer pass through userspace.
+//! both, and so does a period with no bytes either way.
+//!
+//! Between two plain sockets a connection owns no buffer: each read goes into the
+//! worker thread's scratch buffer and is written on at once, and a direction that fills
+//! the whole buffer in one read (a bulk transfer) switches to `splice(2)` through a
+//! pipe, so its bytes no longer pass through userspace. With TLS on a side, buffers are
+//! allocated when a direction first has data.
 
 use std::{
+    cell::RefCell,
     io,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
     time::Duration,
@@ -265,10 +269,15 @@ impl<R: ReadReady, W: WriteTcp> Direction<'_, R, W> {
             to: (mut writer, to),
             meter,
         } = self;
-        // On plain sockets the buffer exists only while data flows: it is allocated
-        // when the socket is readable and given back after a short read (drained), so
-        // an idle connection holds none, however much it moved before. A TLS reader
-        // cannot wait without a buffer, so it keeps its one.
+        if let (Some(src), Some(dst)) = (reader.tcp(), writer.tcp()) {
+            meter.plain(src, dst, (from, to)).await?;
+            // EOF: pass the half-close on; the other direction keeps running.
+            return writer.shutdown().await.map_err(|e| to.error(e));
+        }
+        // A TLS side: the buffer exists only while data flows when the reader is a
+        // plain socket (allocated when it is readable, given back after a short read),
+        // so an idle connection holds none. A TLS reader cannot wait without a buffer,
+        // so it keeps its one.
         let mut buf: Option<Vec<u8>> = None;
         loop {
             if buf.is_none() {
@@ -277,24 +286,105 @@ impl<R: ReadReady, W: WriteTcp> Direction<'_, R, W> {
             let b = buf.get_or_insert_with(|| vec![0u8; BUF_SIZE]);
             let n = reader.read(b).await.map_err(|e| from.error(e))?;
             if n == 0 {
-                // EOF: pass the half-close on; the other direction keeps running.
                 return writer.shutdown().await.map_err(|e| to.error(e));
             }
             writer.write_all(&b[..n]).await.map_err(|e| to.error(e))?;
             meter.moved(n);
             if R::WAITS && n < BUF_SIZE {
                 buf = None;
-            } else if let (Some(src), Some(dst)) = (reader.tcp(), writer.tcp()) {
-                // A full buffer between plain sockets: a bulk transfer. Out of
-                // descriptors for a pipe, keep copying.
+            }
+        }
+    }
+}
+
+thread_local! {
+    /// Each worker thread's read buffer for plain-to-plain copies: a read and the
+    /// write that follows it happen without yielding, so one buffer per thread serves
+    /// every connection; only bytes the destination cannot take at once are copied
+    /// into memory the connection owns.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BUF_SIZE]);
+}
+
+/// One read-and-write step between plain sockets.
+enum Step {
+    /// `src` had nothing after all (spurious readiness).
+    Again,
+    /// `src` sent EOF.
+    Eof,
+    /// `n` bytes read; `rest` of them still to be written.
+    Moved { n: usize, rest: Option<Vec<u8>> },
+}
+
+impl Meter<'_> {
+    /// Copies between two plain sockets until `src`'s EOF: through the thread's
+    /// scratch buffer while messages are small, with `splice(2)` once a read fills
+    /// the whole buffer (a bulk transfer).
+    async fn plain(
+        &self,
+        src: &TcpStream,
+        dst: &TcpStream,
+        (from, to): (Side, Side),
+    ) -> Result<(), CopyError> {
+        loop {
+            src.readable().await.map_err(|e| from.error(e))?;
+            let step = SCRATCH.with_borrow_mut(|scratch| step(src, dst, scratch, (from, to)))?;
+            let n = match step {
+                Step::Again => continue,
+                Step::Eof => return Ok(()),
+                Step::Moved { n, rest: None } => n,
+                Step::Moved {
+                    n,
+                    rest: Some(rest),
+                } => {
+                    write_all(dst, &rest).await.map_err(|e| to.error(e))?;
+                    n
+                }
+            };
+            self.moved(n);
+            if n == BUF_SIZE {
+                // Out of descriptors for a pipe, keep copying.
                 if let Ok(pipe) = Pipe::new() {
-                    drop(buf);
-                    meter.splice(&pipe, src, dst, (from, to)).await?;
-                    return writer.shutdown().await.map_err(|e| to.error(e));
+                    return self.splice(&pipe, src, dst, (from, to)).await;
                 }
             }
         }
     }
+}
+
+/// Reads what `src` has into `scratch` and writes as much as `dst` takes now.
+fn step(
+    src: &TcpStream,
+    dst: &TcpStream,
+    scratch: &mut [u8],
+    (from, to): (Side, Side),
+) -> Result<Step, CopyError> {
+    let n = match src.try_read(scratch) {
+        Ok(0) => return Ok(Step::Eof),
+        Ok(n) => n,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Again),
+        Err(e) => return Err(from.error(e)),
+    };
+    let written = match dst.try_write(&scratch[..n]) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
+        Err(e) => return Err(to.error(e)),
+    };
+    let rest = (written < n).then(|| scratch[written..n].to_vec());
+    Ok(Step::Moved { n, rest })
+}
+
+/// Writes all of `bytes` to `dst`, waiting whenever its send buffer is full.
+async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
+    while !bytes.is_empty() {
+        dst.writable().await?;
+        match dst.try_write(bytes) {
+            Ok(0) => return Err(io::ErrorKind::WriteZero.into()),
+            Ok(m) => bytes = &bytes[m..],
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(())
 }
 
 /// Resolves once `idle` has passed since the last recorded activity.
