@@ -37,7 +37,7 @@ impl Plan {
         if quick {
             Self {
                 rounds: 1,
-                latency_seconds: 6.0,
+                latency_seconds: 1.0,
                 new_connection_seconds: 1.0,
                 bulk_seconds: 1,
                 connrate_seconds: 1.0,
