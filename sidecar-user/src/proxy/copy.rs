@@ -289,6 +289,10 @@ impl<R: ReadReady, W: WriteTcp> Direction<'_, R, W> {
                 return writer.shutdown().await.map_err(|e| to.error(e));
             }
             writer.write_all(&b[..n]).await.map_err(|e| to.error(e))?;
+            // A TLS writer accepts bytes it could not send yet (the socket was full)
+            // and sends them only when polled again: flush, or they would wait for
+            // the next read, which may never come.
+            writer.flush().await.map_err(|e| to.error(e))?;
             meter.moved(n);
             if R::WAITS && n < BUF_SIZE {
                 buf = None;
@@ -464,6 +468,38 @@ mod tests {
         result.expect("clean close");
         assert_eq!(transfer.sent.load(Relaxed), 7);
         assert_eq!(transfer.received.load(Relaxed), 300_000);
+    }
+
+    /// A writer that holds bytes until flushed (as a TLS stream does when its socket
+    /// is full) still delivers them without the client writing again.
+    #[tokio::test]
+    async fn bytes_a_writer_holds_back_are_flushed() {
+        let (mut app, mut proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let task = tokio::spawn(async move {
+            let mut held = tokio::io::BufWriter::new(proxy_upstream);
+            let totals = Totals {
+                sent: Counter::default(),
+                received: Counter::default(),
+            };
+            let transfer = Transfer::default();
+            copy_bidirectional_io(
+                &mut proxy_client,
+                &mut held,
+                Duration::from_secs(30),
+                &transfer,
+                totals,
+            )
+            .await
+        });
+        app.write_all(b"ping").await.expect("write");
+        let mut got = [0u8; 4];
+        tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got))
+            .await
+            .expect("the bytes were held back")
+            .expect("read");
+        assert_eq!(&got, b"ping");
+        task.abort();
     }
 
     #[tokio::test]
