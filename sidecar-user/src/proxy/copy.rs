@@ -13,7 +13,9 @@
 use std::{
     cell::RefCell,
     io,
+    pin::Pin,
     sync::atomic::{AtomicU64, Ordering::Relaxed},
+    task::Poll,
     time::Duration,
 };
 
@@ -29,9 +31,11 @@ use tokio::{
 
 use crate::proxy::splice::Pipe;
 
-/// Size of each direction's buffer: one read fills most of a 64 KiB socket buffer
-/// in a few calls while keeping per-connection memory small.
+/// Size of a TLS reader's buffer: one TLS record's plaintext.
 const BUF_SIZE: usize = 16 * 1024;
+/// Size of each worker thread's buffer for reads from plain sockets: a read this
+/// full starts splicing (plain to plain) or becomes four TLS records in one `writev`.
+const SCRATCH_SIZE: usize = 64 * 1024;
 
 /// Why a copy ended before both sides closed cleanly.
 #[derive(Debug, thiserror::Error)]
@@ -87,48 +91,58 @@ impl Side {
     }
 }
 
-/// Copies until both directions are closed, one fails, or `idle` passes with no bytes.
-pub async fn copy_bidirectional(
-    client: &mut TcpStream,
-    upstream: &mut TcpStream,
-    idle: Duration,
-    transfer: &Transfer,
-    totals: Totals,
-) -> Result<(), CopyError> {
-    let (client_read, client_write) = client.split();
-    let (upstream_read, upstream_write) = upstream.split();
-    copy_halves(
-        (client_read, client_write),
-        (upstream_read, upstream_write),
-        idle,
-        transfer,
-        totals,
-    )
-    .await
+/// A stream the copy can split into a read and a write half, each of which says
+/// whether it is a plain TCP socket (so the copy can use the socket directly).
+pub trait Halves: Send {
+    /// The read half.
+    type Read<'a>: ReadTcp
+    where
+        Self: 'a;
+    /// The write half.
+    type Write<'a>: WriteTcp
+    where
+        Self: 'a;
+    /// Splits the stream for the duration of the copy.
+    fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>);
 }
 
-/// As [`copy_bidirectional`], for any streams (TLS on either side, say).
-pub async fn copy_bidirectional_io<C, U>(
+impl Halves for TcpStream {
+    type Read<'a> = ReadHalf<'a>;
+    type Write<'a> = WriteHalf<'a>;
+    fn halves(&mut self) -> (ReadHalf<'_>, WriteHalf<'_>) {
+        self.split()
+    }
+}
+
+/// Streams that are not plain sockets: split with `tokio::io::split`.
+macro_rules! opaque_halves {
+    ($($ty:ty),*) => {$(
+        impl<IO: AsyncRead + AsyncWrite + Unpin + Send> Halves for $ty {
+            type Read<'a> = tokio::io::ReadHalf<&'a mut Self> where Self: 'a;
+            type Write<'a> = tokio::io::WriteHalf<&'a mut Self> where Self: 'a;
+            fn halves(&mut self) -> (Self::Read<'_>, Self::Write<'_>) {
+                tokio::io::split(self)
+            }
+        }
+    )*};
+}
+
+opaque_halves!(
+    tokio_rustls::client::TlsStream<IO>,
+    tokio_rustls::server::TlsStream<IO>
+);
+#[cfg(test)]
+opaque_halves!(tokio::io::BufWriter<IO>);
+
+/// Copies until both directions are closed, one fails, or `idle` passes with no bytes.
+pub async fn copy_bidirectional<C: Halves, U: Halves>(
     client: &mut C,
     upstream: &mut U,
     idle: Duration,
     transfer: &Transfer,
     totals: Totals,
-) -> Result<(), CopyError>
-where
-    C: AsyncRead + AsyncWrite + Unpin + Send,
-    U: AsyncRead + AsyncWrite + Unpin + Send,
-{
-    let (client_read, client_write) = tokio::io::split(client);
-    let (upstream_read, upstream_write) = tokio::io::split(upstream);
-    copy_halves(
-        (client_read, client_write),
-        (upstream_read, upstream_write),
-        idle,
-        transfer,
-        totals,
-    )
-    .await
+) -> Result<(), CopyError> {
+    copy_halves(client.halves(), upstream.halves(), idle, transfer, totals).await
 }
 
 async fn copy_halves<CR, CW, UR, UW>(
@@ -139,8 +153,8 @@ async fn copy_halves<CR, CW, UR, UW>(
     totals: Totals,
 ) -> Result<(), CopyError>
 where
-    CR: ReadReady,
-    UR: ReadReady,
+    CR: ReadTcp,
+    UR: ReadTcp,
     CW: WriteTcp,
     UW: WriteTcp,
 {
@@ -171,39 +185,25 @@ where
     }
 }
 
-/// A read half that can wait for data before the copy allocates its buffer.
-trait ReadReady: AsyncRead + Unpin + Send {
-    /// Whether [`ReadReady::ready`] really waits for data (so a buffer can be given
-    /// back between reads without being reallocated at once).
-    const WAITS: bool;
-    /// Resolves when a read would not block (or at once, if the type cannot tell).
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send;
-    /// The plain TCP socket read from, when there is one (splice source).
+/// A read half that may be a plain TCP socket (read without a buffer of its own).
+pub trait ReadTcp: AsyncRead + Unpin + Send {
+    /// The plain TCP socket read from, when there is one.
     fn tcp(&self) -> Option<&TcpStream>;
 }
 
 /// A write half that may be a plain TCP socket (splice destination).
-trait WriteTcp: AsyncWrite + Unpin + Send {
+pub trait WriteTcp: AsyncWrite + Unpin + Send {
     /// The plain TCP socket written to, when there is one.
     fn tcp(&self) -> Option<&TcpStream>;
 }
 
-impl ReadReady for ReadHalf<'_> {
-    const WAITS: bool = true;
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        self.readable()
-    }
+impl ReadTcp for ReadHalf<'_> {
     fn tcp(&self) -> Option<&TcpStream> {
         Some(self.as_ref())
     }
 }
 
-impl<T: AsyncRead + Send> ReadReady for tokio::io::ReadHalf<T> {
-    const WAITS: bool = false;
-    fn ready(&self) -> impl Future<Output = io::Result<()>> + Send {
-        // A TLS stream may hold decrypted bytes already; just read.
-        std::future::ready(Ok(()))
-    }
+impl<T: AsyncRead + Send> ReadTcp for tokio::io::ReadHalf<T> {
     fn tcp(&self) -> Option<&TcpStream> {
         None
     }
@@ -262,61 +262,48 @@ impl Meter<'_> {
     }
 }
 
-impl<R: ReadReady, W: WriteTcp> Direction<'_, R, W> {
+impl<R: ReadTcp, W: WriteTcp> Direction<'_, R, W> {
     async fn run(self) -> Result<(), CopyError> {
         let Direction {
             from: (mut reader, from),
             to: (mut writer, to),
             meter,
         } = self;
-        if let (Some(src), Some(dst)) = (reader.tcp(), writer.tcp()) {
-            meter.plain(src, dst, (from, to)).await?;
-            // EOF: pass the half-close on; the other direction keeps running.
-            return writer.shutdown().await.map_err(|e| to.error(e));
-        }
-        // A TLS side: the buffer exists only while data flows when the reader is a
-        // plain socket (allocated when it is readable, given back after a short read),
-        // so an idle connection holds none. A TLS reader cannot wait without a buffer,
-        // so it keeps its one.
-        let mut buf: Option<Vec<u8>> = None;
-        loop {
-            if buf.is_none() {
-                reader.ready().await.map_err(|e| from.error(e))?;
-            }
-            let b = buf.get_or_insert_with(|| vec![0u8; BUF_SIZE]);
-            let n = reader.read(b).await.map_err(|e| from.error(e))?;
-            if n == 0 {
-                return writer.shutdown().await.map_err(|e| to.error(e));
-            }
-            writer.write_all(&b[..n]).await.map_err(|e| to.error(e))?;
-            // A TLS writer accepts bytes it could not send yet (the socket was full)
-            // and sends them only when polled again: flush, or they would wait for
-            // the next read, which may never come.
-            writer.flush().await.map_err(|e| to.error(e))?;
-            meter.moved(n);
-            if R::WAITS && n < BUF_SIZE {
-                buf = None;
+        match (reader.tcp(), writer.tcp()) {
+            (Some(src), Some(dst)) => meter.plain(src, dst, (from, to)).await?,
+            (Some(src), None) => meter.plain_to_tls(src, &mut writer, (from, to)).await?,
+            (None, _) => {
+                meter
+                    .tls_to_any(&mut reader, &mut writer, (from, to))
+                    .await?
             }
         }
+        // EOF: pass the half-close on; the other direction keeps running.
+        writer.shutdown().await.map_err(|e| to.error(e))
     }
 }
 
 thread_local! {
-    /// Each worker thread's read buffer for plain-to-plain copies: a read and the
-    /// write that follows it happen without yielding, so one buffer per thread serves
-    /// every connection; only bytes the destination cannot take at once are copied
-    /// into memory the connection owns.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; BUF_SIZE]);
+    /// Each worker thread's read buffer for copies from a plain socket: a read and
+    /// the write that follows it happen without yielding, so one buffer per thread
+    /// serves every connection; only bytes the destination cannot take at once are
+    /// copied into memory the connection owns.
+    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; SCRATCH_SIZE]);
 }
 
-/// One read-and-write step between plain sockets.
+/// One read from a plain socket and the write that follows it.
 enum Step {
-    /// `src` had nothing after all (spurious readiness).
+    /// The socket had nothing after all (spurious readiness).
     Again,
-    /// `src` sent EOF.
+    /// The socket sent EOF.
     Eof,
-    /// `n` bytes read; `rest` of them still to be written.
-    Moved { n: usize, rest: Option<Vec<u8>> },
+    /// `n` bytes read (`full`: as many as the buffer holds); `rest` of them still to
+    /// be written.
+    Moved {
+        n: usize,
+        full: bool,
+        rest: Option<Vec<u8>>,
+    },
 }
 
 impl Meter<'_> {
@@ -331,21 +318,23 @@ impl Meter<'_> {
     ) -> Result<(), CopyError> {
         loop {
             src.readable().await.map_err(|e| from.error(e))?;
-            let step = SCRATCH.with_borrow_mut(|scratch| step(src, dst, scratch, (from, to)))?;
-            let n = match step {
+            let step = step(src, from, |bytes| match dst.try_write(bytes) {
+                Ok(m) => Ok(m),
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => Ok(0),
+                Err(e) => Err(to.error(e)),
+            })?;
+            let (n, full) = match step {
                 Step::Again => continue,
                 Step::Eof => return Ok(()),
-                Step::Moved { n, rest: None } => n,
-                Step::Moved {
-                    n,
-                    rest: Some(rest),
-                } => {
-                    write_all(dst, &rest).await.map_err(|e| to.error(e))?;
-                    n
+                Step::Moved { n, full, rest } => {
+                    if let Some(rest) = rest {
+                        write_all(dst, &rest).await.map_err(|e| to.error(e))?;
+                    }
+                    (n, full)
                 }
             };
             self.moved(n);
-            if n == BUF_SIZE {
+            if full {
                 // Out of descriptors for a pipe, keep copying.
                 if let Ok(pipe) = Pipe::new() {
                     return self.splice(&pipe, src, dst, (from, to)).await;
@@ -353,28 +342,93 @@ impl Meter<'_> {
             }
         }
     }
+
+    /// Copies from a plain socket into a TLS stream until the socket's EOF, through
+    /// the thread's scratch buffer: rustls takes the plaintext into its own buffer
+    /// at once (up to 4 records per read, sent with one `writev`).
+    async fn plain_to_tls<W: AsyncWrite + Unpin>(
+        &self,
+        src: &TcpStream,
+        writer: &mut W,
+        (from, to): (Side, Side),
+    ) -> Result<(), CopyError> {
+        loop {
+            src.readable().await.map_err(|e| from.error(e))?;
+            let step = std::future::poll_fn(|cx| {
+                Poll::Ready(step(src, from, |bytes| {
+                    match Pin::new(&mut *writer).poll_write(cx, bytes) {
+                        Poll::Ready(Ok(m)) => Ok(m),
+                        Poll::Ready(Err(e)) => Err(to.error(e)),
+                        Poll::Pending => Ok(0),
+                    }
+                }))
+            })
+            .await?;
+            let n = match step {
+                Step::Again => continue,
+                Step::Eof => return Ok(()),
+                Step::Moved { n, rest, .. } => {
+                    if let Some(rest) = rest {
+                        writer.write_all(&rest).await.map_err(|e| to.error(e))?;
+                    }
+                    n
+                }
+            };
+            // rustls sends what the socket takes and keeps the rest until polled
+            // again: flush, or the tail would wait for the next read.
+            writer.flush().await.map_err(|e| to.error(e))?;
+            self.moved(n);
+        }
+    }
+
+    /// Copies out of a TLS stream until its EOF. A TLS reader cannot wait for data
+    /// without a buffer (rustls may hold decrypted bytes already), so this direction
+    /// keeps one, allocated when the first bytes arrive.
+    async fn tls_to_any<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
+        &self,
+        reader: &mut R,
+        writer: &mut W,
+        (from, to): (Side, Side),
+    ) -> Result<(), CopyError> {
+        let mut buf = Vec::new();
+        loop {
+            if buf.is_empty() {
+                buf = vec![0u8; BUF_SIZE];
+            }
+            let n = reader.read(&mut buf).await.map_err(|e| from.error(e))?;
+            if n == 0 {
+                return Ok(());
+            }
+            writer.write_all(&buf[..n]).await.map_err(|e| to.error(e))?;
+            // A TLS writer (both sides TLS) may hold bytes back: see `plain_to_tls`.
+            writer.flush().await.map_err(|e| to.error(e))?;
+            self.moved(n);
+        }
+    }
 }
 
-/// Reads what `src` has into `scratch` and writes as much as `dst` takes now.
+/// Reads what `src` has into the thread's scratch buffer and hands it to `write`,
+/// which returns how many bytes the destination took at once.
 fn step(
     src: &TcpStream,
-    dst: &TcpStream,
-    scratch: &mut [u8],
-    (from, to): (Side, Side),
+    from: Side,
+    write: impl FnOnce(&[u8]) -> Result<usize, CopyError>,
 ) -> Result<Step, CopyError> {
-    let n = match src.try_read(scratch) {
-        Ok(0) => return Ok(Step::Eof),
-        Ok(n) => n,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Again),
-        Err(e) => return Err(from.error(e)),
-    };
-    let written = match dst.try_write(&scratch[..n]) {
-        Ok(m) => m,
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock => 0,
-        Err(e) => return Err(to.error(e)),
-    };
-    let rest = (written < n).then(|| scratch[written..n].to_vec());
-    Ok(Step::Moved { n, rest })
+    SCRATCH.with_borrow_mut(|scratch| {
+        let n = match src.try_read(scratch) {
+            Ok(0) => return Ok(Step::Eof),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Ok(Step::Again),
+            Err(e) => return Err(from.error(e)),
+        };
+        let written = write(&scratch[..n])?;
+        let rest = (written < n).then(|| scratch[written..n].to_vec());
+        Ok(Step::Moved {
+            n,
+            full: n == scratch.len(),
+            rest,
+        })
+    })
 }
 
 /// Writes all of `bytes` to `dst`, waiting whenever its send buffer is full.
@@ -483,7 +537,7 @@ mod tests {
                 received: Counter::default(),
             };
             let transfer = Transfer::default();
-            copy_bidirectional_io(
+            copy_bidirectional(
                 &mut proxy_client,
                 &mut held,
                 Duration::from_secs(30),

@@ -25,6 +25,7 @@ use crate::{
         connections::{ConnTable, Entry},
         copy::{self, CopyError},
         inbound::{Admitted, InboundPolicy},
+        read_ahead::ReadAhead,
         upstream::{self, MeshTarget, PeerTls, Upstream, UpstreamError},
     },
     service::{Admission, EndpointLease, Overflow, Route, Service, Services},
@@ -216,19 +217,20 @@ async fn serve(
 /// The accepted side of a connection: a plain socket, or mTLS terminated over one.
 enum Downstream {
     Plain(TcpStream),
-    Tls(Box<tokio_rustls::server::TlsStream<TcpStream>>),
+    Tls(Box<tokio_rustls::server::TlsStream<ReadAhead>>),
 }
 
 impl Downstream {
     fn tcp(&self) -> &TcpStream {
         match self {
             Downstream::Plain(tcp) => tcp,
-            Downstream::Tls(tls) => tls.get_ref().0,
+            Downstream::Tls(tls) => tls.get_ref().0.tcp(),
         }
     }
 }
 
-/// Copies both ways; plain-to-plain keeps the TCP fast path (lazy buffers).
+/// Copies both ways; plain sides are used as sockets (no buffer of their own, splice
+/// between two of them).
 async fn copy_between(
     down: &mut Downstream,
     up: &mut Upstream,
@@ -236,18 +238,13 @@ async fn copy_between(
     transfer: &copy::Transfer,
     totals: copy::Totals,
 ) -> Result<(), CopyError> {
+    use copy::copy_bidirectional as copy;
     match (down, up) {
-        (Downstream::Plain(d), Upstream::Plain(u)) => {
-            copy::copy_bidirectional(d, u, idle, transfer, totals).await
-        }
-        (Downstream::Plain(d), Upstream::Tls(u)) => {
-            copy::copy_bidirectional_io(d, u.as_mut(), idle, transfer, totals).await
-        }
-        (Downstream::Tls(d), Upstream::Plain(u)) => {
-            copy::copy_bidirectional_io(d.as_mut(), u, idle, transfer, totals).await
-        }
+        (Downstream::Plain(d), Upstream::Plain(u)) => copy(d, u, idle, transfer, totals).await,
+        (Downstream::Plain(d), Upstream::Tls(u)) => copy(d, &mut **u, idle, transfer, totals).await,
+        (Downstream::Tls(d), Upstream::Plain(u)) => copy(&mut **d, u, idle, transfer, totals).await,
         (Downstream::Tls(d), Upstream::Tls(u)) => {
-            copy::copy_bidirectional_io(d.as_mut(), u.as_mut(), idle, transfer, totals).await
+            copy(&mut **d, &mut **u, idle, transfer, totals).await
         }
     }
 }

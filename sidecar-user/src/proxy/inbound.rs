@@ -11,7 +11,10 @@ use tokio_rustls::{TlsAcceptor, server::TlsStream};
 use crate::{
     config::{Config, InboundMode},
     metrics::CloseReason,
-    proxy::detect::{Detected, detect},
+    proxy::{
+        detect::{Detected, detect},
+        read_ahead::ReadAhead,
+    },
     tls::{IdentityMatcher, SpiffeId, rustls_config::peer_identity},
 };
 
@@ -30,7 +33,7 @@ pub enum Admitted {
     Plain(TcpStream),
     /// mTLS from a sidecar with this identity, terminated here after a handshake of
     /// this long.
-    Mtls(Box<TlsStream<TcpStream>>, SpiffeId, Duration),
+    Mtls(Box<TlsStream<ReadAhead>>, SpiffeId, Duration),
 }
 
 /// Why an inbound connection was refused.
@@ -126,22 +129,24 @@ impl InboundPolicy {
         // The handshake gets the same budget: a client that stalls mid-handshake must
         // not hold a task forever.
         let started = std::time::Instant::now();
-        let handshake = acceptor.accept(client).into_fallible();
+        let handshake = acceptor.accept(ReadAhead::new(client)).into_fallible();
         let tls = match tokio::time::timeout(self.detect_timeout, handshake).await {
             Ok(Ok(tls)) => tls,
-            Ok(Err((e, io))) => return Err((Refusal::Handshake(e.to_string()), Some(io))),
+            Ok(Err((e, io))) => {
+                return Err((Refusal::Handshake(e.to_string()), Some(io.into_inner())));
+            }
             Err(_) => return Err((Refusal::Silent(self.detect_timeout), None)),
         };
         let Some(id) = peer_identity(tls.get_ref().1) else {
             let (io, _) = tls.into_inner();
             return Err((
                 Refusal::Handshake("the peer certificate has no SPIFFE ID".into()),
-                Some(io),
+                Some(io.into_inner()),
             ));
         };
         if !self.allow.is_empty() && !self.allow.iter().any(|m| m.matches(&id)) {
             let (io, _) = tls.into_inner();
-            return Err((Refusal::NotAllowed(id), Some(io)));
+            return Err((Refusal::NotAllowed(id), Some(io.into_inner())));
         }
         Ok(Admitted::Mtls(Box::new(tls), id, started.elapsed()))
     }

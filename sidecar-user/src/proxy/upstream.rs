@@ -13,6 +13,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use crate::{
     metrics::{CloseReason, Direction},
+    proxy::read_ahead::ReadAhead,
     tls::{ALPN, IdentityMatcher, SpiffeId, rustls_config::peer_identity, status},
 };
 
@@ -21,7 +22,7 @@ pub enum Upstream {
     /// Plain TCP.
     Plain(TcpStream),
     /// mTLS to a sidecar.
-    Tls(Box<TlsStream<TcpStream>>),
+    Tls(Box<TlsStream<ReadAhead>>),
 }
 
 /// mTLS to a peer sidecar: who it is and how long the handshake took.
@@ -63,7 +64,7 @@ impl Upstream {
     pub fn tcp(&self) -> &TcpStream {
         match self {
             Upstream::Plain(tcp) => tcp,
-            Upstream::Tls(tls) => tls.get_ref().0,
+            Upstream::Tls(tls) => tls.get_ref().0.tcp(),
         }
     }
 }
@@ -136,11 +137,11 @@ async fn handshake(
     dst: SocketAddr,
     tcp: TcpStream,
     mesh: MeshTarget<'_>,
-) -> Result<(TlsStream<TcpStream>, SpiffeId), UpstreamError> {
+) -> Result<(TlsStream<ReadAhead>, SpiffeId), UpstreamError> {
     let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
     let mut tls = mesh
         .connector
-        .connect(name, tcp)
+        .connect(name, ReadAhead::new(tcp))
         .await
         .map_err(|e| UpstreamError::Tls(dst, e.to_string()))?;
     let (_, conn) = tls.get_ref();
