@@ -493,17 +493,19 @@ async fn hold(to: SocketAddr, count: usize, linger_ms: u64, concurrency: usize) 
     let mut pending = Vec::new();
     for _ in 0..count {
         let permit = limit.clone().acquire_owned().await?;
+        // The permit is held until the server's greeting arrives: through a proxy,
+        // connect() returns once the local proxy accepts, and the proxy's own
+        // upstream connect (and handshake) is still to come.
         pending.push(tokio::spawn(async move {
-            let s = TcpStream::connect(to).await;
+            let mut s = TcpStream::connect(to).await?;
+            let mut header = [0u8; HEADER];
+            s.read_exact(&mut header).await?;
             drop(permit);
-            s
+            anyhow::Ok(s)
         }));
     }
     for p in pending {
-        let mut s = p.await??;
-        let mut header = [0u8; HEADER];
-        s.read_exact(&mut header).await?;
-        conns.push(s);
+        conns.push(p.await??);
     }
     // All `count` connections are open now; check each one still carries bytes.
     let mut ok = 0usize;

@@ -52,9 +52,8 @@ impl Plan {
                 connrate_seconds: 4.0,
                 // Not 10,000: a proxy holds two descriptors per connection and these
                 // machines' hard limit on open files is 20,000 (root lacks
-                // CAP_SYS_RESOURCE); and past about 6,000 the mTLS pair's upstream
-                // connects time out here (left to investigate, see the README).
-                idle_connections: 6_000,
+                // CAP_SYS_RESOURCE).
+                idle_connections: 9_000,
             }
         }
     }
