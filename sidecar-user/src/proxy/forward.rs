@@ -313,8 +313,6 @@ async fn relay(
             return;
         }
     };
-    let _ = down.tcp().set_nodelay(true);
-    let _ = up.tcp().set_nodelay(true);
     let registration = inputs.connections.register(Entry {
         direction,
         client: peer.0,
