@@ -21,7 +21,7 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -383,7 +383,9 @@ impl Meter<'_> {
 
     /// Copies out of a TLS stream until its EOF. A TLS reader cannot wait for data
     /// without a buffer (rustls may hold decrypted bytes already), so this direction
-    /// keeps one, allocated when the first bytes arrive.
+    /// keeps one, allocated when the first bytes arrive. rustls hands out one record
+    /// per read: while records stream in, the buffer grows to [`SCRATCH_SIZE`] and
+    /// collects every record already readable, so one write carries up to four.
     async fn tls_to_any<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &self,
         reader: &mut R,
@@ -395,16 +397,59 @@ impl Meter<'_> {
             if buf.is_empty() {
                 buf = vec![0u8; BUF_SIZE];
             }
-            let n = reader.read(&mut buf).await.map_err(|e| from.error(e))?;
+            let mut n = reader.read(&mut buf).await.map_err(|e| from.error(e))?;
             if n == 0 {
                 return Ok(());
+            }
+            let mut eof = false;
+            let streaming = n >= BUF_SIZE;
+            if streaming {
+                if buf.len() < SCRATCH_SIZE {
+                    buf.resize(SCRATCH_SIZE, 0);
+                }
+                while n < buf.len() {
+                    match read_now(reader, &mut buf[n..]).await {
+                        Some(Ok(0)) => eof = true,
+                        Some(Ok(m)) => {
+                            n += m;
+                            continue;
+                        }
+                        Some(Err(e)) => return Err(from.error(e)),
+                        None => {}
+                    }
+                    break;
+                }
             }
             writer.write_all(&buf[..n]).await.map_err(|e| to.error(e))?;
             // A TLS writer (both sides TLS) may hold bytes back: see `plain_to_tls`.
             writer.flush().await.map_err(|e| to.error(e))?;
             self.moved(n);
+            if eof {
+                return Ok(());
+            }
+            if !streaming && buf.len() > BUF_SIZE {
+                // Records stopped streaming: back to one record's worth.
+                buf.truncate(BUF_SIZE);
+                buf.shrink_to_fit();
+            }
         }
     }
+}
+
+/// Reads what `reader` has without waiting: `None` when a read would wait.
+async fn read_now<R: AsyncRead + Unpin>(
+    reader: &mut R,
+    buf: &mut [u8],
+) -> Option<io::Result<usize>> {
+    let mut read_buf = ReadBuf::new(buf);
+    std::future::poll_fn(|cx| {
+        Poll::Ready(match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
+            Poll::Ready(Ok(())) => Some(Ok(read_buf.filled().len())),
+            Poll::Ready(Err(e)) => Some(Err(e)),
+            Poll::Pending => None,
+        })
+    })
+    .await
 }
 
 /// Reads what `src` has into the thread's scratch buffer and hands it to `write`,
@@ -554,6 +599,51 @@ mod tests {
             .expect("read");
         assert_eq!(&got, b"ping");
         task.abort();
+    }
+
+    /// Bulk bytes out of a stream that is not a plain socket (the TLS-reader path,
+    /// which batches whatever is readable) arrive byte-exact, then EOF.
+    #[tokio::test]
+    async fn bulk_out_of_a_non_plain_stream_is_byte_exact() {
+        let (mut app, mut proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let task = tokio::spawn(async move {
+            let mut opaque = tokio::io::BufWriter::new(proxy_upstream);
+            let totals = Totals {
+                sent: Counter::default(),
+                received: Counter::default(),
+            };
+            let transfer = Transfer::default();
+            let result = copy_bidirectional(
+                &mut proxy_client,
+                &mut opaque,
+                Duration::from_secs(30),
+                &transfer,
+                totals,
+            )
+            .await;
+            (result, transfer)
+        });
+        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 249) as u8).collect();
+        let sent = data.clone();
+        let writer = tokio::spawn(async move {
+            server.write_all(&sent).await.expect("write");
+            server.shutdown().await.expect("fin");
+            server
+        });
+        let mut got = Vec::new();
+        app.read_to_end(&mut got).await.expect("read");
+        assert!(
+            got == data,
+            "bytes differ ({} of {})",
+            got.len(),
+            data.len()
+        );
+        app.shutdown().await.expect("fin");
+        drop(writer.await.expect("writer"));
+        let (result, transfer) = task.await.expect("join");
+        result.expect("clean close");
+        assert_eq!(transfer.received.load(Relaxed), 3_000_000);
     }
 
     #[tokio::test]
