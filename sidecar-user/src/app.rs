@@ -190,6 +190,7 @@ impl Bound {
 
     /// Starts the runtime and serves until SIGTERM or SIGINT, then drains and detaches.
     pub fn run(self) -> std::io::Result<()> {
+        crate::process::release_startup_memory();
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(self.config.proxy.worker_threads)
             .thread_name("sidecar-worker")

@@ -103,3 +103,14 @@ pub fn raise_nofile_limit() -> u64 {
     }
     lim.rlim_cur
 }
+
+/// Gives the heap memory freed after startup back to the kernel. Loading the kernel
+/// programs parses the kernel's BTF (megabytes) and frees it again, but glibc keeps
+/// freed heap pages resident until told otherwise; this runs once, before serving.
+pub fn release_startup_memory() {
+    #[cfg(target_env = "gnu")]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
