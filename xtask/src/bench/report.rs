@@ -290,11 +290,11 @@ pub fn write(
         let _ = writeln!(
             ratios,
             "| {label} | {} | {} |",
-            fmt(ratio(
+            fmt(added_ratio(
                 madded(results, Setup::SidecarPlain, key),
                 madded(results, Setup::HaproxyPlain, key)
             )),
-            fmt(ratio(
+            fmt(added_ratio(
                 madded(results, Setup::SidecarMtls, key),
                 madded(results, Setup::HaproxyMtls, key)
             )),
@@ -381,13 +381,23 @@ pub fn write(
     Ok(table)
 }
 
+/// Ratio of two added latencies; undefined (NaN) unless both are positive: a proxy
+/// measured faster than no proxy at all is the machine's noise, not a result.
+fn added_ratio(ours: f64, theirs: f64) -> f64 {
+    if ours > 0.0 && theirs > 0.0 {
+        ours / theirs
+    } else {
+        f64::NAN
+    }
+}
+
 /// The targets, with what this run measured.
 fn targets(results: &Results) -> String {
     let r = |a: f64, b: f64| a / b;
     let mut t = String::from("| target | measured | met |\n|---|---|---|\n");
     let mut line = |name: &str, value: f64, goal: f64, lower_is_better: bool| {
         let met = if !value.is_finite() {
-            "–"
+            "unclear (no figure, or an added latency ≤ 0: noise)"
         } else if (lower_is_better && value <= goal) || (!lower_is_better && value >= goal) {
             "yes"
         } else {
@@ -403,7 +413,7 @@ fn targets(results: &Results) -> String {
     ] {
         line(
             &format!("mTLS pair, added {label} ≤ {goal}× HAProxy's"),
-            r(
+            added_ratio(
                 madded(results, SidecarMtls, key),
                 madded(results, HaproxyMtls, key),
             ),
@@ -427,7 +437,7 @@ fn targets(results: &Results) -> String {
         for (label, key) in [("p50", "lat_p50_us"), ("p99", "lat_p99_us")] {
             line(
                 &format!("{name}: added {label} ≤ 0.7× HAProxy's"),
-                r(madded(results, setup, key), madded(results, peer, key)),
+                added_ratio(madded(results, setup, key), madded(results, peer, key)),
                 0.7,
                 true,
             );
@@ -473,4 +483,17 @@ fn targets(results: &Results) -> String {
         true,
     );
     t
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn added_ratio_is_undefined_when_a_proxy_beat_no_proxy() {
+        assert_eq!(added_ratio(50.0, 100.0), 0.5);
+        assert!(added_ratio(-10.0, 100.0).is_nan());
+        assert!(added_ratio(50.0, -3.0).is_nan());
+        assert!(added_ratio(0.0, 100.0).is_nan());
+    }
 }
