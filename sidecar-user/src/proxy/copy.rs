@@ -504,17 +504,8 @@ async fn idle_expired(last_activity: &AtomicU64, start: Instant, idle: Duration)
 
 #[cfg(test)]
 mod tests {
-    use tokio::net::TcpListener;
-
     use super::*;
-
-    /// A connected pair of TCP streams on loopback.
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.expect("connect"), b.expect("accept").0)
-    }
+    use crate::proxy::test_support::tcp_pair as pair;
 
     struct Rig {
         app: TcpStream,

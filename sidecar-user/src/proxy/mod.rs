@@ -10,6 +10,8 @@ pub mod inbound;
 pub mod listener;
 pub mod read_ahead;
 pub mod splice;
+#[cfg(test)]
+mod test_support;
 pub mod upstream;
 
 pub use addr::{ClientAddr, OrigDstAddr};

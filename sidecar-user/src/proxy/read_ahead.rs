@@ -141,19 +141,10 @@ impl AsyncWrite for ReadAhead {
 
 #[cfg(test)]
 mod tests {
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.expect("connect"), b.expect("accept").0)
-    }
+    use crate::proxy::test_support::tcp_pair as pair;
 
     /// Small reads (like rustls's 4 KiB) see every byte in order, through the
     /// streaming and the direct modes, and EOF at the end.

@@ -88,19 +88,10 @@ fn splice(from: RawFd, to: RawFd, len: usize) -> io::Result<usize> {
 
 #[cfg(test)]
 mod tests {
-    use tokio::{
-        io::{AsyncReadExt, AsyncWriteExt},
-        net::TcpListener,
-    };
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
     use super::*;
-
-    async fn pair() -> (TcpStream, TcpStream) {
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let addr = listener.local_addr().expect("addr");
-        let (a, b) = tokio::join!(TcpStream::connect(addr), listener.accept());
-        (a.expect("connect"), b.expect("accept").0)
-    }
+    use crate::proxy::test_support::tcp_pair as pair;
 
     #[tokio::test]
     async fn moves_every_byte_through_the_pipe_and_reports_eof() {
