@@ -23,6 +23,7 @@ use crate::{
         forward::{self, Inputs},
         inbound::InboundPolicy,
         listener::{self, BindError},
+        pod_addrs::PodAddrs,
     },
     service::{
         Services,
@@ -50,6 +51,9 @@ pub enum BuildError {
     /// The kernel programs could not be loaded or attached.
     #[error(transparent)]
     Capture(#[from] CaptureError),
+    /// The pod's interfaces could not be listed.
+    #[error("listing the pod's addresses: {0}")]
+    PodAddrs(std::io::Error),
 }
 
 /// Every address the sidecar listens on.
@@ -79,6 +83,7 @@ pub struct Bound {
     health: std::net::TcpListener,
     source: Option<ConfigSource>,
     app_probes: crate::app_health::AppProbes,
+    pod: PodAddrs,
 }
 
 /// The workload identity and what its rotation watcher needs.
@@ -158,7 +163,10 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         capture.attach_inbound(&inbound)?;
     }
     let kernel = Arc::new(capture.kernel_maps()?);
+    let pod = PodAddrs::detect().map_err(BuildError::PodAddrs)?;
+    tracing::info!(addresses = ?pod.all(), "pod addresses");
     Ok(Bound {
+        pod,
         addrs,
         config,
         capture,
@@ -212,6 +220,7 @@ impl Bound {
             health,
             source,
             app_probes,
+            pod,
         } = self;
         if let Some(logger) = capture.take_logger() {
             tokio::spawn(crate::ebpf::logs::forward(logger));
@@ -293,6 +302,7 @@ impl Bound {
             inbound: InboundPolicy::new(&config, acceptor),
             mesh,
             services,
+            pod,
         });
         let mut accept_loops = JoinSet::new();
         let listeners = outbound

@@ -329,8 +329,29 @@ impl Drop for Sidecar {
 }
 
 /// Sums the samples of `name` in Prometheus text whose labels include `labels`.
+///
+/// Panics when the text declares no metric family `name` (a renamed or removed metric
+/// must fail the test, not read as 0), or when samples of it exist but none carries a
+/// label key asked for (a renamed label). A declared family with no matching sample
+/// yet (a labelled counter never incremented) sums to 0.
 pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let family = ["_total", "_bucket", "_sum", "_count", "_created"]
+        .iter()
+        .find_map(|suffix| name.strip_suffix(suffix))
+        .unwrap_or(name);
+    let declared = text.lines().any(|l| {
+        let mut words = l.split_whitespace();
+        words.next() == Some("#")
+            && words.next() == Some("TYPE")
+            && words.next().is_some_and(|n| n == name || n == family)
+    });
+    assert!(
+        declared,
+        "metric {name} is not exposed at all (renamed or removed?)"
+    );
     let mut sum = 0.0;
+    let mut keys_seen = std::collections::BTreeSet::new();
+    let mut samples = 0;
     for line in text.lines().filter(|l| !l.starts_with('#')) {
         let Some((series, value)) = line.rsplit_once(' ') else {
             continue;
@@ -342,13 +363,29 @@ pub fn metric_sum(text: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
         if metric != name {
             continue;
         }
+        samples += 1;
+        for pair in label_text.split(',') {
+            if let Some((k, _)) = pair.split_once('=') {
+                keys_seen.insert(k.to_string());
+            }
+        }
         let has = |k: &str, v: &str| {
             label_text
                 .split(',')
                 .any(|pair| pair == format!("{k}=\"{v}\""))
         };
         if labels.iter().all(|(k, v)| has(k, v)) {
-            sum += value.parse::<f64>().unwrap_or(0.0);
+            sum += value
+                .parse::<f64>()
+                .unwrap_or_else(|e| panic!("metric {name}: bad value {value:?}: {e}"));
+        }
+    }
+    if samples > 0 {
+        for (k, _) in labels {
+            assert!(
+                keys_seen.contains(*k),
+                "metric {name} has no label {k} (its labels: {keys_seen:?})"
+            );
         }
     }
     sum

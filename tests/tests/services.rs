@@ -181,9 +181,12 @@ fn round_robin_gives_equal_shares_and_weights_are_honoured() {
 }
 
 #[test]
-fn ring_hash_and_maglev_keep_each_client_pod_on_one_backend() {
+fn ring_hash_and_maglev_keep_each_client_pod_on_one_backend_and_spread_pods() {
+    // Six client pods: each must stick to one backend, and together they must not all
+    // land on one (the key is the pod's address, not the loopback address the
+    // redirected connect arrives from, which is the same in every pod).
     let mut net = Net::new("svc-hash");
-    let clients: Vec<Pod> = (1..=3).map(|i| net.pod(&format!("c{i}"))).collect();
+    let clients: Vec<Pod> = (1..=6).map(|i| net.pod(&format!("c{i}"))).collect();
     let b: Vec<Pod> = (1..=3).map(|i| net.pod(&format!("b{i}"))).collect();
     let _apps: Vec<Background> = b.iter().map(|p| echo(p, 0)).collect();
     let all: Vec<(&Pod, u32)> = b.iter().map(|p| (p, 1)).collect();
@@ -196,14 +199,88 @@ fn ring_hash_and_maglev_keep_each_client_pod_on_one_backend() {
         .iter()
         .map(|c| Sidecar::start(c, &config, Placement::InPodCgroup))
         .collect();
-    for client in &clients {
-        for vip in [VIP, VIP2] {
+    for vip in [VIP, VIP2] {
+        let mut chosen = BTreeMap::new();
+        for client in &clients {
             let summary = tally(client, vip, 10, 1, 0);
             let c = counts(&summary);
             assert_eq!(summary["ok"], 10, "{summary}");
             assert_eq!(c.len(), 1, "{} to {vip} spread over {c:?}", client.ip4);
+            let backend = c.keys().next().cloned().unwrap_or_default();
+            *chosen.entry(backend).or_insert(0) += 1;
         }
+        assert!(
+            chosen.len() >= 2,
+            "{vip}: all six client pods hashed to one backend: {chosen:?}"
+        );
     }
+}
+
+#[test]
+fn a_pod_reaching_itself_in_the_mesh_gets_plaintext_and_no_ejection() {
+    // Pod `a` is in mesh.cidrs and is one of the endpoints of the service it calls.
+    let mut net = Net::new("svc-self");
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let certs = Certs::new("self", &["a=shop/web", "b=shop/web"]);
+    let _apps = [echo(&a, 0), echo(&b, 0)];
+    let mesh = "mesh:\n  cidrs: [198.18.0.0/24]\n";
+    let _b_sidecar = Sidecar::start(
+        &b,
+        &format!("{}{mesh}", certs.identity("b")),
+        Placement::InPodCgroup,
+    );
+    let config = format!(
+        "{}{mesh}services:\n{}",
+        certs.identity("a"),
+        service(
+            "web",
+            VIP,
+            &[(&a, 1), (&b, 1)],
+            "outlier: {consecutive_failures: 1, base_ejection: 60s}"
+        )
+    );
+    let sidecar = Sidecar::start(&a, &config, Placement::InPodCgroup);
+
+    // Directly to its own IP: byte-exact echo, no handshake.
+    let direct = tally(&a, &endpoint(&a), 20, 2, 0);
+    assert_eq!(direct["ok"], 20, "{direct}");
+    assert_eq!(
+        sidecar.metric(
+            "sidecar_connections_opened_total",
+            &[("service", "passthrough"), ("tls", "false")]
+        ),
+        20.0
+    );
+    // Through the service: both endpoints serve, the pod itself without mTLS, the
+    // other over mTLS, and nothing is ejected.
+    let summary = tally(&a, VIP, 40, 1, 0);
+    assert_eq!(summary["ok"], 40, "{summary}");
+    let c = counts(&summary);
+    assert_eq!(c.get(&endpoint(&a)), Some(&20), "{summary}");
+    assert_eq!(c.get(&endpoint(&b)), Some(&20), "{summary}");
+    for pod in [&a, &b] {
+        let labels = [("service", "web"), ("endpoint", &endpoint(pod) as &str)];
+        assert_eq!(
+            sidecar.metric("sidecar_endpoint_ejections_total", &labels),
+            0.0
+        );
+        assert_eq!(
+            sidecar.metric(
+                "sidecar_endpoint_connect_attempts_total",
+                &[labels[0], labels[1], ("result", "failure")]
+            ),
+            0.0
+        );
+    }
+    assert_eq!(
+        sidecar.metric(
+            "sidecar_connections_opened_total",
+            &[("service", "web"), ("tls", "true")]
+        ),
+        20.0
+    );
+    assert_eq!(sidecar.closed("handshake_failed"), 0);
 }
 
 /// Dev certificates from `sidecar certs`, removed on drop.

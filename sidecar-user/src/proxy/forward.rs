@@ -25,6 +25,7 @@ use crate::{
         connections::{ConnTable, Entry},
         copy::{self, CopyError},
         inbound::{Admitted, InboundPolicy},
+        pod_addrs::PodAddrs,
         read_ahead::ReadAhead,
         upstream::{self, MeshTarget, PeerTls, Upstream, UpstreamError},
     },
@@ -69,6 +70,9 @@ pub struct Inputs {
     pub mesh: Option<Mesh>,
     /// Services (virtual addresses) and the outbound traffic policy.
     pub services: Arc<Services>,
+    /// The pod's own addresses: a destination among them is reached in plaintext, and
+    /// outbound affinity hashes the pod IP rather than loopback.
+    pub pod: PodAddrs,
 }
 
 /// Why a connection was not carried.
@@ -390,6 +394,8 @@ async fn connect(
         .mesh
         .as_ref()
         .filter(|m| direction == Direction::Outbound && m.contains(dst.0.ip()))
+        // The pod calling itself never leaves the pod: no sidecar answers there.
+        .filter(|_| !inputs.pod.is_self(dst.0.ip()))
         .map(|m| MeshTarget {
             connector: &m.connector,
             expected: None,
@@ -461,7 +467,8 @@ async fn balance(
     let mut admission = service
         .admit()
         .map_err(|o| ForwardError::Overflow(name.to_string(), o))?;
-    let key = service.hash_key(peer.0);
+    // The app reached us from loopback; hash the address it would have had.
+    let key = service.hash_key(inputs.pod.app_addr(peer.0, dst.0));
     let started = std::time::Instant::now();
     let deadline = tokio::time::Instant::now() + service.connect_timeout;
     let attempts = service.config.retries as usize + 1;
@@ -478,7 +485,9 @@ async fn balance(
         }
         let share = (deadline - now) / (attempts - tried.len() + 1) as u32;
         let lease = endpoint.state.lease();
-        let mesh = match (endpoint.mtls, &inputs.mesh) {
+        // An endpoint that is this pod is reached directly, as without a sidecar.
+        let mtls = endpoint.mtls && !inputs.pod.is_self(endpoint.addr.ip());
+        let mesh = match (mtls, &inputs.mesh) {
             (false, _) => None,
             (true, Some(mesh)) => Some(MeshTarget {
                 connector: &mesh.connector,
