@@ -73,6 +73,10 @@ pub mod capture_flags {
     /// Outbound: when no proxy listens on the outbound port, leave the connect alone
     /// (it goes direct) instead of redirecting it to a refused port.
     pub const OUTBOUND_FAIL_OPEN: u32 = 8;
+    /// The proxy does not serve IPv6 (`proxy.ipv6: false`): `connect6` still captures
+    /// IPv4-mapped destinations, and refuses native IPv6 ones (EPERM) rather than
+    /// letting them leave uncaptured.
+    pub const IPV6_OFF: u32 = 16;
 }
 
 /// Bits of a [`map_names::INBOUND_PORTS`] value.
@@ -227,11 +231,13 @@ pub enum Counter {
     /// Inbound: a captured connection let through to the application because the
     /// proxy's listener was missing (fail open).
     ListenerMissingPassed,
+    /// A native IPv6 connect refused because the proxy does not serve IPv6.
+    RefusedIpv6Off,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 11] = [
+    pub const ALL: [Counter; 12] = [
         Counter::Captured,
         Counter::SkippedNotTcp,
         Counter::SkippedProxy,
@@ -243,6 +249,7 @@ impl Counter {
         Counter::OrigDstRekeyFailed,
         Counter::ListenerMissingDropped,
         Counter::ListenerMissingPassed,
+        Counter::RefusedIpv6Off,
     ];
     /// Number of counters, the size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -261,6 +268,7 @@ impl Counter {
             Counter::OrigDstRekeyFailed => "orig_dst_rekey_failed",
             Counter::ListenerMissingDropped => "listener_missing_dropped",
             Counter::ListenerMissingPassed => "listener_missing_passed",
+            Counter::RefusedIpv6Off => "refused_ipv6_off",
         }
     }
 }

@@ -1,6 +1,8 @@
 //! `cgroup/connect4` and `cgroup/connect6`: redirect an application's TCP connect to
 //! the proxy's outbound listener, storing the original destination under the socket
-//! cookie. Every path returns "allow": a bug here must never block the app's connect.
+//! cookie. Every path returns "allow" but one: a native IPv6 connect while the proxy
+//! does not serve IPv6 is refused, since letting it through would leave the pod
+//! uncaptured.
 
 use aya_ebpf::{
     bindings::{
@@ -22,6 +24,8 @@ use crate::{
 
 /// Return code that lets the syscall proceed.
 const ALLOW: i32 = 1;
+/// Return code that fails the syscall with EPERM.
+const REFUSE: i32 = 0;
 const SOCK_STREAM: u32 = 1;
 const IPPROTO_TCP: u32 = 6;
 /// `::ffff:0:0/96`, the third word of an IPv4-mapped IPv6 address (network order).
@@ -76,6 +80,13 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
             );
             sa.user_ip6[3] = cfg.outbound_ip4;
             sa.user_port = u32::from(cfg.outbound_port.to_be());
+        }
+    } else if is_local_v6(ip6) {
+        bump(Program::Connect6, Counter::SkippedLoopback);
+    } else if cfg.flags & capture_flags::IPV6_OFF != 0 {
+        if port_allowed(Program::Connect6, cfg, port) && !excluded_v6(Program::Connect6, ip6) {
+            bump(Program::Connect6, Counter::RefusedIpv6Off);
+            return REFUSE;
         }
     } else if should_capture_v6(Program::Connect6, cfg, ip6, port)
         && proxy_listening(Program::Connect6, &ctx, cfg, true)
@@ -198,7 +209,8 @@ fn capture_config(prog: Program, sa: &bpf_sock_addr) -> Option<&'static CaptureC
 
 #[inline(always)]
 fn should_capture_v4(prog: Program, cfg: &CaptureConfig, ip: u32, port: u16) -> bool {
-    if u32::from_be(ip) >> 24 == 127 {
+    // Loopback, and 0.0.0.0, which the kernel dials as the local host.
+    if u32::from_be(ip) >> 24 == 127 || ip == 0 {
         bump(prog, Counter::SkippedLoopback);
         return false;
     }
@@ -212,22 +224,27 @@ fn should_capture_v4(prog: Program, cfg: &CaptureConfig, ip: u32, port: u16) -> 
     true
 }
 
+/// `::1`, or `::`, which the kernel dials as the local host.
+#[inline(always)]
+fn is_local_v6(ip: [u32; 4]) -> bool {
+    ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && (ip[3] == 1u32.to_be() || ip[3] == 0)
+}
+
 #[inline(always)]
 fn should_capture_v6(prog: Program, cfg: &CaptureConfig, ip: [u32; 4], port: u16) -> bool {
-    if ip[0] == 0 && ip[1] == 0 && ip[2] == 0 && ip[3] == 1u32.to_be() {
-        bump(prog, Counter::SkippedLoopback);
-        return false;
-    }
-    if !port_allowed(prog, cfg, port) {
-        return false;
-    }
+    port_allowed(prog, cfg, port) && !excluded_v6(prog, ip)
+}
+
+/// Whether `ip` is in an excluded network (counted when it is).
+#[inline(always)]
+fn excluded_v6(prog: Program, ip: [u32; 4]) -> bool {
     // SAFETY: `[u32; 4]` and `[u8; 16]` have the same size and any bit pattern is valid.
     let bytes: [u8; 16] = unsafe { core::mem::transmute(ip) };
     if EXCLUDED_V6.get(Key::new(128, bytes)).is_some() {
         bump(prog, Counter::ExcludedCidr);
-        return false;
+        return true;
     }
-    true
+    false
 }
 
 #[inline(always)]

@@ -4,6 +4,9 @@
 //! from the socket it accepts.
 #![no_std]
 #![no_main]
+// `atomic_xadd` for counters: the BPF target has no 64-bit atomic types.
+#![feature(core_intrinsics)]
+#![allow(internal_features)]
 
 mod connect;
 mod counters;

@@ -79,9 +79,11 @@ pub fn inbound_lookup(ctx: SkLookupContext) -> u32 {
     }
 }
 
-/// A connection from the pod to itself: same address on both ends. The proxy delivers
-/// to the application from the destination address (it binds its source to it), so its
-/// own delivery is recognised here and never steered back into the proxy. (The
+/// A connection from the pod to itself: same address on both ends, or a loopback
+/// source (packets from a loopback address only ever come from this namespace: the
+/// kernel drops them as martians on any other device). The proxy delivers to the
+/// application from 127.0.0.6 (IPv4) or from the destination address itself (IPv6),
+/// so its own deliveries are recognised here and never steered back into it. (The
 /// ingress ifindex does not tell: local delivery to the pod IP reports the device
 /// owning the address, not `lo`.)
 #[inline(always)]
@@ -96,8 +98,9 @@ fn is_local(ctx: &SkLookupContext) -> bool {
                 ip6_words(&raw const (*ctx.lookup).local_ip6),
             )
         };
-        remote == local
+        let loopback = remote[0] == 0 && remote[1] == 0 && remote[2] == 0 && remote[3] == 1u32.to_be();
+        loopback || remote == local
     } else {
-        lookup.remote_ip4 == lookup.local_ip4
+        u32::from_be(lookup.remote_ip4) >> 24 == 127 || lookup.remote_ip4 == lookup.local_ip4
     }
 }

@@ -24,6 +24,7 @@ use crate::{
         inbound::InboundPolicy,
         listener::{self, BindError},
         pod_addrs::PodAddrs,
+        socket_opts::DeadPeer,
     },
     service::{
         Services,
@@ -158,7 +159,7 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         tracing::info!(dir = %pins.path().display(), "links are pinned: capture outlives a crash");
         capture.use_pins(pins);
     }
-    capture.attach(cgroup, config.proxy.ipv6)?;
+    capture.attach(cgroup)?;
     if !inbound.is_empty() {
         capture.attach_inbound(&inbound)?;
     }
@@ -303,6 +304,7 @@ impl Bound {
             mesh,
             services,
             pod,
+            dead_peer: DeadPeer::new(&config.proxy),
         });
         let mut accept_loops = JoinSet::new();
         let listeners = outbound

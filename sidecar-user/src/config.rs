@@ -216,6 +216,43 @@ pub struct ProxyConfig {
     /// Runtime worker threads. Two matches Istio's default sidecar concurrency and
     /// leaves the app its share of a small node.
     pub worker_threads: usize,
+    /// TCP keepalive on the sockets to and from other hosts (not the application's
+    /// loopback side): a peer that vanished (node gone, link down) is found in about
+    /// `time + interval x probes` instead of at `idle_timeout`.
+    pub keepalive: KeepaliveConfig,
+    /// Data sent but unacknowledged for this long closes the connection
+    /// (`TCP_USER_TIMEOUT`), on the same sockets as `keepalive`.
+    #[serde(deserialize_with = "duration")]
+    pub user_timeout: Duration,
+}
+
+/// TCP keepalive settings (`TCP_KEEPIDLE`, `TCP_KEEPINTVL`, `TCP_KEEPCNT`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KeepaliveConfig {
+    /// Send keepalive probes at all.
+    pub enabled: bool,
+    /// Idle time before the first probe.
+    #[serde(deserialize_with = "duration")]
+    pub time: Duration,
+    /// Time between unanswered probes.
+    #[serde(deserialize_with = "duration")]
+    pub interval: Duration,
+    /// Unanswered probes before the connection is closed.
+    pub probes: u32,
+}
+
+impl Default for KeepaliveConfig {
+    fn default() -> Self {
+        // A dead idle peer is found within about a minute (30 s + 3 x 10 s), far below
+        // the one-hour idle timeout; a live one costs a probe every 30 s of silence.
+        Self {
+            enabled: true,
+            time: Duration::from_secs(30),
+            interval: Duration::from_secs(10),
+            probes: 3,
+        }
+    }
 }
 
 impl Default for ProxyConfig {
@@ -232,6 +269,10 @@ impl Default for ProxyConfig {
             // Kubernetes' default grace period is 30 s; leave room for the rest of it.
             drain_timeout: Duration::from_secs(10),
             worker_threads: 2,
+            keepalive: KeepaliveConfig::default(),
+            // Unacknowledged data for a minute means the peer is gone; what a live but
+            // slow reader holds back is flow-controlled, not unacknowledged.
+            user_timeout: Duration::from_secs(60),
         }
     }
 }
@@ -431,10 +472,27 @@ impl Config {
         for (field, d) in [
             ("proxy.connect_timeout", self.proxy.connect_timeout),
             ("proxy.idle_timeout", self.proxy.idle_timeout),
+            ("proxy.keepalive.time", self.proxy.keepalive.time),
+            ("proxy.keepalive.interval", self.proxy.keepalive.interval),
+            ("proxy.user_timeout", self.proxy.user_timeout),
         ] {
             if d.is_zero() {
                 return invalid(field, "must be greater than 0");
             }
+        }
+        // The kernel's limits (seconds in an int for the times, TCP_KEEPCNT <= 127).
+        let keepalive = &self.proxy.keepalive;
+        if keepalive.time.as_secs() > 32_767 || keepalive.interval.as_secs() > 32_767 {
+            return invalid(
+                "proxy.keepalive",
+                "time and interval must be at most 32767s",
+            );
+        }
+        if !(1..=127).contains(&keepalive.probes) {
+            return invalid("proxy.keepalive.probes", "must be between 1 and 127");
+        }
+        if self.proxy.user_timeout.as_millis() > i32::MAX as u128 {
+            return invalid("proxy.user_timeout", "must be at most 24 days");
         }
         if !(1..=64).contains(&self.proxy.worker_threads) {
             return invalid("proxy.worker_threads", "must be between 1 and 64");
@@ -497,6 +555,7 @@ impl Config {
                 "mTLS origination needs an identity (identity.cert, identity.key, identity.bundle)",
             );
         }
+        self.validate_no_silent_bypass()?;
         services::validate(&self.services)?;
         for (i, s) in self.services.iter().enumerate() {
             let wants_mtls = s.mtls == Some(true) || s.server_identity.is_some();
@@ -542,6 +601,77 @@ impl Config {
                     field,
                     reason: format!("port {port} is already used by {other}"),
                 });
+            }
+        }
+        Ok(())
+    }
+
+    /// Refuses settings that would let traffic skip a policy the same file asks for:
+    /// a port mode on a port inbound capture never steers, mTLS networks or service
+    /// addresses that capture excludes.
+    fn validate_no_silent_bypass(&self) -> Result<(), ConfigError> {
+        let steered = |port: u16| {
+            self.inbound.enabled
+                && !self.inbound.exclude_ports.contains(&port)
+                && !self.own_ports().contains(&port)
+                && (self.inbound.ports.is_empty() || self.inbound.ports.contains(&port))
+        };
+        for (port, mode) in &self.inbound.port_modes {
+            if *mode != InboundMode::Disabled && !steered(*port) {
+                return Err(ConfigError::InvalidAt {
+                    field: format!("inbound.port_modes.{port}"),
+                    reason: format!(
+                        "port {port} is not captured inbound (inbound.enabled, inbound.ports, \
+                         inbound.exclude_ports or a sidecar port), so {mode:?} would not be enforced"
+                    ),
+                });
+            }
+        }
+        if !self.inbound.enabled
+            && self
+                .inbound
+                .mode
+                .is_some_and(|m| m != InboundMode::Disabled)
+        {
+            return Err(ConfigError::Invalid {
+                field: "inbound.mode",
+                reason: "inbound.enabled is false, so no inbound port mode is enforced".into(),
+            });
+        }
+        for mesh in &self.mesh.cidrs {
+            if let Some(excluded) = self
+                .capture
+                .exclude_cidrs
+                .iter()
+                .find(|e| e.contains(mesh) || mesh.contains(*e))
+            {
+                return Err(ConfigError::Invalid {
+                    field: "capture.exclude_cidrs",
+                    reason: format!(
+                        "{excluded} overlaps mesh.cidrs {mesh}: connections there would skip mTLS"
+                    ),
+                });
+            }
+        }
+        for (i, service) in self.services.iter().enumerate() {
+            for (j, addr) in service.addresses.iter().enumerate() {
+                let port_excluded = self.capture.exclude_ports.contains(&addr.port())
+                    || (!self.capture.include_ports.is_empty()
+                        && !self.capture.include_ports.contains(&addr.port()));
+                let net_excluded = self
+                    .capture
+                    .exclude_cidrs
+                    .iter()
+                    .any(|net| net.contains(&addr.ip()));
+                if port_excluded || net_excluded {
+                    return Err(ConfigError::InvalidAt {
+                        field: format!("services[{i}].addresses[{j}]"),
+                        reason: format!(
+                            "{addr} is excluded from capture (capture.exclude_cidrs, \
+                             exclude_ports or include_ports), so the service would never be used"
+                        ),
+                    });
+                }
             }
         }
         Ok(())
@@ -774,6 +904,46 @@ mod tests {
         assert_eq!(config.inbound_mode(9090), InboundMode::Disabled);
         assert_eq!(config.inbound_mode(7070), InboundMode::Permissive);
         assert_eq!(Config::default().inbound_mode(7070), InboundMode::Disabled);
+    }
+
+    #[test]
+    fn settings_that_would_skip_a_policy_are_refused() {
+        let id = "identity:\n  cert: c.pem\n  key: k.pem\n  bundle: b.pem\n";
+        let e = error(&format!(
+            "{id}inbound:\n  exclude_ports: [9090]\n  port_modes:\n    9090: strict\n"
+        ));
+        assert!(e.contains("inbound.port_modes.9090"), "{e}");
+        let e = error(&format!(
+            "{id}inbound:\n  ports: [8080]\n  port_modes:\n    9090: permissive\n"
+        ));
+        assert!(e.contains("inbound.port_modes.9090"), "{e}");
+        let e = error(&format!("{id}inbound:\n  port_modes:\n    15020: strict\n"));
+        assert!(e.contains("inbound.port_modes.15020"), "{e}");
+        let e = error(&format!("{id}inbound:\n  enabled: false\n  mode: strict\n"));
+        assert!(e.contains("inbound.mode"), "{e}");
+        let e = error(&format!(
+            "{id}inbound:\n  enabled: false\n  port_modes:\n    8080: strict\n"
+        ));
+        assert!(e.contains("inbound.port_modes.8080"), "{e}");
+        let e = error(&format!(
+            "{id}mesh:\n  cidrs: [10.0.0.0/16]\ncapture:\n  exclude_cidrs: [10.0.5.0/24]\n"
+        ));
+        assert!(
+            e.contains("capture.exclude_cidrs") && e.contains("mesh"),
+            "{e}"
+        );
+        let svc = "services:\n- name: web\n  addresses: ['198.19.0.10:80']\n  endpoints: ['10.0.0.1:80']\n";
+        let e = error(&format!("capture:\n  exclude_ports: [80]\n{svc}"));
+        assert!(e.contains("services[0].addresses[0]"), "{e}");
+        let e = error(&format!("capture:\n  include_ports: [443]\n{svc}"));
+        assert!(e.contains("services[0].addresses[0]"), "{e}");
+        let e = error(&format!(
+            "capture:\n  exclude_cidrs: [198.19.0.0/16]\n{svc}"
+        ));
+        assert!(e.contains("services[0].addresses[0]"), "{e}");
+        // Disabled is allowed anywhere: nothing to enforce.
+        parse("inbound:\n  exclude_ports: [9090]\n  port_modes:\n    9090: disabled\n")
+            .expect("disabled on an excluded port is fine");
     }
 
     #[test]

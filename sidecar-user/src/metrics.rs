@@ -15,7 +15,9 @@ use std::{
 };
 
 use prometheus_client::{
+    encoding::{EncodeMetric, MetricEncoder},
     metrics::{
+        MetricType,
         counter::Counter,
         family::Family,
         gauge::Gauge,
@@ -27,6 +29,26 @@ use prometheus_client::{
 pub use labels::{CloseReason, ConnLabels, Direction, ServiceLabels, Tls};
 
 use crate::proxy::copy::{Totals, Transfer};
+
+/// A metric whose `# HELP` and `# TYPE` lines are written even before its first
+/// sample. prometheus-client leaves empty families out, so whether a family existed
+/// would depend on the traffic seen; dashboards, alerts and tests need it declared.
+#[derive(Debug)]
+struct Declared<M>(M);
+
+impl<M: EncodeMetric> EncodeMetric for Declared<M> {
+    fn encode(&self, encoder: MetricEncoder) -> Result<(), std::fmt::Error> {
+        self.0.encode(encoder)
+    }
+
+    fn metric_type(&self) -> MetricType {
+        self.0.metric_type()
+    }
+
+    fn is_empty(&self) -> bool {
+        false
+    }
+}
 
 /// Label value standing for every value past a limiter's capacity.
 pub const OTHER: &str = "other";
@@ -76,7 +98,7 @@ impl Metrics {
         registry.register(
             "metric_label_folded",
             "Connections whose label value was folded into \"other\" because the label hit its cap",
-            folded.clone(),
+            Declared(folded.clone()),
         );
         let limiter = |label: &'static str, capacity| LabelLimiter {
             seen: Mutex::new(HashSet::new()),
@@ -104,58 +126,58 @@ impl Metrics {
         registry.register(
             "connections_opened",
             "Connections accepted by the proxy",
-            proxy.opened.clone(),
+            Declared(proxy.opened.clone()),
         );
         registry.register(
             "connections_closed",
             "Connections finished, by close reason",
-            proxy.closed.clone(),
+            Declared(proxy.closed.clone()),
         );
         registry.register(
             "connections_open",
             "Connections open now",
-            proxy.open.clone(),
+            Declared(proxy.open.clone()),
         );
         registry.register_with_unit(
             "connection_sent",
             "Bytes from the connection's initiator to its destination, counted as they flow",
             Unit::Bytes,
-            proxy.sent_bytes.clone(),
+            Declared(proxy.sent_bytes.clone()),
         );
         registry.register_with_unit(
             "connection_received",
             "Bytes from the destination back to the initiator, counted as they flow",
             Unit::Bytes,
-            proxy.received_bytes.clone(),
+            Declared(proxy.received_bytes.clone()),
         );
         registry.register_with_unit(
             "connection_duration",
             "Lifetime of finished connections",
             Unit::Seconds,
-            proxy.duration.clone(),
+            Declared(proxy.duration.clone()),
         );
         registry.register_with_unit(
             "connection_size",
             "Bytes moved (both directions) per finished connection",
             Unit::Bytes,
-            proxy.connection_bytes.clone(),
+            Declared(proxy.connection_bytes.clone()),
         );
         registry.register_with_unit(
             "upstream_connect_duration",
             "Time to connect to the destination (successful connects)",
             Unit::Seconds,
-            proxy.connect_duration.clone(),
+            Declared(proxy.connect_duration.clone()),
         );
         registry.register_with_unit(
             "tls_handshake_duration",
             "TLS handshake latency",
             Unit::Seconds,
-            proxy.tls_handshake.clone(),
+            Declared(proxy.tls_handshake.clone()),
         );
         registry.register(
             "orig_dst_lookups",
             "Original-destination lookups at accept, by result",
-            proxy.orig_dst_lookups.clone(),
+            Declared(proxy.orig_dst_lookups.clone()),
         );
         Self {
             registry,

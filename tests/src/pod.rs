@@ -102,6 +102,15 @@ impl Net {
         &self.node
     }
 
+    /// Sets the node side of `pod`'s link down (or up again): the pod drops off the
+    /// network at once, with no FIN or RST sent for its connections (a node or link
+    /// lost).
+    pub fn set_link(&self, pod: &Pod, up: bool) {
+        let veth = format!("veth{}", pod.ip4.octets()[3]);
+        let state = if up { "up" } else { "down" };
+        ip(&["-n", &self.node, "link", "set", &veth, state]);
+    }
+
     /// Adds a pod named `name`.
     pub fn pod(&mut self, name: &str) -> Pod {
         let host = self.next_host;

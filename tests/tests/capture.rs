@@ -436,3 +436,69 @@ fn kernel_log_lines_reach_the_sidecar_log_at_the_configured_level() {
     let (_, log) = sidecar.terminate_with_log();
     assert!(!log.contains("captured connect"), "{log}");
 }
+
+#[test]
+fn no_setting_lets_a_connection_leave_the_pod_uncaptured() {
+    let rig = rig("holes");
+    let mut net = rig.net;
+    let other = net.pod("other");
+    // A server on another host's sidecar health port (15020), outside allow_cidrs.
+    let mut cmd = other.app(&pod_tool_bin());
+    cmd.args(["http", "--listen", &format!("{}:15020", other.ip4)]);
+    let _health_like = Background::start_ready(cmd);
+    // The client pod's own server, reached at 0.0.0.0 (the kernel dials it locally).
+    let mut cmd = rig.client.app(&pod_tool_bin());
+    cmd.args(["echo", "--listen", "0.0.0.0:9090"]);
+    let _local = Background::start_ready(cmd);
+    let config = format!(
+        "proxy:\n  ipv6: false\noutbound:\n  policy: registry_only\n  allow_cidrs: [{}/32]\n",
+        rig.server.ip4
+    );
+    let sidecar = Sidecar::start(&rig.client, &config, Placement::InPodCgroup);
+    let tally = |to: &str, count: usize| {
+        let mut cmd = rig.client.app(&pod_tool_bin());
+        cmd.args(["tally", "--to", to, "--count", &count.to_string()]);
+        run_json(cmd)
+    };
+
+    // IPv4-mapped (Java's default for IPv4) is captured although IPv6 is off.
+    let url = format!("http://[::ffff:{}]:8080/", rig.server.ip4);
+    let body = curl_body(&rig.client.curl(&[&url]));
+    assert!(body.contains("served-by"), "{body}");
+    assert_eq!(
+        sidecar.metric(
+            "sidecar_connections_opened_total",
+            &[("direction", "outbound")]
+        ),
+        1.0
+    );
+    // Native IPv6 is refused in the kernel, not sent around the proxy.
+    let url = format!("http://[{}]:8080/", rig.server.ip6);
+    let out = rig.client.curl(&[&url]);
+    assert!(!out.status.success(), "native IPv6 went through");
+    assert_eq!(sidecar.kernel_stat("refused_ipv6_off"), 1);
+
+    // Another host's 15020 is captured like any port, so registry_only applies.
+    let out = rig.client.curl(&[&format!("http://{}:15020/", other.ip4)]);
+    assert!(
+        !out.status.success(),
+        "registry_only bypassed on port 15020"
+    );
+    assert_eq!(sidecar.closed("policy_denied"), 1);
+
+    // 0.0.0.0 is the pod itself: not captured, so registry_only does not refuse it.
+    let local = tally("0.0.0.0:9090", 3);
+    assert_eq!(local["ok"], 3, "{local}");
+    assert_eq!(
+        sidecar.metric(
+            "sidecar_connections_opened_total",
+            &[("direction", "outbound")]
+        ),
+        2.0
+    );
+    drop(sidecar);
+    drop(_health_like);
+    drop(_local);
+    drop(rig._http);
+    drop(net);
+}

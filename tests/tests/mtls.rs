@@ -360,7 +360,7 @@ fn two_sidecars_speak_mtls_on_the_wire() {
     );
     // B's application got it from B's sidecar.
     assert!(
-        body.contains(&format!("served-by {}:8080 peer {}:", b.ip4, b.ip4)),
+        body.contains(&format!("served-by {}:8080 peer 127.0.0.6:", b.ip4)),
         "{body}"
     );
     std::thread::sleep(Duration::from_millis(500));

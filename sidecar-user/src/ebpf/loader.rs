@@ -78,6 +78,12 @@ pub enum CaptureError {
     /// A descriptor could not be duplicated.
     #[error("duplicating a map descriptor: {0}")]
     Dup(std::io::Error),
+    /// The kernel is older than the programs need.
+    #[error("Linux {found} is too old: the sidecar needs Linux 5.14 or later")]
+    Kernel {
+        /// The running kernel's version.
+        found: String,
+    },
     /// Pinning a link, or taking a pinned one over, failed.
     #[error("pin of program {name}: {reason}")]
     Pin {
@@ -117,6 +123,7 @@ impl Capture {
     /// Loads the programs and writes `config`'s capture rules into the maps. Nothing
     /// is attached yet, so a failure here leaves the pod untouched.
     pub fn load(config: &Config) -> Result<Self, CaptureError> {
+        check_kernel()?;
         raise_memlock_limit();
         let level = kernel_log_level();
         let mut ebpf = EbpfLoader::new()
@@ -148,8 +155,11 @@ impl Capture {
 
     /// Attaches to `cgroup` with `bpf_link`s in multi mode, so other programs in the
     /// subtree (a CNI's, say) keep running beside ours. `sock_ops` goes first, so no
-    /// redirected connect can miss its re-key.
-    pub fn attach(&mut self, cgroup: &Path, ipv6: bool) -> Result<(), CaptureError> {
+    /// redirected connect can miss its re-key. `connect6` is attached even when the
+    /// proxy does not serve IPv6: IPv4-mapped destinations (`::ffff:a.b.c.d`, Java's
+    /// default) run only that hook, and native IPv6 connects are then refused rather
+    /// than left uncaptured.
+    pub fn attach(&mut self, cgroup: &Path) -> Result<(), CaptureError> {
         let dir = std::fs::File::open(cgroup).map_err(|source| CaptureError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -158,7 +168,7 @@ impl Capture {
         if !self.take_over(name)? {
             let prog: &mut SockOps = program(&mut self.ebpf, name)?;
             let id = prog
-                .attach(dir.as_fd(), link_attach_mode())
+                .attach(dir.as_fd(), LINK_MODE)
                 .map_err(|source| CaptureError::Program { name, source })?;
             if self.pins.is_some() {
                 let link = prog
@@ -171,17 +181,13 @@ impl Capture {
                 self.pin(name, link)?;
             }
         }
-        let mut names = vec![program_names::CONNECT4];
-        if ipv6 {
-            names.push(program_names::CONNECT6);
-        }
-        for name in names {
+        for name in [program_names::CONNECT4, program_names::CONNECT6] {
             if self.take_over(name)? {
                 continue;
             }
             let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
             let id = prog
-                .attach(dir.as_fd(), link_attach_mode())
+                .attach(dir.as_fd(), LINK_MODE)
                 .map_err(|source| CaptureError::Program { name, source })?;
             if self.pins.is_some() {
                 let link = prog
@@ -448,6 +454,9 @@ pub fn capture_settings(config: &Config) -> CaptureConfig {
     if config.capture.fail_open {
         flags |= capture_flags::OUTBOUND_FAIL_OPEN;
     }
+    if !config.proxy.ipv6 {
+        flags |= capture_flags::IPV6_OFF;
+    }
     CaptureConfig {
         proxy_uid: config.proxy.uid,
         flags,
@@ -470,14 +479,16 @@ pub fn inbound_rules(config: &Config) -> BTreeMap<u16, u32> {
     )
 }
 
-/// Port → rule bits: configured exclusions and inclusions, plus the sidecar's own ports,
-/// which are always excluded.
+/// Destination port → rule bits: configured exclusions and inclusions. The sidecar's
+/// own ports are not excluded: its listeners are on loopback, which is never captured,
+/// and excluding them for every destination would let `registry_only` be bypassed by
+/// dialling any host on 15000, 15001, 15006 or 15020.
 pub fn port_rules(config: &Config) -> BTreeMap<u16, u32> {
     let include = (config.capture.include_ports.as_slice(), port_rule::INCLUDE);
     rule_map(
         include,
         (&config.capture.exclude_ports, port_rule::EXCLUDE),
-        &config.own_ports(),
+        &[],
     )
 }
 
@@ -494,15 +505,29 @@ fn rule_map(listed: (&[u16], u32), excluded: (&[u16], u32), own: &[u16]) -> BTre
     rules
 }
 
-/// The attach mode that yields a multi-mode attachment. aya attaches with `bpf_link`
-/// from Linux 5.7 on, and cgroup links are always multi-mode: the kernel rejects any
-/// flag there, so "Single" (flags 0) is what must be passed. Older kernels fall back to
-/// `BPF_PROG_ATTACH`, where only `AllowMultiple` keeps other programs in the subtree.
-fn link_attach_mode() -> CgroupAttachMode {
-    match aya::util::KernelVersion::current() {
-        Ok(v) if v >= aya::util::KernelVersion::new(5, 7, 0) => CgroupAttachMode::Single,
-        _ => CgroupAttachMode::AllowMultiple,
+/// Attach flags for cgroup programs. Every supported kernel attaches with `bpf_link`,
+/// whose cgroup attachments are always multi-mode (other programs in the subtree, a
+/// CNI's say, keep running); the kernel rejects any flag there, so aya's "Single"
+/// (flags 0) is what must be passed.
+const LINK_MODE: CgroupAttachMode = CgroupAttachMode::Single;
+
+/// The oldest kernel the programs work on: 5.14 (`BPF_MAP_LOOKUP_AND_DELETE_ELEM` on
+/// hash maps, which the proxy uses at accept; also `bpf_link` for cgroups from 5.7,
+/// `sk_lookup` from 5.9, `bpf_sk_lookup_tcp` from cgroup programs from 5.10).
+pub const MIN_KERNEL: (u32, u32) = (5, 14);
+
+/// Refuses a kernel older than [`MIN_KERNEL`], naming both versions.
+pub fn check_kernel() -> Result<(), CaptureError> {
+    let current = aya::util::KernelVersion::current().map_err(|e| CaptureError::Kernel {
+        found: format!("unknown ({e})"),
+    })?;
+    let (major, minor) = MIN_KERNEL;
+    if current < aya::util::KernelVersion::new(major as u8, minor as u8, 0) {
+        return Err(CaptureError::Kernel {
+            found: format!("{current:?}"),
+        });
     }
+    Ok(())
 }
 
 /// Kernels before 5.11 charge maps to `RLIMIT_MEMLOCK`; raise it so they load there too.
@@ -523,16 +548,35 @@ mod tests {
     use super::*;
 
     #[test]
-    fn own_ports_are_always_excluded() {
+    fn own_ports_are_captured_outbound_and_never_steered_inbound() {
         let mut config = Config::default();
         config.capture.include_ports = vec![80];
         config.capture.exclude_ports = vec![22];
         let rules = port_rules(&config);
         assert_eq!(rules[&80], port_rule::INCLUDE);
         assert_eq!(rules[&22], port_rule::EXCLUDE);
+        let inbound = inbound_rules(&config);
         for port in [15000, 15001, 15006, 15020] {
-            assert_eq!(rules[&port], port_rule::EXCLUDE, "port {port}");
+            assert!(!rules.contains_key(&port), "outbound port {port}");
+            assert_eq!(
+                inbound[&port],
+                sidecar_common::inbound_rule::EXCLUDE,
+                "inbound port {port}"
+            );
         }
+    }
+
+    #[test]
+    fn ipv6_off_is_a_kernel_flag() {
+        let mut config = Config::default();
+        assert_eq!(capture_settings(&config).flags & capture_flags::IPV6_OFF, 0);
+        config.proxy.ipv6 = false;
+        assert_ne!(capture_settings(&config).flags & capture_flags::IPV6_OFF, 0);
+    }
+
+    #[test]
+    fn this_kernel_is_recent_enough() {
+        check_kernel().expect("the build machines run Linux >= 5.14");
     }
 
     #[test]

@@ -29,6 +29,9 @@ pub enum CloseReason {
     Normal,
     /// A reset or I/O error on either side.
     Reset,
+    /// A peer stopped answering (keepalive probes or sent data unacknowledged for
+    /// `proxy.user_timeout`): the node or link is gone.
+    PeerLost,
     /// Connecting upstream took longer than `connect_timeout`.
     Timeout,
     /// No bytes either way for `idle_timeout`.
@@ -77,6 +80,7 @@ impl CloseReason {
         match self {
             CloseReason::Normal => "normal",
             CloseReason::Reset => "reset",
+            CloseReason::PeerLost => "peer_lost",
             CloseReason::Timeout => "timeout",
             CloseReason::Idle => "idle",
             CloseReason::Refused => "refused",

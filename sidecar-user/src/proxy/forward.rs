@@ -27,6 +27,7 @@ use crate::{
         inbound::{Admitted, InboundPolicy},
         pod_addrs::PodAddrs,
         read_ahead::ReadAhead,
+        socket_opts::DeadPeer,
         upstream::{self, MeshTarget, PeerTls, Upstream, UpstreamError},
     },
     service::{Admission, EndpointLease, Overflow, Route, Service, Services},
@@ -73,6 +74,8 @@ pub struct Inputs {
     /// The pod's own addresses: a destination among them is reached in plaintext, and
     /// outbound affinity hashes the pod IP rather than loopback.
     pub pod: PodAddrs,
+    /// Keepalive and user timeout of sockets to and from other hosts.
+    pub dead_peer: DeadPeer,
 }
 
 /// Why a connection was not carried.
@@ -150,6 +153,10 @@ pub async fn accept_loop(
         // Before anything is written: a handshake or the mesh status byte held back
         // by Nagle's algorithm waits for the peer's delayed ACK.
         let _ = stream.set_nodelay(true);
+        // Inbound clients are other hosts; outbound ones are the app, over loopback.
+        if direction == Direction::Inbound {
+            inputs.dead_peer.apply(&stream);
+        }
         let client = ClientAddr(unmap(peer));
         let span = info_span!("conn", direction = direction.as_str(), %client);
         let inputs = inputs.clone();
@@ -340,6 +347,12 @@ async fn relay(
     let reason = match copied {
         Some(Ok(())) => CloseReason::Normal,
         Some(Err(CopyError::Idle(_))) => CloseReason::Idle,
+        // Keepalive probes or sent data went unanswered: the peer is gone.
+        Some(Err(CopyError::Client(ref e) | CopyError::Upstream(ref e)))
+            if e.raw_os_error() == Some(libc::ETIMEDOUT) =>
+        {
+            CloseReason::PeerLost
+        }
         Some(Err(_)) => CloseReason::Reset,
         None => CloseReason::Drained,
     };
@@ -394,13 +407,15 @@ async fn connect(
         .mesh
         .as_ref()
         .filter(|m| direction == Direction::Outbound && m.contains(dst.0.ip()))
-        // The pod calling itself never leaves the pod: no sidecar answers there.
-        .filter(|_| !inputs.pod.is_self(dst.0.ip()))
+        // The pod calling itself never leaves the pod: no sidecar answers there. A
+        // peer sidecar's own ports (its health port, say) are plaintext by design.
+        .filter(|_| !inputs.pod.is_self(dst.0.ip()) && !inputs.own_ports.contains(&dst.0.port()))
         .map(|m| MeshTarget {
             connector: &m.connector,
             expected: None,
         });
-    let result = match upstream::open(dst.0, direction, deadline, mesh).await {
+    let dead_peer = (direction == Direction::Outbound).then_some(&inputs.dead_peer);
+    let result = match upstream::open(dst.0, direction, deadline, mesh, dead_peer).await {
         Ok((up, peer_tls)) => {
             inputs.metrics.upstream_connected(
                 &ServiceLabels {
@@ -503,7 +518,14 @@ async fn balance(
             }
         };
         let attempt_started = std::time::Instant::now();
-        match upstream::open(endpoint.addr, Direction::Outbound, now + share, mesh).await {
+        let opened = upstream::open(
+            endpoint.addr,
+            Direction::Outbound,
+            now + share,
+            mesh,
+            Some(&inputs.dead_peer),
+        );
+        match opened.await {
             Ok((up, peer_tls)) => {
                 endpoint.state.connected(attempt_started.elapsed());
                 admission.connected();

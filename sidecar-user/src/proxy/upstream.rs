@@ -13,7 +13,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use crate::{
     metrics::{CloseReason, Direction},
-    proxy::read_ahead::ReadAhead,
+    proxy::{read_ahead::ReadAhead, socket_opts::DeadPeer},
     tls::{ALPN, IdentityMatcher, SpiffeId, rustls_config::peer_identity, status},
 };
 
@@ -84,15 +84,16 @@ impl UpstreamError {
     }
 }
 
-/// Connects to `dst` before `deadline`, over mTLS when `mesh` says so. Inbound, the
-/// source is bound to the destination address itself: `sk_lookup` recognises a
-/// connection whose two ends share an address as the pod talking to itself, so the
-/// delivery is never steered back into the proxy.
+/// Connects to `dst` before `deadline`, over mTLS when `mesh` says so. Outbound
+/// sockets get `dead_peer`'s keepalive and user timeout (when given). Inbound, the
+/// delivery to the application comes from [`DELIVERY_SOURCE_V4`] (IPv4) or the pod
+/// IP itself (IPv6), which `sk_lookup` never steers back into the proxy.
 pub async fn open(
     dst: SocketAddr,
     direction: Direction,
     deadline: Instant,
     mesh: Option<MeshTarget<'_>>,
+    dead_peer: Option<&DeadPeer>,
 ) -> Result<(Upstream, Option<PeerTls>), UpstreamError> {
     let budget = deadline.saturating_duration_since(Instant::now());
     let tcp = match tokio::time::timeout_at(deadline, tcp_connect(dst, direction)).await {
@@ -100,6 +101,9 @@ pub async fn open(
         Ok(Err(e)) => return Err(UpstreamError::Connect(dst, e)),
         Err(_) => return Err(UpstreamError::Timeout(dst, budget)),
     };
+    if let Some(dead_peer) = dead_peer {
+        dead_peer.apply(&tcp);
+    }
     let Some(mesh) = mesh else {
         return Ok((Upstream::Plain(tcp), None));
     };
@@ -119,17 +123,48 @@ async fn tcp_connect(dst: SocketAddr, direction: Direction) -> io::Result<TcpStr
     Ok(stream)
 }
 
+/// Source address of inbound deliveries over IPv4, as Istio uses it: a loopback
+/// address, so the delivery socket's TIME_WAIT (it closes first whenever the remote
+/// client does) can be reused after a second (`tcp_tw_reuse`'s default applies to
+/// loopback), and not 127.0.0.1, which applications often trust as "this host".
+pub const DELIVERY_SOURCE_V4: std::net::Ipv4Addr = std::net::Ipv4Addr::new(127, 0, 0, 6);
+
 async fn connect_from(dst: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
     if direction == Direction::Outbound {
         return TcpStream::connect(dst).await;
     }
-    let socket = if dst.is_ipv4() {
-        TcpSocket::new_v4()?
-    } else {
-        TcpSocket::new_v6()?
+    // IPv6 has no loopback address but ::1, which applications trust like 127.0.0.1:
+    // deliver from the pod IP there (the same-address rule of `sk_lookup`).
+    let (socket, source) = match dst {
+        SocketAddr::V4(_) => (TcpSocket::new_v4()?, DELIVERY_SOURCE_V4.into()),
+        SocketAddr::V6(v6) => (TcpSocket::new_v6()?, std::net::IpAddr::V6(*v6.ip())),
     };
-    socket.bind(SocketAddr::new(dst.ip(), 0))?;
+    // The port is chosen at connect, per 4-tuple, not reserved exclusively at bind:
+    // only then can a port in TIME_WAIT be reused for the same destination.
+    bind_address_no_port(&socket)?;
+    socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(dst).await
+}
+
+/// Sets `IP_BIND_ADDRESS_NO_PORT` (Linux 4.2; also applies to IPv6 sockets).
+fn bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
+    use std::os::fd::AsRawFd;
+    let on: libc::c_int = 1;
+    // SAFETY: a valid socket descriptor and an int option value of the given size.
+    let rc = unsafe {
+        libc::setsockopt(
+            socket.as_raw_fd(),
+            libc::IPPROTO_IP,
+            libc::IP_BIND_ADDRESS_NO_PORT,
+            (&raw const on).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
+    }
 }
 
 /// The handshake, the identity checks and the peer's status byte.

@@ -46,7 +46,7 @@ pub async fn run(
                     _ => None,
                 };
                 let result =
-                    upstream::open(endpoint.addr, Direction::Outbound, deadline, mesh).await;
+                    upstream::open(endpoint.addr, Direction::Outbound, deadline, mesh, None).await;
                 (endpoint, result.err())
             });
         }
