@@ -22,7 +22,7 @@ use tracing::{debug, warn};
 use crate::{
     ebpf::KernelMaps,
     metrics::{Metrics, kernel::KernelCollector, render},
-    proxy::connections::ConnTable,
+    proxy::{connections::ConnTable, unauthenticated::Gate},
 };
 
 /// State the endpoints report on.
@@ -75,14 +75,33 @@ struct OrigDstMap {
     evicted: u64,
 }
 
+/// A client must send a request's headers within this long (also the idle time
+/// between requests on a kept-alive connection).
+const HEADER_READ_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+/// No connection lives longer than this (Prometheus and the kubelet reconnect).
+const MAX_CONNECTION_AGE: std::time::Duration = std::time::Duration::from_secs(120);
+/// Connections served at once per listener, and per client address: the health
+/// listener is reachable from the whole cluster, and one client must not be able to
+/// hold every slot the kubelet needs for its probes.
+const MAX_CONNECTIONS: usize = 256;
+const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
+
 /// Serves HTTP/1 on `listener` until the task is aborted.
 pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminState>) {
+    let gate = Gate::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(pair) => pair,
             Err(error) => {
                 warn!(%error, ?surface, "admin accept failed");
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                continue;
+            }
+        };
+        let pass = match gate.enter(peer.ip()) {
+            Ok(pass) => pass,
+            Err(limit) => {
+                debug!(%peer, ?surface, limit = limit.as_str(), "too many HTTP connections: closed");
                 continue;
             }
         };
@@ -114,11 +133,15 @@ pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminStat
                     Ok::<_, Infallible>(response)
                 }
             });
-            if let Err(error) = hyper::server::conn::http1::Builder::new()
-                .serve_connection(TokioIo::new(stream), service)
-                .await
-            {
-                debug!(%error, %peer, "admin connection error");
+            let _pass = pass;
+            let connection = hyper::server::conn::http1::Builder::new()
+                .timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(HEADER_READ_TIMEOUT)
+                .serve_connection(TokioIo::new(stream), service);
+            match tokio::time::timeout(MAX_CONNECTION_AGE, connection).await {
+                Ok(Err(error)) => debug!(%error, %peer, "admin connection error"),
+                Err(_) => debug!(%peer, "admin connection closed at its maximum age"),
+                Ok(Ok(())) => {}
             }
         });
     }

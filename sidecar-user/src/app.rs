@@ -25,6 +25,7 @@ use crate::{
         listener::{self, BindError},
         pod_addrs::PodAddrs,
         socket_opts::DeadPeer,
+        unauthenticated::Gate,
     },
     service::{
         Services,
@@ -242,6 +243,11 @@ impl Bound {
         ));
         let collector = Arc::new(KernelCollector::new(kernel.clone(), proxy_metrics.clone()));
         metrics.register_kernel(collector.clone());
+        let unauthenticated = Gate::new(
+            config.inbound.max_unauthenticated,
+            config.inbound.max_unauthenticated_per_client,
+        );
+        unauthenticated.register(metrics.registry_mut());
         let connections = Arc::new(ConnTable::default());
         let state = Arc::new(AdminState {
             ready: false.into(),
@@ -305,6 +311,7 @@ impl Bound {
             services,
             pod,
             dead_peer: DeadPeer::new(&config.proxy),
+            unauthenticated,
         });
         let mut accept_loops = JoinSet::new();
         let listeners = outbound

@@ -328,6 +328,11 @@ pub struct InboundConfig {
     /// before a strict or permissive port gives up on it.
     #[serde(deserialize_with = "duration")]
     pub detect_timeout: Duration,
+    /// Connections at most in detection or handshake at once, per sidecar; more are
+    /// reset at once (`sidecar_inbound_unauthenticated_refused_total`).
+    pub max_unauthenticated: usize,
+    /// The same, per client address, so one client cannot take every slot.
+    pub max_unauthenticated_per_client: usize,
 }
 
 impl Default for InboundConfig {
@@ -344,6 +349,10 @@ impl Default for InboundConfig {
             // Long enough for a client across a slow network, short enough that an idle
             // connection attempt does not hold a task for long.
             detect_timeout: Duration::from_secs(5),
+            // Each costs a socket and a task of a few KiB for up to detect_timeout: at
+            // most a few MiB, and far more handshakes than a pod completes at once.
+            max_unauthenticated: 1024,
+            max_unauthenticated_per_client: 128,
         }
     }
 }
@@ -571,6 +580,13 @@ impl Config {
                     reason: "an expected server identity needs mtls".into(),
                 });
             }
+        }
+        if self.inbound.max_unauthenticated == 0 || self.inbound.max_unauthenticated_per_client == 0
+        {
+            return invalid(
+                "inbound.max_unauthenticated",
+                "must be greater than 0 (as must max_unauthenticated_per_client)",
+            );
         }
         if self.inbound.detect_timeout.is_zero() {
             return invalid("inbound.detect_timeout", "must be greater than 0");

@@ -195,6 +195,11 @@ impl Metrics {
         self.registry.register_collector(Box::new(collector));
     }
 
+    /// The registry, for an area to register the metrics it keeps beside what it counts.
+    pub fn registry_mut(&mut self) -> &mut Registry {
+        &mut self.registry
+    }
+
     /// The registry, for encoding.
     pub fn registry(&self) -> &Registry {
         &self.registry

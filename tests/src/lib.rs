@@ -4,9 +4,11 @@
 //! lives only inside these namespaces. Guards remove everything on drop, also when a
 //! test panics.
 
+pub mod certs;
 pub mod pod;
 pub mod sidecar;
 pub mod tools;
 
+pub use certs::Certs;
 pub use pod::{Net, Pod};
 pub use sidecar::{Placement, Sidecar};

@@ -5,14 +5,14 @@
 
 use std::{
     collections::BTreeMap,
-    path::{Path, PathBuf},
-    process::{Child, Command, Stdio},
+    path::PathBuf,
+    process::{Child, Stdio},
     time::{Duration, Instant},
 };
 
 use sidecar_tests::{
-    Net, Placement, Pod, Sidecar,
-    tools::{Background, InFlight, pod_tool_bin, run_json, sidecar_bin},
+    Certs, Net, Placement, Pod, Sidecar,
+    tools::{Background, InFlight, pod_tool_bin, run_json},
 };
 
 const VIP: &str = "198.19.0.10:80";
@@ -281,44 +281,6 @@ fn a_pod_reaching_itself_in_the_mesh_gets_plaintext_and_no_ejection() {
         20.0
     );
     assert_eq!(sidecar.closed("handshake_failed"), 0);
-}
-
-/// Dev certificates from `sidecar certs`, removed on drop.
-struct Certs(PathBuf);
-
-impl Certs {
-    fn new(tag: &str, workloads: &[&str]) -> Self {
-        let dir = std::env::temp_dir().join(format!("sidecar-svc-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut cmd = Command::new(sidecar_bin());
-        cmd.args(["certs", "--out"]).arg(&dir);
-        for w in workloads {
-            cmd.args(["--workload", w]);
-        }
-        let out = cmd.output().expect("sidecar certs");
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        Self(dir)
-    }
-
-    fn identity(&self, name: &str) -> String {
-        let d: &Path = &self.0.join(name);
-        format!(
-            "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n",
-            d.join("cert.pem").display(),
-            d.join("key.pem").display(),
-            d.join("bundle.pem").display()
-        )
-    }
-}
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
 }
 
 #[test]

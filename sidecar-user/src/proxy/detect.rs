@@ -2,11 +2,11 @@
 //! without consuming them: a TLS ClientHello that offers our ALPN is a sidecar; any
 //! other bytes (plaintext, or the application's own TLS) pass through untouched.
 
-use std::time::Duration;
+use std::{os::fd::AsRawFd, time::Duration};
 
-use tokio::net::TcpStream;
+use tokio::{io::Interest, net::TcpStream};
 
-use crate::tls::ALPN;
+use crate::{proxy::socket_opts, tls::ALPN};
 
 /// Largest ClientHello we wait for (one TLS record).
 const MAX_RECORD: usize = 5 + 16 * 1024;
@@ -26,24 +26,83 @@ pub enum Detected {
     TimedOut,
 }
 
-/// Peeks at `stream` until the first bytes decide, or `timeout` passes.
+/// Looks at the first bytes of `stream` without consuming them until they decide, or
+/// `timeout` passes.
+///
+/// Waiting costs no buffer and no polling: `SO_RCVLOWAT` is set to the number of bytes
+/// still needed (1, then the 5-byte record header, then the whole record), so the
+/// socket becomes readable only when they are all queued (or the client closes). A
+/// buffer is allocated only then, for as long as classifying takes.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Detected> {
     let deadline = tokio::time::Instant::now() + timeout;
-    let mut buf = vec![0u8; MAX_RECORD];
+    let lowat = RcvLowat(stream);
+    let mut need = 1;
     loop {
-        let peeked = match tokio::time::timeout_at(deadline, stream.peek(&mut buf)).await {
-            Ok(result) => result?,
-            Err(_) => return Ok(Detected::TimedOut),
-        };
+        lowat.set(need)?;
+        // Forget readiness seen so far, then count what is queued: anything arriving
+        // from here on sets readiness again, so no wakeup is lost in between.
+        let _ = stream.try_io(Interest::READABLE, || {
+            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        });
+        let mut closed = false;
+        if queued(stream)? < need {
+            let ready =
+                match tokio::time::timeout_at(deadline, stream.ready(Interest::READABLE)).await {
+                    Ok(ready) => ready?,
+                    Err(_) => return Ok(Detected::TimedOut),
+                };
+            closed = ready.is_read_closed();
+            if !closed && queued(stream)? < need {
+                continue;
+            }
+        }
+        let mut buf = vec![0u8; queued(stream)?.clamp(need, MAX_RECORD)];
+        let peeked = stream.peek(&mut buf).await?;
         match classify(&buf[..peeked]) {
             Some(detected) => return Ok(detected),
-            // Part of a ClientHello: the rest is in flight. Peek returns at once while
-            // bytes are queued, so wait a little before looking again.
-            None if tokio::time::Instant::now() < deadline => {
-                tokio::time::sleep(Duration::from_millis(5)).await;
+            // A whole record that still is not a complete ClientHello: not ours (a
+            // sidecar's always fits one record). Closed half-way: not a ClientHello.
+            None if peeked >= record_len(&buf[..peeked]) || closed => {
+                return Ok(Detected::OtherTls);
             }
-            None => return Ok(Detected::TimedOut),
+            None => need = record_len(&buf[..peeked]),
         }
+    }
+}
+
+/// Bytes needed to see the whole first record: the header, then header plus length.
+fn record_len(bytes: &[u8]) -> usize {
+    if bytes.len() < 5 {
+        return 5;
+    }
+    5 + usize::from(u16::from_be_bytes([bytes[3], bytes[4]])).min(MAX_RECORD - 5)
+}
+
+/// Bytes queued for reading (`SIOCINQ`).
+fn queued(stream: &TcpStream) -> std::io::Result<usize> {
+    let mut n: libc::c_int = 0;
+    // SAFETY: FIONREAD (SIOCINQ) writes one int through the pointer.
+    let rc = unsafe { libc::ioctl(stream.as_raw_fd(), libc::FIONREAD, &raw mut n) };
+    if rc < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(usize::try_from(n).unwrap_or(0))
+}
+
+/// `SO_RCVLOWAT` of a socket under detection, put back to 1 when dropped: the relay
+/// that follows must see every byte as soon as it arrives.
+struct RcvLowat<'a>(&'a TcpStream);
+
+impl RcvLowat<'_> {
+    fn set(&self, bytes: usize) -> std::io::Result<()> {
+        let bytes = libc::c_int::try_from(bytes.max(1)).unwrap_or(libc::c_int::MAX);
+        socket_opts::set_int(self.0, libc::SOL_SOCKET, libc::SO_RCVLOWAT, bytes)
+    }
+}
+
+impl Drop for RcvLowat<'_> {
+    fn drop(&mut self) {
+        let _ = self.set(1);
     }
 }
 
@@ -124,6 +183,61 @@ mod tests {
         assert_eq!(classify(&client_hello(&[])), Some(Detected::OtherTls));
         assert_eq!(classify(b"GET / HTTP/1.1\r\n"), Some(Detected::Plaintext));
         assert_eq!(classify(b""), Some(Detected::Closed));
+    }
+
+    /// Detection on a loopback pair: the client writes `parts` with pauses between them.
+    async fn detect_sent(parts: Vec<Vec<u8>>, close: bool) -> Detected {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let client = tokio::spawn(async move {
+            use tokio::io::AsyncWriteExt;
+            let mut s = TcpStream::connect(addr).await.expect("connect");
+            for part in parts {
+                s.write_all(&part).await.expect("write");
+                tokio::time::sleep(Duration::from_millis(30)).await;
+            }
+            if close {
+                let _ = s.shutdown().await;
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        });
+        let (server, _) = listener.accept().await.expect("accept");
+        let detected = detect(&server, Duration::from_millis(300))
+            .await
+            .expect("detect");
+        // Nothing consumed, and the low-water mark is back to 1 for the relay.
+        assert_eq!(
+            socket_opts::get_int(&server, libc::SOL_SOCKET, libc::SO_RCVLOWAT).expect("lowat"),
+            1
+        );
+        client.abort();
+        detected
+    }
+
+    #[tokio::test]
+    async fn waits_for_the_rest_of_a_client_hello_sent_in_pieces() {
+        let hello = client_hello(&[ALPN]);
+        let pieces = vec![
+            hello[..3].to_vec(),
+            hello[3..40].to_vec(),
+            hello[40..].to_vec(),
+        ];
+        assert_eq!(detect_sent(pieces, false).await, Detected::SidecarTls);
+        assert_eq!(
+            detect_sent(vec![b"GET / HTTP/1.1\r\n".to_vec()], false).await,
+            Detected::Plaintext
+        );
+        // A ClientHello that stalls half-way times out; one cut by a FIN is not ours.
+        let half = hello[..hello.len() / 2].to_vec();
+        assert_eq!(
+            detect_sent(vec![half.clone()], false).await,
+            Detected::TimedOut
+        );
+        assert_eq!(detect_sent(vec![half], true).await, Detected::OtherTls);
+        assert_eq!(detect_sent(vec![], false).await, Detected::TimedOut);
+        assert_eq!(detect_sent(vec![], true).await, Detected::Closed);
     }
 
     #[test]

@@ -28,6 +28,7 @@ use crate::{
         pod_addrs::PodAddrs,
         read_ahead::ReadAhead,
         socket_opts::DeadPeer,
+        unauthenticated::Gate,
         upstream::{self, MeshTarget, PeerTls, Upstream, UpstreamError},
     },
     service::{Admission, EndpointLease, Overflow, Route, Service, Services},
@@ -76,6 +77,8 @@ pub struct Inputs {
     pub pod: PodAddrs,
     /// Keepalive and user timeout of sockets to and from other hosts.
     pub dead_peer: DeadPeer,
+    /// Bounds inbound connections still in detection or handshake.
+    pub unauthenticated: Arc<Gate>,
 }
 
 /// Why a connection was not carried.
@@ -177,6 +180,31 @@ async fn serve(
         Direction::Outbound => Admitted::Plain(client),
         Direction::Inbound => {
             let port = client.local_addr().map(|a| a.port()).unwrap_or(0);
+            // Held until the client has proved who it is (or was refused).
+            let _pass = if inputs.inbound.authenticates(port) {
+                match inputs.unauthenticated.enter(peer.0.ip()) {
+                    Ok(pass) => Some(pass),
+                    Err(limit) => {
+                        let mut recorder = ConnRecorder::open(
+                            &inputs.metrics,
+                            direction,
+                            PASSTHROUGH,
+                            NO_IDENTITY,
+                            Tls::No,
+                        );
+                        recorder.set_reason(CloseReason::Overflow);
+                        debug!(
+                            port,
+                            limit = limit.as_str(),
+                            "too many unauthenticated connections: reset"
+                        );
+                        let _ = client.set_zero_linger();
+                        return;
+                    }
+                }
+            } else {
+                None
+            };
             match inputs.inbound.admit(port, client).await {
                 Ok(admitted) => admitted,
                 Err((refusal, io)) => {

@@ -99,6 +99,12 @@ impl InboundPolicy {
             .unwrap_or(self.default_mode)
     }
 
+    /// Whether connections to local `port` go through detection and a handshake
+    /// before they are relayed (strict and permissive ports, with an identity).
+    pub fn authenticates(&self, port: u16) -> bool {
+        self.acceptor.is_some() && self.mode(port) != InboundMode::Disabled
+    }
+
     /// Applies the port's mode to a new connection. On refusal the socket comes back
     /// with the reason (when it still exists), so the caller can reset it.
     pub async fn admit(

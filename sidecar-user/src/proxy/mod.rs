@@ -14,6 +14,7 @@ pub mod socket_opts;
 pub mod splice;
 #[cfg(test)]
 mod test_support;
+pub mod unauthenticated;
 pub mod upstream;
 
 pub use addr::{ClientAddr, OrigDstAddr};

@@ -13,7 +13,10 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 
 use crate::{
     metrics::{CloseReason, Direction},
-    proxy::{read_ahead::ReadAhead, socket_opts::DeadPeer},
+    proxy::{
+        read_ahead::ReadAhead,
+        socket_opts::{self, DeadPeer},
+    },
     tls::{ALPN, IdentityMatcher, SpiffeId, rustls_config::peer_identity, status},
 };
 
@@ -141,30 +144,10 @@ async fn connect_from(dst: SocketAddr, direction: Direction) -> io::Result<TcpSt
     };
     // The port is chosen at connect, per 4-tuple, not reserved exclusively at bind:
     // only then can a port in TIME_WAIT be reused for the same destination.
-    bind_address_no_port(&socket)?;
+    // (IP_BIND_ADDRESS_NO_PORT, Linux 4.2; an IPPROTO_IP option that IPv6 sockets honour.)
+    socket_opts::set_int(&socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(dst).await
-}
-
-/// Sets `IP_BIND_ADDRESS_NO_PORT` (Linux 4.2; also applies to IPv6 sockets).
-fn bind_address_no_port(socket: &TcpSocket) -> io::Result<()> {
-    use std::os::fd::AsRawFd;
-    let on: libc::c_int = 1;
-    // SAFETY: a valid socket descriptor and an int option value of the given size.
-    let rc = unsafe {
-        libc::setsockopt(
-            socket.as_raw_fd(),
-            libc::IPPROTO_IP,
-            libc::IP_BIND_ADDRESS_NO_PORT,
-            (&raw const on).cast(),
-            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
-        )
-    };
-    if rc == 0 {
-        Ok(())
-    } else {
-        Err(io::Error::last_os_error())
-    }
 }
 
 /// The handshake, the identity checks and the peer's status byte.

@@ -119,6 +119,18 @@ enum Cmd {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// A slow-loris flood: `count` connections to `to`, each sending nothing (even
+    /// ones) or the first half of a TLS ClientHello offering the sidecar ALPN (odd
+    /// ones), then stalling. Prints `connected` once all connects are done, holds them
+    /// `hold_ms`, and prints how many the server closed meanwhile.
+    Stall {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        hold_ms: u64,
+    },
     /// UDP: `connect()` a datagram socket to `to`, send, wait for the echo.
     Udp {
         #[arg(long)]
@@ -165,6 +177,7 @@ fn main() -> Result<()> {
             Cmd::Identities { to, ca, count } => identities(to, &ca, count).await,
             Cmd::Udp { to } => udp(to).await,
             Cmd::Enrol { to } => enrol(to).await,
+            Cmd::Stall { to, count, hold_ms } => stall(to, count, hold_ms).await,
         }
     })
 }
@@ -274,6 +287,62 @@ async fn echo_once(s: &mut TcpStream, byte: u8) -> Result<()> {
     let mut back = [0u8; 1];
     s.read_exact(&mut back).await?;
     anyhow::ensure!(back[0] == byte, "echo mismatch");
+    Ok(())
+}
+
+/// The first half of a real ClientHello offering `sidecar-mtls/1`.
+fn half_client_hello() -> Result<Vec<u8>> {
+    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
+        .with_protocol_versions(&[&rustls::version::TLS13])?
+        .with_root_certificates(rustls::RootCertStore::empty())
+        .with_no_client_auth();
+    config.alpn_protocols = vec![b"sidecar-mtls/1".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("stall.invalid")?.to_owned();
+    let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
+    let mut hello = Vec::new();
+    conn.write_tls(&mut hello)?;
+    hello.truncate(hello.len() / 2);
+    Ok(hello)
+}
+
+async fn stall(to: SocketAddr, count: usize, hold_ms: u64) -> Result<()> {
+    let hello = half_client_hello()?;
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut held = Vec::with_capacity(count);
+    let mut failed = 0;
+    for i in 0..count {
+        let mut s = match TcpStream::connect(to).await {
+            Ok(s) => s,
+            Err(_) => {
+                failed += 1;
+                continue;
+            }
+        };
+        if i % 2 == 1 && s.write_all(&hello).await.is_err() {
+            failed += 1;
+            continue;
+        }
+        let closed = closed.clone();
+        held.push(tokio::spawn(async move {
+            // Any byte, EOF or reset from the server counts as "closed by the server".
+            let mut byte = [0u8; 1];
+            let _ = s.read(&mut byte).await;
+            closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            // Keep the socket until the end.
+            std::future::pending::<()>().await;
+        }));
+    }
+    println!("connected");
+    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    let closed = closed.load(std::sync::atomic::Ordering::Relaxed);
+    println!(
+        "{}",
+        serde_json::json!({"opened": count - failed, "failed": failed, "closed_by_server": closed})
+    );
+    for task in held {
+        task.abort();
+    }
     Ok(())
 }
 
