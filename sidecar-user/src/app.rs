@@ -24,8 +24,10 @@ use crate::{
         inbound::InboundPolicy,
         listener::{self, BindError},
         pod_addrs::PodAddrs,
+        server_identity::ServerIdentityPolicy,
         socket_opts::DeadPeer,
         unauthenticated::Gate,
+        upstream::MeshConnector,
     },
     service::{
         Services,
@@ -137,6 +139,11 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
                 cert: c.cert.clone(),
                 key: c.key.clone(),
                 bundle: c.bundle.clone(),
+                federated: c
+                    .federated_bundles
+                    .iter()
+                    .map(|(td, path)| (td.clone(), path.clone()))
+                    .collect(),
             };
             let provider = rustls_config::provider();
             let store = Arc::new(IdentityStore::load(&files, &provider)?);
@@ -243,6 +250,12 @@ impl Bound {
         ));
         let collector = Arc::new(KernelCollector::new(kernel.clone(), proxy_metrics.clone()));
         metrics.register_kernel(collector.clone());
+        if let Some(id) = &identity {
+            crate::tls::metrics::IdentityCollector::register(
+                id.store.clone(),
+                metrics.registry_mut(),
+            );
+        }
         let unauthenticated = Gate::new(
             config.inbound.max_unauthenticated,
             config.inbound.max_unauthenticated_per_client,
@@ -282,10 +295,16 @@ impl Bound {
                     .map_err(std::io::Error::other)?;
                 let client = rustls_config::client_config(id.store.clone(), id.provider.clone())
                     .map_err(std::io::Error::other)?;
-                let connector = tokio_rustls::TlsConnector::from(client);
+                let connector = MeshConnector {
+                    tls: tokio_rustls::TlsConnector::from(client),
+                    policy: Arc::new(ServerIdentityPolicy::new(
+                        config.mesh.identities.clone(),
+                        id.store.current().id.trust_domain(),
+                    )),
+                };
                 let mesh = forward::Mesh {
                     cidrs: config.mesh.cidrs.clone(),
-                    connector: connector.clone(),
+                    client: connector.clone(),
                 };
                 (
                     Some(tokio_rustls::TlsAcceptor::from(server)),
@@ -295,6 +314,10 @@ impl Bound {
             }
             None => (None, None, None),
         };
+        let local_trust_domain = identity
+            .as_ref()
+            .map(|id| id.store.current().id.trust_domain().to_string())
+            .unwrap_or_default();
         let discovery = Discovery::start(&config, services.clone(), discovery_stats, connector);
         let watcher_task =
             source.map(|source| tokio::spawn(discovery.watch(source, config.clone())));
@@ -306,7 +329,7 @@ impl Bound {
             idle_timeout: config.proxy.idle_timeout,
             metrics: proxy_metrics,
             connections,
-            inbound: InboundPolicy::new(&config, acceptor),
+            inbound: InboundPolicy::new(&config, acceptor, &local_trust_domain),
             mesh,
             services,
             pod,

@@ -133,6 +133,21 @@ pub struct MeshConfig {
     /// server must present our ALPN and a certificate from the trust bundle, or the
     /// connection fails: it is never sent in plaintext.
     pub cidrs: Vec<IpNet>,
+    /// Which identities may serve which destination networks, checked on every
+    /// outbound mTLS handshake: the most specific rule whose network holds the
+    /// destination applies. A destination no rule covers must present an ID of the
+    /// local trust domain. A service's `server_identity` wins over these rules.
+    pub identities: Vec<MeshIdentityRule>,
+}
+
+/// Identities allowed to serve some destination networks.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct MeshIdentityRule {
+    /// The destination networks.
+    pub cidrs: Vec<IpNet>,
+    /// SPIFFE IDs, `spiffe://<td>/ns/<namespace>/*` or `spiffe://<td>/*`.
+    pub allow: Vec<crate::tls::IdentityMatcher>,
 }
 
 /// Where the workload identity lives (as a Secret or cert-manager's CSI driver mounts it).
@@ -143,8 +158,14 @@ pub struct IdentityConfig {
     pub cert: PathBuf,
     /// PEM private key (ECDSA P-256, Ed25519 or RSA).
     pub key: PathBuf,
-    /// PEM trust bundle peers must chain to.
+    /// PEM trust bundle of the workload's own trust domain (the one in its SPIFFE ID):
+    /// peers of that trust domain must chain to it.
     pub bundle: PathBuf,
+    /// Bundles of other trust domains (SPIFFE federation), trust domain → PEM file. A
+    /// peer's certificate must chain to the bundle of its own SPIFFE ID's trust
+    /// domain; a trust domain with no bundle here is refused.
+    #[serde(default)]
+    pub federated_bundles: std::collections::BTreeMap<String, PathBuf>,
     /// How often the files are checked for rotation.
     #[serde(default = "default_reload_interval", deserialize_with = "duration")]
     pub reload_interval: Duration,
@@ -321,8 +342,9 @@ pub struct InboundConfig {
     pub mode: Option<InboundMode>,
     /// Per-port modes.
     pub port_modes: std::collections::BTreeMap<u16, InboundMode>,
-    /// Peers allowed in over mTLS: SPIFFE IDs, or `spiffe://<td>/ns/<namespace>/*`.
-    /// Empty: any peer the trust bundle vouches for.
+    /// Peers allowed in over mTLS: SPIFFE IDs, `spiffe://<td>/ns/<namespace>/*` or
+    /// `spiffe://<td>/*`. Empty: any workload of the local trust domain (never a
+    /// federated one unless listed). Reloaded with the services section.
     pub allow: Vec<crate::tls::IdentityMatcher>,
     /// How long a client may take to send its first bytes (or finish its handshake)
     /// before a strict or permissive port gives up on it.
@@ -565,6 +587,35 @@ impl Config {
             );
         }
         self.validate_no_silent_bypass()?;
+        for (i, rule) in self.mesh.identities.iter().enumerate() {
+            if rule.cidrs.is_empty() || rule.allow.is_empty() {
+                return Err(ConfigError::InvalidAt {
+                    field: format!("mesh.identities[{i}]"),
+                    reason: "needs at least one network in cidrs and one identity in allow".into(),
+                });
+            }
+        }
+        if !self.mesh.identities.is_empty() && self.identity.is_none() {
+            return invalid(
+                "mesh.identities",
+                "identity rules need an identity (identity.cert, identity.key, identity.bundle)",
+            );
+        }
+        if let Some(identity) = &self.identity {
+            for td in identity.federated_bundles.keys() {
+                if format!("spiffe://{td}/x")
+                    .parse::<crate::tls::SpiffeId>()
+                    .is_err()
+                {
+                    return Err(ConfigError::InvalidAt {
+                        field: format!("identity.federated_bundles.{td}"),
+                        reason:
+                            "not a valid trust domain (lower-case letters, digits, '-', '.', '_')"
+                                .into(),
+                    });
+                }
+            }
+        }
         services::validate(&self.services)?;
         for (i, s) in self.services.iter().enumerate() {
             let wants_mtls = s.mtls == Some(true) || s.server_identity.is_some();

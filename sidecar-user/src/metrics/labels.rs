@@ -48,6 +48,8 @@ pub enum CloseReason {
     Overflow,
     /// The TLS handshake failed.
     HandshakeFailed,
+    /// The peer's identity is not one the destination may be served by (outbound).
+    IdentityMismatch,
     /// Closed by drain after the grace period.
     Drained,
     /// The connection task ended without a recorded reason (cancelled).
@@ -89,6 +91,7 @@ impl CloseReason {
             CloseReason::Loop => "loop",
             CloseReason::PolicyDenied => "policy_denied",
             CloseReason::HandshakeFailed => "handshake_failed",
+            CloseReason::IdentityMismatch => "identity_mismatch",
             CloseReason::Drained => "drained",
             CloseReason::Aborted => "aborted",
         }

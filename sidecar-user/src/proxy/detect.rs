@@ -31,33 +31,35 @@ pub enum Detected {
 ///
 /// Waiting costs no buffer and no polling: `SO_RCVLOWAT` is set to the number of bytes
 /// still needed (1, then the 5-byte record header, then the whole record), so the
-/// socket becomes readable only when they are all queued (or the client closes). A
-/// buffer is allocated only then, for as long as classifying takes.
+/// socket becomes readable only when they are all queued (or the client closes); the
+/// count comes from `SIOCINQ`. A buffer is allocated only then, for as long as
+/// classifying takes.
 pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<Detected> {
     let deadline = tokio::time::Instant::now() + timeout;
     let lowat = RcvLowat(stream);
     let mut need = 1;
     loop {
         lowat.set(need)?;
-        // Forget readiness seen so far, then count what is queued: anything arriving
-        // from here on sets readiness again, so no wakeup is lost in between.
-        let _ = stream.try_io(Interest::READABLE, || {
-            Err::<(), _>(std::io::ErrorKind::WouldBlock.into())
+        let ready = match tokio::time::timeout_at(deadline, stream.ready(Interest::READABLE)).await
+        {
+            Ok(ready) => ready?,
+            Err(_) => return Ok(Detected::TimedOut),
+        };
+        let closed = ready.is_read_closed();
+        // Too few bytes: report WouldBlock, which clears the readiness (unless a newer
+        // event came in meanwhile: tokio checks), so the next wait sleeps until more
+        // arrive. With enough bytes the readiness stays set for the reads that follow.
+        let enough = stream.try_io(Interest::READABLE, || match queued(stream)? {
+            queued if queued >= need || closed => Ok(queued),
+            _ => Err(std::io::ErrorKind::WouldBlock.into()),
         });
-        let mut closed = false;
-        if queued(stream)? < need {
-            let ready =
-                match tokio::time::timeout_at(deadline, stream.ready(Interest::READABLE)).await {
-                    Ok(ready) => ready?,
-                    Err(_) => return Ok(Detected::TimedOut),
-                };
-            closed = ready.is_read_closed();
-            if !closed && queued(stream)? < need {
-                continue;
-            }
-        }
-        let mut buf = vec![0u8; queued(stream)?.clamp(need, MAX_RECORD)];
-        let peeked = stream.peek(&mut buf).await?;
+        let queued = match enough {
+            Ok(queued) => queued,
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e),
+        };
+        let mut buf = vec![0u8; queued.clamp(need, MAX_RECORD)];
+        let peeked = peek_now(stream, &mut buf)?;
         match classify(&buf[..peeked]) {
             Some(detected) => return Ok(detected),
             // A whole record that still is not a complete ClientHello: not ours (a
@@ -76,6 +78,26 @@ fn record_len(bytes: &[u8]) -> usize {
         return 5;
     }
     5 + usize::from(u16::from_be_bytes([bytes[3], bytes[4]])).min(MAX_RECORD - 5)
+}
+
+/// Copies the queued bytes into `buf` without consuming them or waiting.
+fn peek_now(stream: &TcpStream, buf: &mut [u8]) -> std::io::Result<usize> {
+    // SAFETY: `buf` is valid for writes of its length.
+    let n = unsafe {
+        libc::recv(
+            stream.as_raw_fd(),
+            buf.as_mut_ptr().cast(),
+            buf.len(),
+            libc::MSG_PEEK | libc::MSG_DONTWAIT,
+        )
+    };
+    match n {
+        n if n >= 0 => Ok(n as usize),
+        _ => match std::io::Error::last_os_error() {
+            e if e.kind() == std::io::ErrorKind::WouldBlock => Ok(0),
+            e => Err(e),
+        },
+    }
 }
 
 /// Bytes queued for reading (`SIOCINQ`).
@@ -214,6 +236,32 @@ mod tests {
         );
         client.abort();
         detected
+    }
+
+    #[tokio::test]
+    async fn decides_at_once_on_a_client_hello_queued_before_detection() {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let mut client = TcpStream::connect(addr).await.expect("connect");
+        let (server, _) = listener.accept().await.expect("accept");
+        use tokio::io::AsyncWriteExt;
+        client
+            .write_all(&client_hello(&[ALPN]))
+            .await
+            .expect("write");
+        // Let it land and the readiness event pass before detection starts.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        server.readable().await.expect("readable");
+        let detected = tokio::time::timeout(
+            Duration::from_secs(2),
+            detect(&server, Duration::from_secs(1)),
+        )
+        .await
+        .expect("detection must not wait for a readiness event that already passed")
+        .expect("detect");
+        assert_eq!(detected, Detected::SidecarTls);
     }
 
     #[tokio::test]

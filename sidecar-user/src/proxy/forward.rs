@@ -29,7 +29,7 @@ use crate::{
         read_ahead::ReadAhead,
         socket_opts::DeadPeer,
         unauthenticated::Gate,
-        upstream::{self, MeshTarget, PeerTls, Upstream, UpstreamError},
+        upstream::{self, MeshConnector, MeshTarget, PeerTls, Upstream, UpstreamError},
     },
     service::{Admission, EndpointLease, Overflow, Route, Service, Services},
     tls::{SpiffeId, status},
@@ -439,7 +439,7 @@ async fn connect(
         // peer sidecar's own ports (its health port, say) are plaintext by design.
         .filter(|_| !inputs.pod.is_self(dst.0.ip()) && !inputs.own_ports.contains(&dst.0.port()))
         .map(|m| MeshTarget {
-            connector: &m.connector,
+            client: &m.client,
             expected: None,
         });
     let dead_peer = (direction == Direction::Outbound).then_some(&inputs.dead_peer);
@@ -533,7 +533,7 @@ async fn balance(
         let mesh = match (mtls, &inputs.mesh) {
             (false, _) => None,
             (true, Some(mesh)) => Some(MeshTarget {
-                connector: &mesh.connector,
+                client: &mesh.client,
                 expected: service.config.server_identity.as_ref(),
             }),
             // Config validation requires an identity for mTLS services.
@@ -599,8 +599,8 @@ async fn balance(
 pub struct Mesh {
     /// Destinations that have a sidecar.
     pub cidrs: Vec<ipnet::IpNet>,
-    /// Originates mTLS with the current identity.
-    pub connector: tokio_rustls::TlsConnector,
+    /// Originates mTLS and checks the server's identity.
+    pub client: MeshConnector,
 }
 
 impl Mesh {

@@ -23,6 +23,8 @@ pub struct InboundPolicy {
     default_mode: InboundMode,
     port_modes: BTreeMap<u16, InboundMode>,
     allow: Vec<IdentityMatcher>,
+    /// The workload's own trust domain: what an empty allow-list admits.
+    local_trust_domain: String,
     detect_timeout: Duration,
     acceptor: Option<TlsAcceptor>,
 }
@@ -52,7 +54,7 @@ pub enum Refusal {
     #[error("mTLS handshake failed: {0}")]
     Handshake(String),
     /// The peer's identity is not on the allow-list.
-    #[error("peer {0} is not allowed by inbound.allow")]
+    #[error("peer {0} is not allowed by inbound.allow (empty: the local trust domain only)")]
     NotAllowed(SpiffeId),
 }
 
@@ -80,12 +82,14 @@ impl Refusal {
 
 impl InboundPolicy {
     /// The policy of `config`; `acceptor` terminates mTLS (needed unless every port is
-    /// `disabled`, which config validation guarantees).
-    pub fn new(config: &Config, acceptor: Option<TlsAcceptor>) -> Self {
+    /// `disabled`, which config validation guarantees) for a workload of
+    /// `local_trust_domain`.
+    pub fn new(config: &Config, acceptor: Option<TlsAcceptor>, local_trust_domain: &str) -> Self {
         Self {
             default_mode: config.inbound_default_mode(),
             port_modes: config.inbound.port_modes.clone(),
             allow: config.inbound.allow.clone(),
+            local_trust_domain: local_trust_domain.to_string(),
             detect_timeout: config.inbound.detect_timeout,
             acceptor,
         }
@@ -103,6 +107,15 @@ impl InboundPolicy {
     /// before they are relayed (strict and permissive ports, with an identity).
     pub fn authenticates(&self, port: u16) -> bool {
         self.acceptor.is_some() && self.mode(port) != InboundMode::Disabled
+    }
+
+    /// Whether `id` may connect: on the allow-list, or, with an empty list, of the
+    /// local trust domain (a federated bundle admits nobody until it is listed).
+    pub fn allows(&self, id: &SpiffeId) -> bool {
+        if self.allow.is_empty() {
+            return id.trust_domain() == self.local_trust_domain;
+        }
+        self.allow.iter().any(|m| m.matches(id))
     }
 
     /// Applies the port's mode to a new connection. On refusal the socket comes back
@@ -150,10 +163,33 @@ impl InboundPolicy {
                 Some(io.into_inner()),
             ));
         };
-        if !self.allow.is_empty() && !self.allow.iter().any(|m| m.matches(&id)) {
+        if !self.allows(&id) {
             let (io, _) = tls.into_inner();
             return Err((Refusal::NotAllowed(id), Some(io.into_inner())));
         }
         Ok(Admitted::Mtls(Box::new(tls), id, started.elapsed()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(allow: &str) -> InboundPolicy {
+        let config = Config::from_yaml(&format!("inbound:\n  allow: {allow}\n"), "t", Vec::new())
+            .expect("config");
+        InboundPolicy::new(&config, None, "td")
+    }
+
+    #[test]
+    fn an_empty_allow_list_admits_the_local_trust_domain_only() {
+        let local: SpiffeId = "spiffe://td/ns/a/sa/b".parse().expect("id");
+        let federated: SpiffeId = "spiffe://partner/ns/a/sa/b".parse().expect("id");
+        let empty = policy("[]");
+        assert!(empty.allows(&local));
+        assert!(!empty.allows(&federated));
+        let listed = policy("['spiffe://partner/*']");
+        assert!(listed.allows(&federated));
+        assert!(!listed.allows(&local));
     }
 }

@@ -10,6 +10,7 @@ pub mod inbound;
 pub mod listener;
 pub mod pod_addrs;
 pub mod read_ahead;
+pub mod server_identity;
 pub mod socket_opts;
 pub mod splice;
 #[cfg(test)]

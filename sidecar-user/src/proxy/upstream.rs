@@ -2,7 +2,7 @@
 //! (our ALPN, a certificate from the bundle, optionally an expected identity, then the
 //! peer's status byte saying whether its application took the connection).
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, sync::Arc, time::Duration};
 
 use tokio::{
     io::AsyncReadExt,
@@ -15,6 +15,7 @@ use crate::{
     metrics::{CloseReason, Direction},
     proxy::{
         read_ahead::ReadAhead,
+        server_identity::{Expected, ServerIdentityPolicy},
         socket_opts::{self, DeadPeer},
     },
     tls::{ALPN, IdentityMatcher, SpiffeId, rustls_config::peer_identity, status},
@@ -43,19 +44,36 @@ pub enum UpstreamError {
     /// The mTLS handshake failed or the server is not a sidecar.
     #[error("mTLS to {0}: {1}")]
     Tls(SocketAddr, String),
-    /// The server's identity is not the one the service expects.
-    #[error("mTLS to {0}: server identity {1} is not the service's server_identity")]
-    WrongIdentity(SocketAddr, SpiffeId),
+    /// The server's identity is not one the destination may be served by.
+    #[error("mTLS to {addr}: server identity {got} is refused: expected {expected}")]
+    WrongIdentity {
+        /// The server's address.
+        addr: SocketAddr,
+        /// The identity it presented.
+        got: Box<SpiffeId>,
+        /// What it had to be.
+        expected: Box<Expected>,
+    },
     /// The peer sidecar could not reach its application.
     #[error("{0}: the peer sidecar's application refused the connection")]
     AppRefused(SocketAddr),
 }
 
+/// Originates mTLS to peer sidecars and decides whether the one that answered may
+/// serve the destination.
+#[derive(Clone)]
+pub struct MeshConnector {
+    /// Originates mTLS with the current identity.
+    pub tls: TlsConnector,
+    /// Which identities may serve which destinations.
+    pub policy: Arc<ServerIdentityPolicy>,
+}
+
 /// How to reach a destination over mTLS.
 #[derive(Clone, Copy)]
 pub struct MeshTarget<'a> {
-    /// Originates mTLS with the current identity.
-    pub connector: &'a TlsConnector,
+    /// The connector and identity rules.
+    pub client: &'a MeshConnector,
     /// The identity the server must have, when the service names one.
     pub expected: Option<&'a IdentityMatcher>,
 }
@@ -80,9 +98,8 @@ impl UpstreamError {
         match self {
             UpstreamError::Timeout(..) => CloseReason::Timeout,
             UpstreamError::Connect(..) | UpstreamError::AppRefused(_) => CloseReason::Refused,
-            UpstreamError::Tls(..) | UpstreamError::WrongIdentity(..) => {
-                CloseReason::HandshakeFailed
-            }
+            UpstreamError::Tls(..) => CloseReason::HandshakeFailed,
+            UpstreamError::WrongIdentity { .. } => CloseReason::IdentityMismatch,
         }
     }
 }
@@ -158,7 +175,8 @@ async fn handshake(
 ) -> Result<(TlsStream<ReadAhead>, SpiffeId), UpstreamError> {
     let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
     let mut tls = mesh
-        .connector
+        .client
+        .tls
         .connect(name, ReadAhead::new(tcp))
         .await
         .map_err(|e| UpstreamError::Tls(dst, e.to_string()))?;
@@ -175,10 +193,14 @@ async fn handshake(
             "the server certificate has no SPIFFE ID".into(),
         ));
     };
-    if let Some(expected) = mesh.expected {
-        if !expected.matches(&id) {
-            return Err(UpstreamError::WrongIdentity(dst, id));
-        }
+    // Before any application byte: the server must be a workload the destination
+    // may be served by, not merely a member of the mesh.
+    if let Err(expected) = mesh.client.policy.check(dst.ip(), &id, mesh.expected) {
+        return Err(UpstreamError::WrongIdentity {
+            addr: dst,
+            got: Box::new(id),
+            expected: Box::new(expected),
+        });
     }
     let mut byte = [0u8; 1];
     match tls.read_exact(&mut byte).await {

@@ -20,7 +20,6 @@ use hickory_resolver::{
     name_server::TokioConnectionProvider,
 };
 use tokio::task::AbortHandle;
-use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
 use super::{Services, health_check};
@@ -49,7 +48,7 @@ pub struct DiscoveryStats {
 pub struct Discovery {
     services: Arc<Services>,
     stats: Arc<DiscoveryStats>,
-    connector: Option<TlsConnector>,
+    connector: Option<crate::proxy::upstream::MeshConnector>,
     resolver: Option<SocketAddr>,
     tasks: HashMap<String, (String, AbortHandle)>,
 }
@@ -71,7 +70,7 @@ impl Discovery {
         config: &Config,
         services: Arc<Services>,
         stats: Arc<DiscoveryStats>,
-        connector: Option<TlsConnector>,
+        connector: Option<crate::proxy::upstream::MeshConnector>,
     ) -> Self {
         let mut discovery = Self {
             services,

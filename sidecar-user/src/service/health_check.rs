@@ -6,14 +6,13 @@
 use std::sync::Arc;
 
 use tokio::task::JoinSet;
-use tokio_rustls::TlsConnector;
 use tracing::{info, warn};
 
 use super::Services;
 use crate::{
     config::HealthCheckConfig,
     metrics::Direction,
-    proxy::upstream::{self, MeshTarget},
+    proxy::upstream::{self, MeshConnector, MeshTarget},
 };
 
 /// Checks the endpoints of service `name` until it disappears from the registry.
@@ -21,7 +20,7 @@ pub async fn run(
     services: Arc<Services>,
     name: String,
     check: HealthCheckConfig,
-    connector: Option<TlsConnector>,
+    connector: Option<MeshConnector>,
 ) {
     let mut ticker = tokio::time::interval(check.interval);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -39,8 +38,8 @@ pub async fn run(
             checks.spawn(async move {
                 let deadline = tokio::time::Instant::now() + timeout;
                 let mesh = match (&connector, endpoint.mtls) {
-                    (Some(connector), true) => Some(MeshTarget {
-                        connector,
+                    (Some(client), true) => Some(MeshTarget {
+                        client,
                         expected: expected.as_ref(),
                     }),
                     _ => None,

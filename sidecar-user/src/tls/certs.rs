@@ -32,8 +32,10 @@ pub struct IdentityFiles {
     pub cert: PathBuf,
     /// PEM private key (PKCS#8, SEC1 or PKCS#1: ECDSA P-256, Ed25519 or RSA).
     pub key: PathBuf,
-    /// PEM trust bundle: the CA certificates peers must chain to.
+    /// PEM trust bundle of the workload's own trust domain.
     pub bundle: PathBuf,
+    /// PEM trust bundles of other trust domains (SPIFFE federation), by trust domain.
+    pub federated: Vec<(String, PathBuf)>,
 }
 
 /// Why an identity could not be loaded. Each variant names the file at fault.
@@ -63,6 +65,14 @@ pub enum CertError {
         /// The key file.
         key: PathBuf,
     },
+    /// The certificate is expired or not yet valid.
+    #[error("{path}: {reason}")]
+    Validity {
+        /// The certificate file.
+        path: PathBuf,
+        /// Which bound is violated, with the dates.
+        reason: String,
+    },
     /// The certificate carries no (or more than one) SPIFFE ID.
     #[error("{path}: {reason}")]
     Identity {
@@ -80,10 +90,17 @@ pub struct Identity {
     pub id: SpiffeId,
     /// Chain and signing key, as rustls presents them.
     pub certified_key: Arc<CertifiedKey>,
-    /// Trust anchors from the bundle.
+    /// Trust anchors of the workload's own trust domain.
     pub roots: Vec<TrustAnchor<'static>>,
+    /// Trust anchors of federated trust domains, by trust domain.
+    pub federated: Vec<(String, Vec<TrustAnchor<'static>>)>,
     /// The leaf's serial number, lower-case hex.
     pub serial: String,
+    /// When the leaf expires, in seconds since the Unix epoch.
+    pub not_after: i64,
+    /// A hash of the trust bundle's contents: TLS sessions made under one bundle are
+    /// not resumed under another.
+    pub bundle_hash: u64,
 }
 
 /// The current identity, swapped atomically on rotation.
@@ -99,10 +116,46 @@ pub struct IdentityStore {
 impl Identity {
     /// Loads and cross-checks the three files.
     pub fn load(files: &IdentityFiles, provider: &CryptoProvider) -> Result<Self, CertError> {
+        Self::load_at(files, provider, now_unix())
+    }
+
+    /// As [`Identity::load`], checking the certificate's validity at `now` (seconds
+    /// since the Unix epoch).
+    pub fn load_at(
+        files: &IdentityFiles,
+        provider: &CryptoProvider,
+        now: i64,
+    ) -> Result<Self, CertError> {
         let cert_pem = read(&files.cert)?;
         let key_pem = read(&files.key)?;
-        let bundle_pem = read(&files.bundle)?;
-        Self::from_pem(files, &cert_pem, &key_pem, &bundle_pem, provider)
+        let mut bundle_pem = read(&files.bundle)?;
+        let mut identity = Self::from_pem(files, &cert_pem, &key_pem, &bundle_pem, provider, now)?;
+        for (trust_domain, path) in &files.federated {
+            let pem = read(path)?;
+            identity
+                .federated
+                .push((trust_domain.clone(), anchors(path, &pem)?));
+            bundle_pem.extend_from_slice(trust_domain.as_bytes());
+            bundle_pem.extend_from_slice(&pem);
+        }
+        // Any bundle change (own or federated) ends resumption of older sessions.
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        bundle_pem.hash(&mut hasher);
+        identity.bundle_hash = hasher.finish();
+        Ok(identity)
+    }
+
+    /// The trust anchors a peer of `trust_domain` must chain to: the own bundle for the
+    /// workload's trust domain, a federated one for another, none for the rest (a
+    /// certificate is only as good as the bundle configured for its trust domain).
+    pub fn roots_for(&self, trust_domain: &str) -> Option<&[TrustAnchor<'static>]> {
+        if trust_domain == self.id.trust_domain() {
+            return Some(&self.roots);
+        }
+        self.federated
+            .iter()
+            .find(|(td, _)| td == trust_domain)
+            .map(|(_, roots)| roots.as_slice())
     }
 
     fn from_pem(
@@ -111,6 +164,7 @@ impl Identity {
         key_pem: &[u8],
         bundle_pem: &[u8],
         provider: &CryptoProvider,
+        now: i64,
     ) -> Result<Self, CertError> {
         let chain = certificates(&files.cert, cert_pem)?;
         let key = PrivateKeyDer::from_pem_slice(key_pem).map_err(|e| CertError::Pem {
@@ -136,22 +190,21 @@ impl Identity {
             path: files.cert.clone(),
             reason,
         })?;
-        let roots = certificates(&files.bundle, bundle_pem)?
-            .iter()
-            .map(|der| {
-                webpki::anchor_from_trusted_cert(der)
-                    .map(|a| a.to_owned())
-                    .map_err(|e| CertError::Pem {
-                        path: files.bundle.clone(),
-                        reason: format!("not a usable CA certificate: {e}"),
-                    })
-            })
-            .collect::<Result<Vec<_>, _>>()?;
+        let not_after = check_validity(&chain[0], now).map_err(|reason| CertError::Validity {
+            path: files.cert.clone(),
+            reason,
+        })?;
+        let roots = anchors(&files.bundle, bundle_pem)?;
+        let mut hasher = std::collections::hash_map::DefaultHasher::new();
+        bundle_pem.hash(&mut hasher);
         Ok(Self {
             id,
             certified_key: Arc::new(certified_key),
             roots,
             serial,
+            not_after,
+            bundle_hash: hasher.finish(),
+            federated: Vec::new(),
         })
     }
 }
@@ -161,6 +214,21 @@ fn read(path: &Path) -> Result<Vec<u8>, CertError> {
         path: path.to_owned(),
         source,
     })
+}
+
+/// The CA certificates of a bundle file as trust anchors.
+fn anchors(path: &Path, pem: &[u8]) -> Result<Vec<TrustAnchor<'static>>, CertError> {
+    certificates(path, pem)?
+        .iter()
+        .map(|der| {
+            webpki::anchor_from_trusted_cert(der)
+                .map(|a| a.to_owned())
+                .map_err(|e| CertError::Pem {
+                    path: path.to_owned(),
+                    reason: format!("not a usable CA certificate: {e}"),
+                })
+        })
+        .collect()
 }
 
 fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>, CertError> {
@@ -177,6 +245,43 @@ fn certificates(path: &Path, pem: &[u8]) -> Result<Vec<CertificateDer<'static>>,
         });
     }
     Ok(certs)
+}
+
+/// Seconds since the Unix epoch.
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+/// Checks that `cert` is valid at `now` (seconds since the epoch); returns its expiry.
+/// The sidecar's own certificate is checked at load and on every rotation: presenting
+/// an expired one would only make every peer refuse us.
+pub fn check_validity(cert: &CertificateDer<'_>, now: i64) -> Result<i64, String> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref())
+        .map_err(|e| format!("unparsable certificate: {e}"))?;
+    let validity = parsed.validity();
+    let (from, until) = (
+        validity.not_before.timestamp(),
+        validity.not_after.timestamp(),
+    );
+    if now < from {
+        return Err(format!(
+            "certificate is not valid before {} (now {})",
+            validity.not_before,
+            x509_parser::time::ASN1Time::from_timestamp(now)
+                .map_or_else(|_| now.to_string(), |t| t.to_string())
+        ));
+    }
+    if now > until {
+        return Err(format!(
+            "certificate expired at {} (now {})",
+            validity.not_after,
+            x509_parser::time::ASN1Time::from_timestamp(now)
+                .map_or_else(|_| now.to_string(), |t| t.to_string())
+        ));
+    }
+    Ok(until)
 }
 
 /// The SPIFFE ID (the single `spiffe://` URI SAN) and serial of a certificate.
@@ -218,12 +323,15 @@ pub fn spiffe_id_of(cert: &CertificateDer<'_>) -> Result<(SpiffeId, String), Str
 impl IdentityStore {
     /// Loads `files` into a new store.
     pub fn load(files: &IdentityFiles, provider: &CryptoProvider) -> Result<Self, CertError> {
-        let seen = fingerprint(files);
-        let identity = Identity::load(files, provider)?;
-        Ok(Self {
+        Ok(Self::new(files, Identity::load(files, provider)?))
+    }
+
+    /// A store holding `identity`, loaded from `files`.
+    pub fn new(files: &IdentityFiles, identity: Identity) -> Self {
+        Self {
             current: ArcSwap::from_pointee(identity),
-            seen: seen.into(),
-        })
+            seen: fingerprint(files).into(),
+        }
     }
 
     /// The identity new handshakes use.
@@ -269,7 +377,10 @@ impl IdentityStore {
 /// A hash of the three files' contents (missing files hash as absent).
 fn fingerprint(files: &IdentityFiles) -> u64 {
     let mut hasher = std::collections::hash_map::DefaultHasher::new();
-    for path in [&files.cert, &files.key, &files.bundle] {
+    for path in [&files.cert, &files.key, &files.bundle]
+        .into_iter()
+        .chain(files.federated.iter().map(|(_, p)| p))
+    {
         std::fs::read(path).ok().hash(&mut hasher);
     }
     hasher.finish()

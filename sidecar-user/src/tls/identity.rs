@@ -23,6 +23,8 @@ pub struct IdentityError {
 pub enum IdentityMatcher {
     /// Exactly this ID.
     Exact(SpiffeId),
+    /// Any ID of a trust domain: `spiffe://<trust_domain>/*`.
+    TrustDomain(String),
     /// Any `spiffe://<trust_domain>/ns/<namespace>/...`.
     Namespace {
         /// Trust domain.
@@ -120,6 +122,7 @@ impl IdentityMatcher {
     pub fn matches(&self, id: &SpiffeId) -> bool {
         match self {
             IdentityMatcher::Exact(want) => want == id,
+            IdentityMatcher::TrustDomain(td) => id.trust_domain() == td,
             IdentityMatcher::Namespace {
                 trust_domain,
                 namespace,
@@ -132,6 +135,15 @@ impl FromStr for IdentityMatcher {
     type Err = IdentityError;
 
     fn from_str(input: &str) -> Result<Self, Self::Err> {
+        if let Some(td) = input
+            .strip_prefix("spiffe://")
+            .and_then(|rest| rest.strip_suffix("/*"))
+            .filter(|td| !td.contains('/'))
+        {
+            // Validate the trust domain by parsing an ID in it.
+            format!("spiffe://{td}/x").parse::<SpiffeId>()?;
+            return Ok(IdentityMatcher::TrustDomain(td.to_string()));
+        }
         if let Some(prefix) = input.strip_suffix("/*") {
             // `spiffe://td/ns/<ns>/*`: parse the prefix as an ID to validate it.
             let id: SpiffeId = prefix.parse()?;
@@ -143,7 +155,8 @@ impl FromStr for IdentityMatcher {
                 }),
                 _ => Err(IdentityError {
                     input: input.to_string(),
-                    reason: "wildcards are only supported as spiffe://<td>/ns/<namespace>/*",
+                    reason: "wildcards are only supported as spiffe://<td>/ns/<namespace>/* \
+                             or spiffe://<td>/*",
                 }),
             };
         }
@@ -155,6 +168,7 @@ impl fmt::Display for IdentityMatcher {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             IdentityMatcher::Exact(id) => id.fmt(f),
+            IdentityMatcher::TrustDomain(td) => write!(f, "spiffe://{td}/*"),
             IdentityMatcher::Namespace {
                 trust_domain,
                 namespace,
@@ -217,6 +231,11 @@ mod tests {
         assert!(!ns.matches(&id("spiffe://other/ns/shop/sa/web")));
         assert_eq!(ns.to_string(), "spiffe://td/ns/shop/*");
         assert!("spiffe://td/ns/*".parse::<IdentityMatcher>().is_err());
+        let td: IdentityMatcher = "spiffe://td/*".parse().expect("valid");
+        assert!(td.matches(&id("spiffe://td/ns/shop/sa/web")));
+        assert!(!td.matches(&id("spiffe://other/ns/shop/sa/web")));
+        assert_eq!(td.to_string(), "spiffe://td/*");
+        assert!("spiffe://TD/*".parse::<IdentityMatcher>().is_err());
         assert!("spiffe://td/ns/a/sa/*".parse::<IdentityMatcher>().is_err());
     }
 }

@@ -5,6 +5,8 @@
 pub mod certs;
 pub mod dev_ca;
 pub mod identity;
+pub mod metrics;
+pub mod resumption;
 pub mod rustls_config;
 #[cfg(test)]
 mod tests;

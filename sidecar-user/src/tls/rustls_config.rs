@@ -40,8 +40,9 @@ pub fn server_config(
     let mut config = rustls::ServerConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
-        .with_cert_resolver(Arc::new(CurrentIdentity(store)));
+        .with_cert_resolver(Arc::new(CurrentIdentity(store.clone())));
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.session_storage = super::resumption::server_sessions(store);
     Ok(Arc::new(config))
 }
 
@@ -58,8 +59,10 @@ pub fn client_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_client_cert_resolver(Arc::new(CurrentIdentity(store)));
+        .with_client_cert_resolver(Arc::new(CurrentIdentity(store.clone())));
     config.alpn_protocols = vec![ALPN.to_vec()];
+    config.resumption =
+        rustls::client::Resumption::store(super::resumption::client_sessions(store));
     Ok(Arc::new(config))
 }
 
@@ -111,11 +114,21 @@ impl PeerVerifier {
         usage: webpki::KeyUsage,
     ) -> Result<(), Error> {
         let identity = self.store.current();
+        let (id, _) = spiffe_id_of(end_entity).map_err(|_| {
+            Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
+        })?;
+        // The chain must lead to the bundle of the certificate's own trust domain: a CA
+        // trusted for one trust domain cannot vouch for IDs of another.
+        let Some(roots) = identity.roots_for(id.trust_domain()) else {
+            return Err(Error::InvalidCertificate(CertificateError::Other(
+                rustls::OtherError(Arc::new(UnknownTrustDomain(id.trust_domain().into()))),
+            )));
+        };
         let cert = webpki::EndEntityCert::try_from(end_entity)
             .map_err(|_| Error::InvalidCertificate(CertificateError::BadEncoding))?;
         cert.verify_for_usage(
             self.provider.signature_verification_algorithms.all,
-            &identity.roots,
+            roots,
             intermediates,
             now,
             usage,
@@ -123,11 +136,14 @@ impl PeerVerifier {
             None,
         )
         .map_err(webpki_error)?;
-        spiffe_id_of(end_entity).map(|_| ()).map_err(|_| {
-            Error::InvalidCertificate(CertificateError::ApplicationVerificationFailure)
-        })
+        Ok(())
     }
 }
+
+/// A peer certificate of a trust domain with no bundle configured.
+#[derive(Debug, thiserror::Error)]
+#[error("no trust bundle is configured for trust domain {0}")]
+struct UnknownTrustDomain(String);
 
 fn webpki_error(e: webpki::Error) -> Error {
     use webpki::Error as E;

@@ -1,0 +1,95 @@
+//! A server sidecar must prove it is the workload the destination should be, not
+//! merely a member of the mesh: `mesh.identities` rules per destination network and a
+//! service's `server_identity`, checked on every outbound mTLS handshake before any
+//! application byte is sent.
+
+use sidecar_tests::{
+    Certs, Net, Placement, Pod, Sidecar,
+    tools::{Background, echo_server, pod_tool_bin, run_json},
+};
+
+const VIP: &str = "198.19.0.10:80";
+
+fn tally(pod: &Pod, to: &str, count: usize) -> serde_json::Value {
+    let mut cmd = pod.app(&pod_tool_bin());
+    cmd.args(["tally", "--to", to, "--count", &count.to_string()]);
+    run_json(cmd)
+}
+
+#[test]
+fn a_server_with_the_wrong_identity_is_refused_before_any_byte() {
+    let mut net = Net::new("identity");
+    let client = net.pod("client");
+    let cache1 = net.pod("cache1");
+    let cache2 = net.pod("cache2");
+    let db = net.pod("db");
+    let certs = Certs::new(
+        "identity",
+        &[
+            "client=shop/web",
+            "cache1=shop/cache",
+            "cache2=shop/cache",
+            "db=shop/db",
+        ],
+    );
+    let servers: Vec<(Background, String, Sidecar)> =
+        [(&cache1, "cache1"), (&cache2, "cache2"), (&db, "db")]
+            .into_iter()
+            .map(|(pod, name)| {
+                let (echo, dst) = echo_server(pod, 8080);
+                let sidecar = Sidecar::start(pod, &certs.identity(name), Placement::InPodCgroup);
+                (echo, dst, sidecar)
+            })
+            .collect();
+    let db_id = "spiffe://cluster.local/ns/shop/sa/db";
+    let config = format!(
+        "{}mesh:\n  cidrs: [198.18.0.0/24]\n  identities:\n  - cidrs: [{}/32]\n    allow: ['{db_id}']\n\
+         services:\n- name: db\n  addresses: ['{VIP}']\n  endpoints: ['{}']\n  \
+         server_identity: {db_id}\n  retries: 0\n",
+        certs.identity("client"),
+        cache1.ip4,
+        servers[1].1,
+    );
+    let sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
+
+    // cache1's address may only be served by the db identity: refused.
+    let refused = tally(&client, &servers[0].1, 3);
+    assert_eq!(refused["failed"], 3, "{refused}");
+    // The service names its server identity; cache2 is not it: refused.
+    let refused = tally(&client, VIP, 2);
+    assert_eq!(refused["failed"], 2, "{refused}");
+    assert_eq!(sidecar.closed("identity_mismatch"), 5);
+    let logs = sidecar.logs();
+    assert!(
+        logs.contains(&format!(
+            "server identity spiffe://cluster.local/ns/shop/sa/cache is refused: expected one of [{db_id}] (mesh.identities[0])"
+        )),
+        "{logs}"
+    );
+    assert!(
+        logs.contains(&format!(
+            "server identity spiffe://cluster.local/ns/shop/sa/cache is refused: expected {db_id} (the service's server_identity)"
+        )),
+        "{logs}"
+    );
+    // Not one application byte reached the refused servers' applications.
+    for (_, _, server) in &servers[..2] {
+        assert_eq!(
+            server.metric(
+                "sidecar_connection_sent_bytes_total",
+                &[("direction", "inbound")]
+            ),
+            0.0
+        );
+    }
+    // db is uncovered by the rule: any workload of the local trust domain may serve it.
+    let ok = tally(&client, &servers[2].1, 3);
+    assert_eq!(ok["ok"], 3, "{ok}");
+    assert_eq!(
+        sidecar.metric(
+            "sidecar_connections_opened_total",
+            &[("tls", "true"), ("peer_identity", db_id)]
+        ),
+        3.0
+    );
+}
