@@ -23,8 +23,8 @@ use crate::{
         forward::{self, Inputs},
         inbound::InboundPolicy,
         listener::{self, BindError},
+        peer_policy::PeerPolicy,
         pod_addrs::PodAddrs,
-        server_identity::ServerIdentityPolicy,
         socket_opts::DeadPeer,
         unauthenticated::Gate,
         upstream::MeshConnector,
@@ -297,10 +297,7 @@ impl Bound {
                     .map_err(std::io::Error::other)?;
                 let connector = MeshConnector {
                     tls: tokio_rustls::TlsConnector::from(client),
-                    policy: Arc::new(ServerIdentityPolicy::new(
-                        config.mesh.identities.clone(),
-                        id.store.current().id.trust_domain(),
-                    )),
+                    policy: PeerPolicy::new(&config, id.store.current().id.trust_domain()),
                 };
                 let mesh = forward::Mesh {
                     cidrs: config.mesh.cidrs.clone(),
@@ -314,10 +311,7 @@ impl Bound {
             }
             None => (None, None, None),
         };
-        let local_trust_domain = identity
-            .as_ref()
-            .map(|id| id.store.current().id.trust_domain().to_string())
-            .unwrap_or_default();
+        let peers = connector.as_ref().map(|c| c.policy.clone());
         let discovery = Discovery::start(&config, services.clone(), discovery_stats, connector);
         let watcher_task =
             source.map(|source| tokio::spawn(discovery.watch(source, config.clone())));
@@ -329,12 +323,19 @@ impl Bound {
             idle_timeout: config.proxy.idle_timeout,
             metrics: proxy_metrics,
             connections,
-            inbound: InboundPolicy::new(&config, acceptor, &local_trust_domain),
+            inbound: InboundPolicy::new(
+                &config,
+                acceptor,
+                peers
+                    .clone()
+                    .unwrap_or_else(|| PeerPolicy::new(&config, "")),
+            ),
             mesh,
             services,
             pod,
             dead_peer: DeadPeer::new(&config.proxy),
             unauthenticated,
+            peers,
         });
         let mut accept_loops = JoinSet::new();
         let listeners = outbound

@@ -93,3 +93,70 @@ fn a_server_with_the_wrong_identity_is_refused_before_any_byte() {
         3.0
     );
 }
+
+#[test]
+fn an_allow_list_reload_closes_open_connections_of_peers_no_longer_allowed() {
+    let mut net = Net::new("allow-reload");
+    let client = net.pod("client");
+    let server = net.pod("server");
+    let certs = Certs::new("allow-reload", &["client=shop/web", "server=shop/db"]);
+    let (_echo, dst) = echo_server(&server, 8080);
+    let server_config = |allow: &str| {
+        format!(
+            "{}inbound:\n  mode: strict\n  allow: ['{allow}']\n",
+            certs.identity("server")
+        )
+    };
+    let server_sidecar = Sidecar::start(
+        &server,
+        &server_config("spiffe://cluster.local/ns/shop/sa/web"),
+        Placement::InPodCgroup,
+    );
+    let _client_sidecar = Sidecar::start(
+        &client,
+        &format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
+            certs.identity("client")
+        ),
+        Placement::InPodCgroup,
+    );
+    // One connection held open (enrol waits for a line on stdin that never comes).
+    let mut app = client.app(&pod_tool_bin());
+    app.args(["enrol", "--to", &dst])
+        .stdin(std::process::Stdio::piped());
+    let _held = sidecar_tests::tools::InFlight::start(app);
+    let open = || server_sidecar.metric("sidecar_connections_open", &[("direction", "inbound")]);
+    wait(|| open() == 1.0, "the held connection is open");
+
+    // The client's namespace is no longer allowed: its open connection is closed too.
+    server_sidecar.write_config(&server_config("spiffe://cluster.local/ns/other/*"));
+    wait(
+        || server_sidecar.closed("policy_denied") == 1 && open() == 0.0,
+        "the open connection of a peer no longer allowed is closed",
+    );
+    assert_eq!(
+        server_sidecar.metric("sidecar_config_reloads_total", &[("result", "applied")]),
+        1.0
+    );
+    let refused = tally(&client, &dst, 2);
+    assert_eq!(refused["failed"], 2, "{refused}");
+    assert!(
+        server_sidecar
+            .logs()
+            .contains("the reloaded identity rules no longer allow this peer"),
+        "{}",
+        server_sidecar.logs()
+    );
+}
+
+/// Waits up to 5 s for `f`, polling every 50 ms.
+fn wait(mut f: impl FnMut() -> bool, what: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !f() {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{what}: not within 5 s"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+}

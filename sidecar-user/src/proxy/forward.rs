@@ -25,6 +25,7 @@ use crate::{
         connections::{ConnTable, Entry},
         copy::{self, CopyError},
         inbound::{Admitted, InboundPolicy},
+        peer_policy::{Admission as PeerAdmission, PeerPolicy},
         pod_addrs::PodAddrs,
         read_ahead::ReadAhead,
         socket_opts::DeadPeer,
@@ -79,6 +80,8 @@ pub struct Inputs {
     pub dead_peer: DeadPeer,
     /// Bounds inbound connections still in detection or handshake.
     pub unauthenticated: Arc<Gate>,
+    /// The live identity rules, when an identity is configured.
+    pub peers: Option<Arc<PeerPolicy>>,
 }
 
 /// Why a connection was not carried.
@@ -128,6 +131,8 @@ struct Connected {
     endpoint: SocketAddr,
     /// The server sidecar's identity, outbound over mTLS.
     peer_tls: Option<PeerTls>,
+    /// The service's `server_identity`, re-checked with the rules on a reload.
+    server_identity: Option<crate::tls::IdentityMatcher>,
     /// A service's connection slot and the endpoint's active count, held while open.
     _leases: Option<(Admission, EndpointLease)>,
 }
@@ -315,6 +320,16 @@ async fn relay(
             debug!(%error, "peer sidecar left before the status byte");
         }
     }
+    // What the peer was admitted as, so a reload of the identity rules can end it.
+    let admission = match (&connected, &inbound_mtls) {
+        (_, Some((id, _))) => Some(PeerAdmission::Client(id.clone())),
+        (Ok(c), None) => c.peer_tls.as_ref().map(|(id, _)| PeerAdmission::Server {
+            ip: c.endpoint.ip(),
+            id: id.clone(),
+            service: c.server_identity.clone(),
+        }),
+        (Err(_), None) => None,
+    };
     // The peer identity is the client's inbound and the server's outbound.
     let mtls = match &connected {
         Ok(c) => inbound_mtls.or_else(|| c.peer_tls.clone()),
@@ -364,44 +379,67 @@ async fn relay(
         upstream_fd: up.tcp().as_raw_fd(),
     });
     let transfer = recorder.transfer.clone();
-    let copied = tokio::select! {
-        result = copy_between(&mut down, &mut up, inputs.idle_timeout, &transfer, recorder.totals()) => Some(result),
-        () = drain.forced() => None,
+    let revoked = async {
+        match (&admission, &inputs.peers) {
+            (Some(admission), Some(peers)) => peers.revoked(admission).await,
+            _ => std::future::pending().await,
+        }
+    };
+    let ended = tokio::select! {
+        result = copy_between(&mut down, &mut up, inputs.idle_timeout, &transfer, recorder.totals()) => Ended::Copied(result),
+        () = drain.forced() => Ended::Drained,
+        () = revoked => Ended::Revoked,
     };
     // Leave the table before the sockets close (see `ConnTable::snapshot`).
     drop(registration);
     let sent = transfer.sent.load(std::sync::atomic::Ordering::Relaxed);
     let received = transfer.received.load(std::sync::atomic::Ordering::Relaxed);
-    let reason = match copied {
-        Some(Ok(())) => CloseReason::Normal,
-        Some(Err(CopyError::Idle(_))) => CloseReason::Idle,
+    let reason = match &ended {
+        Ended::Copied(Ok(())) => CloseReason::Normal,
+        Ended::Copied(Err(CopyError::Idle(_))) => CloseReason::Idle,
         // Keepalive probes or sent data went unanswered: the peer is gone.
-        Some(Err(CopyError::Client(ref e) | CopyError::Upstream(ref e)))
+        Ended::Copied(Err(CopyError::Client(e) | CopyError::Upstream(e)))
             if e.raw_os_error() == Some(libc::ETIMEDOUT) =>
         {
             CloseReason::PeerLost
         }
-        Some(Err(_)) => CloseReason::Reset,
-        None => CloseReason::Drained,
+        Ended::Copied(Err(_)) => CloseReason::Reset,
+        Ended::Drained => CloseReason::Drained,
+        Ended::Revoked => CloseReason::PolicyDenied,
     };
     recorder.set_reason(reason);
     let peer_identity = identity.as_deref().unwrap_or("-");
-    match copied {
-        Some(Ok(())) | Some(Err(CopyError::Idle(_))) => {
+    match ended {
+        Ended::Copied(Ok(())) | Ended::Copied(Err(CopyError::Idle(_))) => {
             debug!(%dst, %endpoint, peer_identity, sent, received, reason = reason.as_str(), "connection closed")
         }
-        Some(Err(error)) => {
+        Ended::Copied(Err(error)) => {
             // Pass a reset on to the other side, so neither end waits on a dead peer.
             let _ = down.tcp().set_zero_linger();
             let _ = up.tcp().set_zero_linger();
             debug!(%dst, %endpoint, peer_identity, sent, received, %error, reason = reason.as_str(), "connection closed");
         }
-        None => {
+        Ended::Drained => {
             let _ = down.tcp().set_zero_linger();
             let _ = up.tcp().set_zero_linger();
             warn!(%dst, %endpoint, peer_identity, sent, received, "connection closed by drain after the grace period");
         }
+        Ended::Revoked => {
+            let _ = down.tcp().set_zero_linger();
+            let _ = up.tcp().set_zero_linger();
+            warn!(%dst, %endpoint, peer_identity, sent, received, "connection closed: the reloaded identity rules no longer allow this peer");
+        }
     }
+}
+
+/// How the copying phase of a connection ended.
+enum Ended {
+    /// Both ways finished, or one failed.
+    Copied(Result<(), CopyError>),
+    /// The drain's grace period ran out.
+    Drained,
+    /// The identity rules changed and no longer allow the peer.
+    Revoked,
 }
 
 /// Finds where the connection goes and connects there: inbound, the application;
@@ -457,6 +495,7 @@ async fn connect(
                 dst,
                 endpoint: dst.0,
                 peer_tls,
+                server_identity: None,
                 _leases: None,
             })
         }
@@ -572,6 +611,7 @@ async fn balance(
                     dst,
                     endpoint: endpoint.addr,
                     peer_tls,
+                    server_identity: service.config.server_identity.clone(),
                     _leases: Some((admission, lease)),
                 });
             }

@@ -3,7 +3,7 @@
 //! a sidecar whose SPIFFE ID the allow-list admits. A refused peer is reset and
 //! nothing reaches the application.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{collections::BTreeMap, sync::Arc, time::Duration};
 
 use tokio::net::TcpStream;
 use tokio_rustls::{TlsAcceptor, server::TlsStream};
@@ -13,18 +13,18 @@ use crate::{
     metrics::CloseReason,
     proxy::{
         detect::{Detected, detect},
+        peer_policy::PeerPolicy,
         read_ahead::ReadAhead,
     },
-    tls::{IdentityMatcher, SpiffeId, rustls_config::peer_identity},
+    tls::{SpiffeId, rustls_config::peer_identity},
 };
 
 /// What inbound connections must be, per port.
 pub struct InboundPolicy {
     default_mode: InboundMode,
     port_modes: BTreeMap<u16, InboundMode>,
-    allow: Vec<IdentityMatcher>,
-    /// The workload's own trust domain: what an empty allow-list admits.
-    local_trust_domain: String,
+    /// Who may connect (`inbound.allow`, live).
+    peers: Arc<PeerPolicy>,
     detect_timeout: Duration,
     acceptor: Option<TlsAcceptor>,
 }
@@ -82,14 +82,12 @@ impl Refusal {
 
 impl InboundPolicy {
     /// The policy of `config`; `acceptor` terminates mTLS (needed unless every port is
-    /// `disabled`, which config validation guarantees) for a workload of
-    /// `local_trust_domain`.
-    pub fn new(config: &Config, acceptor: Option<TlsAcceptor>, local_trust_domain: &str) -> Self {
+    /// `disabled`, which config validation guarantees); `peers` says who may connect.
+    pub fn new(config: &Config, acceptor: Option<TlsAcceptor>, peers: Arc<PeerPolicy>) -> Self {
         Self {
             default_mode: config.inbound_default_mode(),
             port_modes: config.inbound.port_modes.clone(),
-            allow: config.inbound.allow.clone(),
-            local_trust_domain: local_trust_domain.to_string(),
+            peers,
             detect_timeout: config.inbound.detect_timeout,
             acceptor,
         }
@@ -107,15 +105,6 @@ impl InboundPolicy {
     /// before they are relayed (strict and permissive ports, with an identity).
     pub fn authenticates(&self, port: u16) -> bool {
         self.acceptor.is_some() && self.mode(port) != InboundMode::Disabled
-    }
-
-    /// Whether `id` may connect: on the allow-list, or, with an empty list, of the
-    /// local trust domain (a federated bundle admits nobody until it is listed).
-    pub fn allows(&self, id: &SpiffeId) -> bool {
-        if self.allow.is_empty() {
-            return id.trust_domain() == self.local_trust_domain;
-        }
-        self.allow.iter().any(|m| m.matches(id))
     }
 
     /// Applies the port's mode to a new connection. On refusal the socket comes back
@@ -163,7 +152,7 @@ impl InboundPolicy {
                 Some(io.into_inner()),
             ));
         };
-        if !self.allows(&id) {
+        if !self.peers.allows_client(&id) {
             let (io, _) = tls.into_inner();
             return Err((Refusal::NotAllowed(id), Some(io.into_inner())));
         }
@@ -175,10 +164,10 @@ impl InboundPolicy {
 mod tests {
     use super::*;
 
-    fn policy(allow: &str) -> InboundPolicy {
+    fn policy(allow: &str) -> Arc<PeerPolicy> {
         let config = Config::from_yaml(&format!("inbound:\n  allow: {allow}\n"), "t", Vec::new())
             .expect("config");
-        InboundPolicy::new(&config, None, "td")
+        PeerPolicy::new(&config, "td")
     }
 
     #[test]
@@ -186,10 +175,10 @@ mod tests {
         let local: SpiffeId = "spiffe://td/ns/a/sa/b".parse().expect("id");
         let federated: SpiffeId = "spiffe://partner/ns/a/sa/b".parse().expect("id");
         let empty = policy("[]");
-        assert!(empty.allows(&local));
-        assert!(!empty.allows(&federated));
+        assert!(empty.allows_client(&local));
+        assert!(!empty.allows_client(&federated));
         let listed = policy("['spiffe://partner/*']");
-        assert!(listed.allows(&federated));
-        assert!(!listed.allows(&local));
+        assert!(listed.allows_client(&federated));
+        assert!(!listed.allows_client(&local));
     }
 }

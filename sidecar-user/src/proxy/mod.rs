@@ -8,6 +8,7 @@ pub mod detect;
 pub mod forward;
 pub mod inbound;
 pub mod listener;
+pub mod peer_policy;
 pub mod pod_addrs;
 pub mod read_ahead;
 pub mod server_identity;

@@ -15,7 +15,7 @@ use crate::{
 };
 
 /// The outbound identity rules.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug, Default, PartialEq)]
 pub struct ServerIdentityPolicy {
     rules: Vec<MeshIdentityRule>,
     local_trust_domain: String,

@@ -14,8 +14,9 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use crate::{
     metrics::{CloseReason, Direction},
     proxy::{
+        peer_policy::PeerPolicy,
         read_ahead::ReadAhead,
-        server_identity::{Expected, ServerIdentityPolicy},
+        server_identity::Expected,
         socket_opts::{self, DeadPeer},
     },
     tls::{ALPN, IdentityMatcher, SpiffeId, rustls_config::peer_identity, status},
@@ -65,8 +66,8 @@ pub enum UpstreamError {
 pub struct MeshConnector {
     /// Originates mTLS with the current identity.
     pub tls: TlsConnector,
-    /// Which identities may serve which destinations.
-    pub policy: Arc<ServerIdentityPolicy>,
+    /// Which identities may serve which destinations (live).
+    pub policy: Arc<PeerPolicy>,
 }
 
 /// How to reach a destination over mTLS.
@@ -195,7 +196,11 @@ async fn handshake(
     };
     // Before any application byte: the server must be a workload the destination
     // may be served by, not merely a member of the mesh.
-    if let Err(expected) = mesh.client.policy.check(dst.ip(), &id, mesh.expected) {
+    if let Err(expected) = mesh
+        .client
+        .policy
+        .check_server(dst.ip(), &id, mesh.expected)
+    {
         return Err(UpstreamError::WrongIdentity {
             addr: dst,
             got: Box::new(id),

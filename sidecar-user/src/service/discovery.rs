@@ -180,6 +180,9 @@ impl Discovery {
                 warn!(sections = ?restart_needed, "config changes in these sections take effect only after a restart");
             }
             self.services.apply(&next);
+            if let Some(connector) = &self.connector {
+                connector.policy.apply(&next);
+            }
             self.reconcile(&next);
             self.stats.reloads_applied.fetch_add(1, Relaxed);
             info!(
@@ -197,12 +200,18 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
     let checks: [(&'static str, bool); 9] = [
         ("proxy", current.proxy != next.proxy),
         ("capture", current.capture != next.capture),
-        ("inbound", current.inbound != next.inbound),
+        (
+            "inbound",
+            !same_except(&current.inbound, &next.inbound, |i| i.allow.clear()),
+        ),
         ("admin", current.admin != next.admin),
         ("health", current.health != next.health),
         ("metrics", current.metrics != next.metrics),
         ("identity", current.identity != next.identity),
-        ("mesh", current.mesh != next.mesh),
+        (
+            "mesh",
+            !same_except(&current.mesh, &next.mesh, |m| m.identities.clear()),
+        ),
         ("pins", current.pins != next.pins),
     ];
     for (name, differs) in checks {
@@ -211,6 +220,14 @@ fn restart_only_changes(current: &Config, next: &Config) -> Vec<&'static str> {
         }
     }
     changed
+}
+
+/// Whether `a` and `b` are equal once `live` has cleared the fields applied live.
+fn same_except<T: Clone + PartialEq>(a: &T, b: &T, live: impl Fn(&mut T)) -> bool {
+    let (mut a, mut b) = (a.clone(), b.clone());
+    live(&mut a);
+    live(&mut b);
+    a == b
 }
 
 /// The first `nameserver` in /etc/resolv.conf.
