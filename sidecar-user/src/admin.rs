@@ -37,6 +37,8 @@ pub struct AdminState {
     pub evicted: Arc<KernelCollector>,
     /// Open connections, for `/connections`.
     pub connections: Arc<ConnTable>,
+    /// The pinned links capture runs on: readiness requires them attached.
+    pub links: Arc<crate::ebpf::held_links::HeldLinks>,
     /// Services and endpoints, for `/services`.
     pub services: Arc<crate::service::Services>,
     /// Kubelet probes rewritten by `sidecar inject`, by path.
@@ -153,8 +155,18 @@ fn route(req: &Request<Incoming>, surface: Surface, state: &AdminState) -> Respo
     }
     match (req.uri().path(), surface) {
         ("/healthz", _) => text(StatusCode::OK, "ok\n"),
-        ("/readyz", _) if state.ready.load(Ordering::Relaxed) => text(StatusCode::OK, "ready\n"),
-        ("/readyz", _) => text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n"),
+        ("/readyz", _) if !state.ready.load(Ordering::Relaxed) => {
+            text(StatusCode::SERVICE_UNAVAILABLE, "not ready\n")
+        }
+        ("/readyz", _) => match state.links.detached().as_slice() {
+            [] => text(StatusCode::OK, "ready\n"),
+            detached => {
+                let body = format!("not ready: capture detached ({})\n", detached.join(", "));
+                let mut resp = Response::new(Full::new(Bytes::from(body)));
+                *resp.status_mut() = StatusCode::SERVICE_UNAVAILABLE;
+                resp
+            }
+        },
         ("/metrics", _) => metrics(req, state),
         ("/stats", Surface::Admin) => json(&stats(state)),
         ("/connections", Surface::Admin) => json(&state.connections.snapshot()),

@@ -159,11 +159,11 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
     };
     let mut capture = Capture::load(&config)?;
     if config.pins.enabled {
-        for dir in crate::ebpf::pins::collect_garbage(&config.pins.dir, cgroup) {
-            tracing::info!(dir = %dir.display(), "removed the pins of a cgroup that no longer exists");
+        // The folder first: it checks (or mounts) the bpffs the collection reads.
+        let pins = crate::ebpf::pins::PinDir::for_cgroup(&config.pins.dir, cgroup)?;
+        for path in crate::ebpf::pins::collect_garbage(&config.pins.dir, cgroup) {
+            tracing::info!(path = %path.display(), "removed stale pins (a cgroup that no longer exists, or links detached by a clean stop)");
         }
-        let pins =
-            crate::ebpf::pins::PinDir::for_cgroup(&config.pins.dir, cgroup, config.proxy.uid)?;
         tracing::info!(dir = %pins.path().display(), "links are pinned: capture outlives a crash");
         capture.use_pins(pins);
     }
@@ -171,6 +171,7 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
     if !inbound.is_empty() {
         capture.attach_inbound(&inbound)?;
     }
+    capture.prune_pins()?;
     let kernel = Arc::new(capture.kernel_maps()?);
     let pod = PodAddrs::detect().map_err(BuildError::PodAddrs)?;
     tracing::info!(addresses = ?pod.all(), "pod addresses");
@@ -256,6 +257,9 @@ impl Bound {
                 metrics.registry_mut(),
             );
         }
+        metrics.registry_mut().register_collector(Box::new(
+            crate::ebpf::held_links::CaptureCollector(capture.held_links()),
+        ));
         let unauthenticated = Gate::new(
             config.inbound.max_unauthenticated,
             config.inbound.max_unauthenticated_per_client,
@@ -267,6 +271,7 @@ impl Bound {
             metrics,
             evicted: collector,
             connections: connections.clone(),
+            links: capture.held_links(),
             kernel: kernel.clone(),
             services: services.clone(),
             app_probes,

@@ -2,7 +2,8 @@
 //! with `capture.fail_open` the kernel notices the proxy's listener is gone and lets
 //! new connects go direct; by default (fail closed) they are refused, so nothing
 //! reaches the destination around the proxy. A restarted sidecar takes the pinned
-//! links over, and a clean stop leaves no program and no pin.
+//! links over, and a clean stop leaves no program attached. Pins are root's alone: no
+//! sidecar (they all run as the same UID) can touch another pod's.
 
 use std::time::{Duration, Instant};
 
@@ -82,7 +83,18 @@ fn crash_during_a_stream(fail_open: bool) {
     assert_eq!(sidecar.opened(), 20, "all through the new proxy");
     assert!(sidecar.terminate().success());
     assert!(attached_programs(&client.cgroup).is_empty());
-    assert!(pins_left(&client).is_empty(), "{:?}", pins_left(&client));
+    // The pins (root's, which the stopped proxy could not remove) point at detached
+    // links; the next start removes them and attaches afresh.
+    assert!(!pins_left(&client).is_empty());
+    let sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
+    assert!(
+        sidecar.logs().contains("removed stale pins") && !sidecar.logs().contains("took over"),
+        "{}",
+        sidecar.logs()
+    );
+    assert_eq!(attached_programs(&client.cgroup).len(), 3);
+    assert_eq!(tally(&client, &dst, 5, 0)["ok"], 5);
+    assert_eq!(sidecar.opened(), 5);
 }
 
 #[test]
@@ -151,9 +163,7 @@ fn pins_of_a_cgroup_that_no_longer_exists_are_removed_at_start() {
     let sidecar = Sidecar::start(&pod, "", Placement::InPodCgroup);
     assert!(!old_pins[0].exists(), "stale pins removed");
     assert!(
-        sidecar
-            .logs()
-            .contains("removed the pins of a cgroup that no longer exists"),
+        sidecar.logs().contains("removed stale pins"),
         "{}",
         sidecar.logs()
     );
@@ -162,4 +172,103 @@ fn pins_of_a_cgroup_that_no_longer_exists_are_removed_at_start() {
         .flatten()
         .collect();
     assert_eq!(now.len(), 1, "only the live pod's folder remains");
+}
+
+/// Runs `args` as the proxy's UID with no capability at all, as a compromised sidecar
+/// would run once it has dropped root.
+fn as_proxy_uid(args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args([
+            "--reuid=1337",
+            "--regid=1337",
+            "--clear-groups",
+            "--inh-caps=-all",
+            "--bounding-set=-all",
+        ])
+        .args(args)
+        .output()
+        .expect("setpriv")
+}
+
+#[test]
+fn a_sidecar_cannot_touch_pins_and_readiness_follows_capture() {
+    let mut net = Net::new("pin-owner");
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let (_echo, dst) = echo_server(&b, 8080);
+    let sidecar_a = Sidecar::start(&a, "", Placement::InPodCgroup);
+    let _sidecar_b = Sidecar::start(&b, "", Placement::InPodCgroup);
+    // Every pin of b, and of a itself, is out of reach of the UID all sidecars share.
+    for pod in [&b, &a] {
+        let pins = pins_left(pod);
+        assert_eq!(pins.len(), 4, "{pins:?}");
+        for pin in &pins {
+            let out = as_proxy_uid(&["rm", "-f", &pin.to_string_lossy()]);
+            assert!(!out.status.success(), "uid 1337 removed {}", pin.display());
+            assert!(pin.exists(), "{}", pin.display());
+        }
+        assert_eq!(attached_programs(&pod.cgroup).len(), 3);
+    }
+    assert_eq!(tally(&a, &dst, 3, 0)["ok"], 3);
+    assert_eq!(sidecar_a.opened(), 3);
+
+    // Someone detaches a's connect4 link: a turns unready and says why.
+    let connect4 = pins_left(&a)
+        .into_iter()
+        .find(|p| p.ends_with("connect4"))
+        .expect("connect4 pin");
+    let out = std::process::Command::new("bpftool")
+        .args(["link", "detach", "pinned"])
+        .arg(&connect4)
+        .output()
+        .expect("bpftool");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let readyz = a
+        .outsider("curl")
+        .args(["-s", "-w", " %{http_code}", "http://127.0.0.1:15020/readyz"])
+        .output()
+        .expect("curl");
+    let readyz = String::from_utf8_lossy(&readyz.stdout).into_owned();
+    assert_eq!(readyz, "not ready: capture detached (connect4)\n 503");
+    assert_eq!(
+        sidecar_a.metric("sidecar_capture_attached", &[("program", "connect4")]),
+        0.0
+    );
+    assert_eq!(
+        sidecar_a.metric("sidecar_capture_attached", &[("program", "connect6")]),
+        1.0
+    );
+}
+
+#[test]
+fn a_restart_without_inbound_capture_leaves_no_stale_inbound_program() {
+    let mut net = Net::new("pin-prune");
+    let app = net.pod("app");
+    let peer = net.pod("peer");
+    let (_echo, dst) = echo_server(&app, 8080);
+    let sidecar = Sidecar::start(&app, "", Placement::InPodCgroup);
+    assert_eq!(tally(&peer, &dst, 2, 0)["ok"], 2);
+    // Crash: the pinned inbound program stays and, fail closed, drops inbound traffic.
+    sidecar.crash();
+    assert_eq!(tally(&peer, &dst, 1, 0)["failed"], 1);
+    // Restarted without inbound capture: the old inbound program must not stay behind.
+    let sidecar = Sidecar::start(&app, "inbound:\n  enabled: false\n", Placement::InPodCgroup);
+    let direct = tally(&peer, &dst, 3, 0);
+    assert_eq!(direct["ok"], 3, "{direct}");
+    assert!(
+        sidecar
+            .logs()
+            .contains("removed the pin of a program this configuration does not attach"),
+        "{}",
+        sidecar.logs()
+    );
+    assert!(
+        !pins_left(&app)
+            .iter()
+            .any(|p| p.ends_with("inbound_lookup"))
+    );
 }

@@ -7,6 +7,7 @@ use std::{
     net::IpAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
+    sync::Arc,
 };
 
 use aya::{
@@ -25,6 +26,7 @@ use sidecar_common::{
 use crate::{
     config::Config,
     ebpf::{
+        held_links::HeldLinks,
         logs::{KernelLogger, kernel_log_level},
         orig_dst::OrigDstTable,
         pins::{self, PinDir},
@@ -106,6 +108,9 @@ pub struct Capture {
     pins: Option<PinDir>,
     /// Links this process attached and pinned (their pins keep them after exit).
     pinned: Vec<aya::programs::links::PinnedLink>,
+    /// A descriptor of every pinned link in use, fresh or taken over: how the proxy,
+    /// which may not touch the pins, checks and detaches its capture.
+    held: Arc<HeldLinks>,
 }
 
 /// Views of the maps the running proxy reads; independent of [`Capture`]'s lifetime.
@@ -150,6 +155,7 @@ impl Capture {
             logger,
             pins: None,
             pinned: Vec::new(),
+            held: Arc::default(),
         })
     }
 
@@ -226,10 +232,12 @@ impl Capture {
             name,
             reason: e.to_string(),
         })?;
-        if taken {
-            tracing::info!(program = name, pin = %path.display(), "took over the pinned link of a previous run");
-        }
-        Ok(taken)
+        let Some(link) = taken else {
+            return Ok(false);
+        };
+        tracing::info!(program = name, pin = %path.display(), "took over the pinned link of a previous run");
+        self.held.push(name, link);
+        Ok(true)
     }
 
     fn pin(&mut self, name: &'static str, link: FdLink) -> Result<(), CaptureError> {
@@ -241,6 +249,11 @@ impl Capture {
             reason: e.to_string(),
         })?;
         self.pinned.push(pinned);
+        let fd = pins.open(name).map_err(|e| CaptureError::Pin {
+            name,
+            reason: format!("reopening the pin: {e}"),
+        })?;
+        self.held.push(name, fd);
         Ok(())
     }
 
@@ -314,14 +327,37 @@ impl Capture {
         })
     }
 
-    /// Detaches every program now: closes the links and removes their pins.
-    pub fn detach(mut self) {
-        self.pinned.clear();
-        if let Some(pins) = self.pins.take() {
-            if let Err(error) = pins.remove() {
-                tracing::warn!(%error, "could not remove the pins; programs may stay attached");
-            }
+    /// Removes pins of a previous run for programs this run did not attach (say
+    /// `inbound_lookup` after a restart with inbound capture off): a stale program
+    /// must not stay attached to maps nobody serves. Call after attaching, as root.
+    pub fn prune_pins(&self) -> Result<(), CaptureError> {
+        let Some(pins) = &self.pins else {
+            return Ok(());
+        };
+        let keep = self.held.names();
+        let removed = pins.prune(&keep).map_err(|e| CaptureError::Pin {
+            name: "(previous run)",
+            reason: e.to_string(),
+        })?;
+        for name in removed {
+            tracing::info!(program = %name, "removed the pin of a program this configuration does not attach");
         }
+        Ok(())
+    }
+
+    /// The pinned links in use, for checking that capture is still attached.
+    pub fn held_links(&self) -> Arc<HeldLinks> {
+        self.held.clone()
+    }
+
+    /// Detaches every program now, through the links' descriptors (the pins, root's
+    /// alone, are left pointing at detached links for root to remove later).
+    pub fn detach(mut self) {
+        if let Err(error) = self.held.detach_all() {
+            tracing::warn!(%error, "could not detach a link; programs may stay attached");
+        }
+        self.pinned.clear();
+        self.pins = None;
         drop(self);
     }
 }

@@ -2,6 +2,7 @@
 //! attaching the object, and the typed views of its maps the proxy uses.
 
 pub mod cgroup;
+pub mod held_links;
 pub mod loader;
 pub mod logs;
 pub mod orig_dst;

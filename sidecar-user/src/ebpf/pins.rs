@@ -3,13 +3,21 @@
 //! port; inbound connections are dropped by `sk_lookup`), never letting traffic go
 //! around the proxy. A restarted sidecar takes the pinned links over by swapping its
 //! freshly loaded programs into them (`BPF_LINK_UPDATE`), so at no moment do two
-//! generations run side by side; a clean stop removes the pins, which detaches.
+//! generations run side by side.
+//!
+//! Pins belong to root alone (folder 0700): every sidecar on a node runs as the same
+//! `proxy.uid`, so anything that UID may write, every pod's sidecar may write, and one
+//! could unpin another's capture. The running proxy therefore never touches a pin: it
+//! keeps the links' descriptors, and a clean stop detaches them through those
+//! (`BPF_LINK_DETACH`, which needs no privilege beyond the descriptor). The pin files
+//! then point at detached links and are removed by root at the next start of a sidecar
+//! on the node (the pod's own, or any sidecar's garbage collection).
 
 use std::{
     ffi::CString,
     io,
     os::{
-        fd::{AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
+        fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd},
         unix::{ffi::OsStrExt, fs::MetadataExt},
     },
     path::{Path, PathBuf},
@@ -19,6 +27,13 @@ use std::{
 const BPF_OBJ_GET: libc::c_long = 7;
 /// `BPF_LINK_UPDATE`.
 const BPF_LINK_UPDATE: libc::c_long = 29;
+/// `BPF_OBJ_GET_INFO_BY_FD`.
+const BPF_OBJ_GET_INFO_BY_FD: libc::c_long = 15;
+/// `BPF_LINK_DETACH`.
+const BPF_LINK_DETACH: libc::c_long = 34;
+/// `BPF_LINK_TYPE_CGROUP` and `BPF_LINK_TYPE_NETNS`.
+const LINK_TYPE_CGROUP: u32 = 3;
+const LINK_TYPE_NETNS: u32 = 5;
 /// `BPF_FS_MAGIC` from `linux/magic.h`.
 const BPF_FS_MAGIC: i64 = 0xcafe_4a11;
 
@@ -51,10 +66,9 @@ pub enum PinError {
 impl PinDir {
     /// The folder for the pod whose cgroup is `cgroup`, under `root` (created, must be
     /// on bpffs). The cgroup's id (its inode) keeps the name stable across restarts.
-    /// The folder is root's with group `owner` (the proxy's UID and GID) allowed to
-    /// write, so the proxy can still remove the pins on a clean stop after it has
-    /// given up root, and root needs no `CAP_DAC_OVERRIDE` to pin or reopen them.
-    pub fn for_cgroup(root: &Path, cgroup: &Path, owner: u32) -> Result<Self, PinError> {
+    /// The folder is root's alone (0700): no sidecar, once it has given up root, can
+    /// remove or replace any pin, its own pod's included.
+    pub fn for_cgroup(root: &Path, cgroup: &Path) -> Result<Self, PinError> {
         fn io(what: &'static str, path: &Path) -> impl FnOnce(io::Error) -> PinError {
             let path = path.to_owned();
             move |source| PinError::Io { what, path, source }
@@ -74,18 +88,18 @@ impl PinDir {
             .ino();
         let dir = root.join(format!("cgroup-{id}"));
         std::fs::create_dir_all(&dir).map_err(io("creating", &dir))?;
-        // Root keeps owning the folder (it pins there, and a restart reopens the pins,
-        // without CAP_DAC_OVERRIDE); the proxy's group may write to it, so that after
-        // giving up root it can still unpin on a clean stop.
-        let root_uid = Some(nix::unistd::Uid::from_raw(0));
-        nix::unistd::chown(&dir, root_uid, Some(nix::unistd::Gid::from_raw(owner))).map_err(
-            |e| PinError::Io {
-                what: "chown",
-                path: dir.clone(),
-                source: e.into(),
-            },
-        )?;
-        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o770))
+        // Root owns the folder and nobody else may enter it (earlier versions left it
+        // writable by the proxy's group: taken back here).
+        let root_id = (
+            Some(nix::unistd::Uid::from_raw(0)),
+            Some(nix::unistd::Gid::from_raw(0)),
+        );
+        nix::unistd::chown(&dir, root_id.0, root_id.1).map_err(|e| PinError::Io {
+            what: "chown",
+            path: dir.clone(),
+            source: e.into(),
+        })?;
+        std::fs::set_permissions(&dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
             .map_err(io("chmod", &dir))?;
         Ok(Self { dir })
     }
@@ -100,17 +114,81 @@ impl PinDir {
         self.dir.join(name)
     }
 
-    /// Removes every pin, detaching links nothing else holds. The folder itself is
-    /// removed when its parent allows it (after dropping root it may not: an empty
-    /// folder is harmless and the next start reuses it).
-    pub fn remove(&self) -> io::Result<()> {
+    /// Removes the pins of programs not in `keep` (a previous run's, for a program
+    /// this configuration does not attach): their links are released, so no stale
+    /// program stays attached to maps nobody serves. Needs root.
+    pub fn prune(&self, keep: &[&str]) -> io::Result<Vec<String>> {
+        let mut removed = Vec::new();
         for entry in std::fs::read_dir(&self.dir)?.flatten() {
-            std::fs::remove_file(entry.path())?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if !keep.contains(&name.as_str()) {
+                std::fs::remove_file(entry.path())?;
+                removed.push(name);
+            }
         }
-        match std::fs::remove_dir(&self.dir) {
-            Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Ok(()),
-            other => other,
-        }
+        Ok(removed)
+    }
+
+    /// Opens the link pinned for program `name`.
+    pub fn open(&self, name: &str) -> io::Result<OwnedFd> {
+        obj_get(&self.link(name))
+    }
+}
+
+/// Whether the link behind `fd` is still attached (to a live cgroup or namespace):
+/// a detached cgroup link reports cgroup id 0, a detached netns link inode 0.
+pub fn link_attached(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    // struct bpf_link_info: type, id, prog_id, then (8-aligned) the per-type union:
+    // cgroup { u64 cgroup_id; u32 attach_type }, netns { u32 netns_ino; u32 attach_type }.
+    let mut info = [0u64; 8];
+    #[repr(C)]
+    struct InfoAttr {
+        bpf_fd: u32,
+        info_len: u32,
+        info: u64,
+    }
+    let attr = InfoAttr {
+        bpf_fd: fd.as_raw_fd() as u32,
+        info_len: std::mem::size_of_val(&info) as u32,
+        info: info.as_mut_ptr() as u64,
+    };
+    // SAFETY: `attr` points at a buffer of `info_len` bytes for the call's duration.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_OBJ_GET_INFO_BY_FD,
+            &attr as *const InfoAttr,
+            std::mem::size_of::<InfoAttr>() as u32,
+        )
+    };
+    if ret < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    let link_type = info[0] as u32;
+    Ok(match link_type {
+        LINK_TYPE_CGROUP => info[2] != 0,
+        LINK_TYPE_NETNS => info[2] as u32 != 0,
+        _ => true,
+    })
+}
+
+/// Detaches the link behind `fd` now (`BPF_LINK_DETACH`): its program stops running,
+/// whoever else holds or pins the link.
+pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
+    let attr: [u32; 2] = [fd.as_raw_fd() as u32, 0];
+    // SAFETY: plain integers; the kernel only reads `attr`.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_LINK_DETACH,
+            attr.as_ptr(),
+            std::mem::size_of_val(&attr) as u32,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
     }
 }
 
@@ -167,6 +245,16 @@ pub fn collect_garbage(root: &Path, cgroup: &Path) -> Vec<PathBuf> {
     let mut removed = Vec::new();
     for (id, dir) in stale {
         if live.contains(&id) {
+            // A live pod whose sidecar stopped cleanly: its pins point at detached
+            // links. Remove those (an attached one belongs to a running sidecar).
+            for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+                let detached = obj_get(&entry.path())
+                    .and_then(|fd| link_attached(fd.as_fd()))
+                    .is_ok_and(|attached| !attached);
+                if detached && std::fs::remove_file(entry.path()).is_ok() {
+                    removed.push(entry.path());
+                }
+            }
             continue;
         }
         for entry in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
@@ -210,20 +298,21 @@ fn mount_bpffs_if_missing(root: &Path) -> Result<(), PinError> {
     Ok(())
 }
 
-/// If a link is pinned at `path`, swaps `prog` into it and returns true. A pin whose
-/// link can no longer be updated (its cgroup or namespace is gone) is removed and false
-/// returned, as when there is no pin: the caller then attaches afresh.
-pub fn take_over(path: &Path, prog: BorrowedFd<'_>) -> io::Result<bool> {
+/// If a link is pinned at `path`, swaps `prog` into it and returns the link. A pin
+/// whose link can no longer be updated (detached by a clean stop, or its cgroup or
+/// namespace gone) is removed and `None` returned, as when there is no pin: the caller
+/// then attaches afresh.
+pub fn take_over(path: &Path, prog: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
     let link = match obj_get(path) {
         Ok(fd) => fd,
-        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(false),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
     match link_update(link.as_raw_fd(), prog.as_raw_fd()) {
-        Ok(()) => Ok(true),
+        Ok(()) => Ok(Some(link)),
         Err(_) => {
             std::fs::remove_file(path)?;
-            Ok(false)
+            Ok(None)
         }
     }
 }
