@@ -44,8 +44,9 @@ pub mod program_names {
     pub const SK_LOOKUP: &str = "inbound_lookup";
 }
 
-/// Capacity of the original-destination LRU maps. Entries live only from `connect()`
-/// until the proxy accepts, so this bounds connects in flight, not open connections.
+/// Capacity of the original-destination maps. Entries live only from `connect()`
+/// until the proxy accepts (or the app's socket closes), so this bounds connects in
+/// flight, not open connections.
 pub const ORIG_DST_MAP_CAPACITY: u32 = 32_768;
 /// Capacity of the port rule map (every port could be listed).
 pub const PORT_RULES_CAPACITY: u32 = 65_536;
@@ -233,11 +234,17 @@ pub enum Counter {
     ListenerMissingPassed,
     /// A native IPv6 connect refused because the proxy does not serve IPv6.
     RefusedIpv6Off,
+    /// A redirected connect whose cookie entry was gone at re-key (evicted from the
+    /// LRU cookie map): the proxy will find no destination and refuse it.
+    OrigDstRekeyMissing,
+    /// An entry removed from the flow map because its app socket closed before the
+    /// proxy took it (a connect aborted before accept).
+    OrigDstAbandoned,
 }
 
 impl Counter {
     /// Every counter, in index order.
-    pub const ALL: [Counter; 12] = [
+    pub const ALL: [Counter; 14] = [
         Counter::Captured,
         Counter::SkippedNotTcp,
         Counter::SkippedProxy,
@@ -250,6 +257,8 @@ impl Counter {
         Counter::ListenerMissingDropped,
         Counter::ListenerMissingPassed,
         Counter::RefusedIpv6Off,
+        Counter::OrigDstRekeyMissing,
+        Counter::OrigDstAbandoned,
     ];
     /// Number of counters, the size of the counter array.
     pub const COUNT: u32 = Self::ALL.len() as u32;
@@ -269,6 +278,8 @@ impl Counter {
             Counter::ListenerMissingDropped => "listener_missing_dropped",
             Counter::ListenerMissingPassed => "listener_missing_passed",
             Counter::RefusedIpv6Off => "refused_ipv6_off",
+            Counter::OrigDstRekeyMissing => "orig_dst_rekey_missing",
+            Counter::OrigDstAbandoned => "orig_dst_abandoned",
         }
     }
 }

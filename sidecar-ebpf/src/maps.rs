@@ -34,11 +34,14 @@ pub static EXCLUDED_V6: LpmTrie<[u8; 16], u32> =
 pub static ORIG_DST_BY_COOKIE: LruHashMap<u64, SockAddr> =
     LruHashMap::with_max_entries(ORIG_DST_MAP_CAPACITY, 0);
 
-/// 4-tuple → original destination, consumed by the proxy at accept. LRU: connects
-/// aborted before the proxy accepts age out instead of filling the map.
+/// 4-tuple → original destination, consumed by the proxy at accept. A plain hash,
+/// not LRU: nothing is ever evicted silently. A connect that closes before the proxy
+/// accepts it has its entry removed by `sock_ops` when the app's socket closes, so the
+/// map holds only connections waiting in the proxy's accept queue; when it is full
+/// anyway, the insert fails and is counted (`orig_dst_rekey_failed`).
 #[map]
-pub static ORIG_DST_BY_FLOW: LruHashMap<FlowKey, SockAddr> =
-    LruHashMap::with_max_entries(ORIG_DST_MAP_CAPACITY, 0);
+pub static ORIG_DST_BY_FLOW: HashMap<FlowKey, SockAddr> =
+    HashMap::with_max_entries(ORIG_DST_MAP_CAPACITY, 0);
 
 /// Per-CPU event counters indexed by `counter_index(program, counter)`.
 #[map]

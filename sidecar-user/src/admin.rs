@@ -21,7 +21,7 @@ use tracing::{debug, warn};
 
 use crate::{
     ebpf::KernelMaps,
-    metrics::{Metrics, kernel::KernelCollector, render},
+    metrics::{Metrics, render},
     proxy::{connections::ConnTable, unauthenticated::Gate},
 };
 
@@ -33,8 +33,6 @@ pub struct AdminState {
     pub metrics: Metrics,
     /// Kernel maps (fill of the original-destination maps).
     pub kernel: Arc<KernelMaps>,
-    /// Evictions, as the metrics report them.
-    pub evicted: Arc<KernelCollector>,
     /// Open connections, for `/connections`.
     pub connections: Arc<ConnTable>,
     /// The pinned links capture runs on: readiness requires them attached.
@@ -73,8 +71,6 @@ struct OrigDstMap {
     by_cookie: usize,
     by_flow: usize,
     capacity: u32,
-    /// Entries that left the flow map without the proxy taking them (LRU evictions).
-    evicted: u64,
 }
 
 /// A client must send a request's headers within this long (also the idle time
@@ -192,7 +188,6 @@ fn stats(state: &AdminState) -> Stats<'_> {
             by_cookie,
             by_flow,
             capacity: sidecar_common::ORIG_DST_MAP_CAPACITY,
-            evicted: state.evicted.evicted(),
         },
     }
 }

@@ -249,8 +249,7 @@ impl Bound {
             services.clone(),
             discovery_stats.clone(),
         ));
-        let collector = Arc::new(KernelCollector::new(kernel.clone(), proxy_metrics.clone()));
-        metrics.register_kernel(collector.clone());
+        metrics.register_kernel(Arc::new(KernelCollector::new(kernel.clone())));
         if let Some(id) = &identity {
             crate::tls::metrics::IdentityCollector::register(
                 id.store.clone(),
@@ -269,7 +268,6 @@ impl Bound {
         let state = Arc::new(AdminState {
             ready: false.into(),
             metrics,
-            evicted: collector,
             connections: connections.clone(),
             links: capture.held_links(),
             kernel: kernel.clone(),

@@ -232,13 +232,6 @@ impl ProxyMetrics {
             .inc();
     }
 
-    /// Original destinations found so far.
-    pub fn orig_dst_found(&self) -> u64 {
-        self.orig_dst_lookups
-            .get_or_create(&labels::LookupLabels { result: "found" })
-            .get()
-    }
-
     /// Records a successful upstream connect's latency.
     pub fn upstream_connected(&self, service: &ServiceLabels, started: Instant) {
         self.connect_duration

@@ -171,3 +171,18 @@ pub fn attached_programs(cgroup: &std::path::Path) -> Vec<String> {
         .map(str::to_string)
         .collect()
 }
+
+/// Waits until `f` holds, polling every 50 ms; panics naming `what` after `limit`.
+/// Returns how long it took. Tests wait on conditions with this, never on a sleep.
+pub fn wait_until(
+    limit: std::time::Duration,
+    what: &str,
+    mut f: impl FnMut() -> bool,
+) -> std::time::Duration {
+    let started = std::time::Instant::now();
+    while !f() {
+        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    started.elapsed()
+}

@@ -294,7 +294,7 @@ fn ipv6_and_ipv4_mapped_destinations_are_captured() {
 fn aborted_connects_leave_the_map_bounded_and_later_connects_work() {
     let rig = rig("abort");
     let sidecar = Sidecar::start(&rig.client, CONFIG, Placement::InPodCgroup);
-    // Freeze the proxy so nothing is accepted: every aborted connect leaves an entry.
+    // Freeze the proxy so nothing is accepted: every connect is aborted before accept.
     sidecar.signal(libc::SIGSTOP);
     let count = sidecar_common::ORIG_DST_MAP_CAPACITY as usize + 7_000;
     let mut cmd = rig.client.app(&pod_tool_bin());
@@ -308,22 +308,25 @@ fn aborted_connects_leave_the_map_bounded_and_later_connects_work() {
     let aborted = run_json(cmd);
     sidecar.signal(libc::SIGCONT);
     assert_eq!(aborted["aborted"], count, "{aborted}");
-    let stats = sidecar.stats();
-    let by_flow = stats["orig_dst_map"]["by_flow"].as_u64().expect("by_flow");
-    let capacity = u64::from(sidecar_common::ORIG_DST_MAP_CAPACITY);
-    assert!(by_flow <= capacity, "{stats}");
+    // Every entry was removed when its app socket closed, counted one by one: the map
+    // (a plain hash, nothing is evicted) holds none of them, and none failed to fit.
     assert!(
         sidecar.kernel_stat("orig_dst_rekeyed") >= count as u64,
-        "{stats}"
+        "{}",
+        sidecar.stats()
     );
+    let abandoned = sidecar.kernel_stat("orig_dst_abandoned");
     assert!(
-        stats["orig_dst_map"]["evicted"].as_u64().expect("evicted") > 0,
-        "{stats}"
+        abandoned + 128 >= count as u64,
+        "{abandoned} of {count} removed"
     );
-    // The same figures as metrics.
+    assert_eq!(sidecar.kernel_stat("orig_dst_rekey_failed"), 0);
+    assert_eq!(sidecar.kernel_stat("orig_dst_rekey_missing"), 0);
+    let stats = sidecar.stats();
+    let by_flow = stats["orig_dst_map"]["by_flow"].as_u64().expect("by_flow");
+    assert!(by_flow <= 128, "{stats}");
     let filled = sidecar.metric("sidecar_kernel_map_entries", &[("map", "ORIG_DST_BY_FLOW")]);
-    assert!(filled as u64 <= capacity, "{filled}");
-    assert!(sidecar.metric("sidecar_orig_dst_evicted_total", &[]) > 0.0);
+    assert!(filled <= 128.0, "{filled}");
     // New connections still reach the right destination.
     for _ in 0..20 {
         let body = curl_body(
@@ -422,7 +425,11 @@ fn kernel_log_lines_reach_the_sidecar_log_at_the_configured_level() {
         "info,sidecar_ebpf=debug",
     );
     curl_body(&rig.client.curl(&[&url]));
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    sidecar_tests::tools::wait_until(
+        std::time::Duration::from_secs(5),
+        "the kernel's log line reaches the sidecar log",
+        || sidecar.logs().contains(&line),
+    );
     let (_, log) = sidecar.terminate_with_log();
     assert!(
         log.contains(&line) && log.contains("sidecar_ebpf::connect"),

@@ -108,7 +108,16 @@ fn port_in_use_is_a_clear_startup_error() {
         .args(["-l", "127.0.0.1", "15000"])
         .spawn()
         .expect("nc");
-    std::thread::sleep(std::time::Duration::from_millis(300));
+    sidecar_tests::tools::wait_until(
+        std::time::Duration::from_secs(5),
+        "nc listens on the admin port",
+        || {
+            pod.outsider("ss")
+                .args(["-Hltn", "sport = :15000"])
+                .output()
+                .is_ok_and(|o| !o.stdout.is_empty())
+        },
+    );
     let out = run_with(Some(""), &pod);
     let _ = holder.kill();
     let _ = holder.wait();

@@ -47,7 +47,10 @@ fn crash_during_a_stream(fail_open: bool) {
         let (client, dst) = (client.clone(), dst.clone());
         std::thread::spawn(move || tally(&client, &dst, 150, 10))
     };
-    std::thread::sleep(Duration::from_millis(500));
+    // Kill the sidecar once the stream is under way through it.
+    sidecar_tests::tools::wait_until(Duration::from_secs(10), "the stream is under way", || {
+        sidecar.opened() >= 30
+    });
     sidecar.crash();
     let during = stream.join().expect("stream");
     let ok = during["ok"].as_u64().unwrap_or(0);

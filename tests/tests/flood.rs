@@ -2,20 +2,12 @@
 //! ClientHello (or send nothing), and idle connections to the health listener. The
 //! sidecar must bound what they hold and keep serving a legitimate mTLS client.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sidecar_tests::{
     Certs, Net, Placement, Sidecar,
-    tools::{InFlight, echo_server, pod_tool_bin, run_json},
+    tools::{InFlight, echo_server, pod_tool_bin, run_json, wait_until as within},
 };
-
-fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let started = Instant::now();
-    while !f() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
 
 /// Open descriptors and resident memory (KiB) of process `pid`.
 fn footprint(pid: u32) -> (usize, u64) {

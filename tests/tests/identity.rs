@@ -5,7 +5,7 @@
 
 use sidecar_tests::{
     Certs, Net, Placement, Pod, Sidecar,
-    tools::{Background, echo_server, pod_tool_bin, run_json},
+    tools::{Background, echo_server, pod_tool_bin, run_json, wait_until},
 };
 
 const VIP: &str = "198.19.0.10:80";
@@ -126,13 +126,15 @@ fn an_allow_list_reload_closes_open_connections_of_peers_no_longer_allowed() {
         .stdin(std::process::Stdio::piped());
     let _held = sidecar_tests::tools::InFlight::start(app);
     let open = || server_sidecar.metric("sidecar_connections_open", &[("direction", "inbound")]);
-    wait(|| open() == 1.0, "the held connection is open");
+    let five = std::time::Duration::from_secs(5);
+    wait_until(five, "the held connection is open", || open() == 1.0);
 
     // The client's namespace is no longer allowed: its open connection is closed too.
     server_sidecar.write_config(&server_config("spiffe://cluster.local/ns/other/*"));
-    wait(
-        || server_sidecar.closed("policy_denied") == 1 && open() == 0.0,
+    wait_until(
+        five,
         "the open connection of a peer no longer allowed is closed",
+        || server_sidecar.closed("policy_denied") == 1 && open() == 0.0,
     );
     assert_eq!(
         server_sidecar.metric("sidecar_config_reloads_total", &[("result", "applied")]),
@@ -149,14 +151,95 @@ fn an_allow_list_reload_closes_open_connections_of_peers_no_longer_allowed() {
     );
 }
 
-/// Waits up to 5 s for `f`, polling every 50 ms.
-fn wait(mut f: impl FnMut() -> bool, what: &str) {
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
-    while !f() {
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{what}: not within 5 s"
-        );
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
+#[test]
+fn outbound_mtls_to_a_plain_server_is_refused_and_nothing_goes_in_plaintext() {
+    let mut net = Net::new("plain-server");
+    let client = net.pod("client");
+    let server = net.pod("server");
+    let certs = Certs::new("plain-server", &["client=shop/web"]);
+    // A plain TCP server with no sidecar that records every byte it receives.
+    let record = std::env::temp_dir().join(format!("{}-received", net.id));
+    let mut cmd = server.app("socat");
+    cmd.args([
+        "-u",
+        &format!("TCP-LISTEN:8080,bind={},fork,reuseaddr", server.ip4),
+    ])
+    .arg(format!("OPEN:{},creat,append", record.display()));
+    let mut socat = cmd.spawn().expect("socat");
+    let sidecar = Sidecar::start(
+        &client,
+        &format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
+            certs.identity("client")
+        ),
+        Placement::InPodCgroup,
+    );
+    // Wait until socat listens (a plain connect from outside the capture).
+    wait_until(std::time::Duration::from_secs(5), "socat listens", || {
+        client
+            .outsider("nc")
+            .args(["-z", &server.ip4.to_string(), "8080"])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    let out = client
+        .app("curl")
+        .args(["-sS", "--max-time", "5", "-d", "SECRET-MARKER-51c2"])
+        .arg(format!("http://{}:8080/", server.ip4))
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "the request went through");
+    // socat swallows the ClientHello and never answers: the handshake times out.
+    wait_until(std::time::Duration::from_secs(5), "handshake timed out", || {
+        sidecar.closed("timeout") == 1
+    });
+    let _ = socat.kill();
+    let _ = socat.wait();
+    let received = std::fs::read(&record).unwrap_or_default();
+    let _ = std::fs::remove_file(&record);
+    // The server saw a TLS ClientHello (record type 22) and never the request.
+    assert_eq!(received.first(), Some(&0x16), "{received:?}");
+    assert!(
+        !String::from_utf8_lossy(&received).contains("SECRET-MARKER"),
+        "plaintext reached a server that is not a sidecar"
+    );
+}
+
+#[test]
+fn sixteen_mib_each_way_over_mtls_arrive_byte_exact() {
+    let mut net = Net::new("mtls-bulk");
+    let client = net.pod("client");
+    let server = net.pod("server");
+    let certs = Certs::new("mtls-bulk", &["client=shop/web", "server=shop/db"]);
+    let (_echo, dst) = echo_server(&server, 8080);
+    let server_sidecar = Sidecar::start(
+        &server,
+        &format!("{}inbound:\n  mode: strict\n", certs.identity("server")),
+        Placement::InPodCgroup,
+    );
+    let _client_sidecar = Sidecar::start(
+        &client,
+        &format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
+            certs.identity("client")
+        ),
+        Placement::InPodCgroup,
+    );
+    // Eight connections: the eighth sends 16 MiB (and gets it echoed back), the
+    // others random small payloads; half of them half-close.
+    let mut cmd = client.app(&pod_tool_bin());
+    cmd.args(["clients", "--to", &dst, "--connections", "8"])
+        .args(["--big", &(16 * 1024 * 1024).to_string(), "--seed", "16"]);
+    let summary = run_json(cmd);
+    assert_eq!(summary["ok"], 8, "{summary}");
+    let sent = server_sidecar.metric(
+        "sidecar_connection_sent_bytes_total",
+        &[("direction", "inbound"), ("tls", "true")],
+    );
+    assert!(sent >= 16.0 * 1024.0 * 1024.0, "{sent} bytes in");
+    let received = server_sidecar.metric(
+        "sidecar_connection_received_bytes_total",
+        &[("direction", "inbound"), ("tls", "true")],
+    );
+    assert!(received >= 16.0 * 1024.0 * 1024.0, "{received} bytes out");
 }

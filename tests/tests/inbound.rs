@@ -97,7 +97,8 @@ fn an_application_bound_to_loopback_stays_unreachable() {
     let sidecar = Sidecar::start(&rig.b, "", Placement::InPodCgroup);
     let err = curl(&rig.a, &format!("http://{}:8081/", rig.b.ip4))
         .expect_err("must not reach 127.0.0.1:8081");
-    assert!(err.contains("connect") || err.contains("reset"), "{err}");
+    // The sidecar accepted, found nothing at the pod IP, and reset the client.
+    assert!(err.contains("Connection reset by peer"), "{err}");
     // The sidecar delivered to B's pod IP, where nothing listens, not to loopback.
     assert_eq!(inbound(&sidecar, Some("refused")), 1);
 }
@@ -165,7 +166,8 @@ fn connect_while_draining(fail_closed: bool) -> (Result<String, String>, u64, Ri
 fn fail_closed_drops_captured_connections_while_the_proxy_cannot_take_them() {
     let (result, dropped, _rig) = connect_while_draining(true);
     let err = result.expect_err("nothing may reach the app around the proxy");
-    assert!(err.contains("connect") || err.contains("reset"), "{err}");
+    // Dropped by sk_lookup: curl could not connect at all (exit 7), not a reset later.
+    assert!(err.starts_with("curl: (7)"), "{err}");
     assert_eq!(dropped, 1);
 }
 
@@ -213,7 +215,8 @@ fn a_crashed_sidecar_fails_closed_and_a_restarted_one_takes_over() {
     );
     let err =
         curl(&rig.a, &inbound_url).expect_err("inbound must not reach the app around the proxy");
-    assert!(err.contains("connect") || err.contains("reset"), "{err}");
+    // Dropped by sk_lookup: curl could not connect at all (exit 7), not a reset later.
+    assert!(err.starts_with("curl: (7)"), "{err}");
     let out = app_curl(&outbound_url);
     assert_eq!(
         out.status.code(),
@@ -242,23 +245,12 @@ fn a_crashed_sidecar_fails_closed_and_a_restarted_one_takes_over() {
         "both directions go through the new proxy"
     );
 
-    // A clean stop removes the pins and detaches.
+    // A clean stop detaches every link through its descriptor (the pins, root's
+    // alone, are left for the next start to remove): the cgroup programs are gone, and
+    // inbound traffic reaches the app directly, so the inbound program is too.
     let status = sidecar.terminate();
     assert!(status.success());
     assert!(attached_programs(&rig.b.cgroup).is_empty());
-    let pins: Vec<_> = std::fs::read_dir(rig.b.pins_dir())
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|pod_dir| {
-            std::fs::read_dir(pod_dir.path())
-                .into_iter()
-                .flatten()
-                .flatten()
-        })
-        .map(|pin| pin.path())
-        .collect();
-    assert!(pins.is_empty(), "pins left: {pins:?}");
     let body = curl(&rig.a, &inbound_url).expect("direct after a clean stop");
     assert!(body.contains(&format!("peer {}:", rig.a.ip4)), "{body}");
 }

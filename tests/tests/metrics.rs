@@ -273,10 +273,13 @@ fn open_connections_are_listed_with_live_bytes() {
         "4",
     ]);
     let slow = InFlight::start(cmd);
-    std::thread::sleep(Duration::from_millis(1500));
-
-    // Long-lived connections: their bytes show before they close.
-    let text = sidecar.metrics_text();
+    // Long-lived connections: their bytes show before they close (the three streams
+    // run 4 s; wait until bytes are counted while all three are still open).
+    let mut text = String::new();
+    sidecar_tests::tools::wait_until(Duration::from_secs(3), "bytes of open connections", || {
+        text = sidecar.metrics_text();
+        metric_sum(&text, "sidecar_connection_sent_bytes_total", &[]) > 1.0
+    });
     let live = metric_sum(&text, "sidecar_connection_sent_bytes_total", &[]);
     assert!(live > 1.0 && live < 900_000.0, "sent so far: {live}");
     assert_eq!(metric_sum(&text, "sidecar_connections_open", &[]), 3.0);

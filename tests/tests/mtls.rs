@@ -125,18 +125,17 @@ fn rig(tag: &str) -> Rig {
 /// `openssl s_client` from pod A presenting `who`'s certificate (or none); sends the
 /// echo mode byte and a marker, returns what came back within 3 s.
 fn s_client(rig: &Rig, target: &str, who: Option<&str>) -> String {
+    s_client_alpn(rig, target, who, Some(ALPN))
+}
+
+/// As [`s_client`], offering `alpn` (or no ALPN at all).
+fn s_client_alpn(rig: &Rig, target: &str, who: Option<&str>, alpn: Option<&str>) -> String {
     let mut cmd = rig.a.outsider("timeout");
-    cmd.args([
-        "3",
-        "openssl",
-        "s_client",
-        "-connect",
-        target,
-        "-alpn",
-        ALPN,
-        "-quiet",
-        "-verify_quiet",
-    ]);
+    cmd.args(["3", "openssl", "s_client", "-connect", target]);
+    if let Some(alpn) = alpn {
+        cmd.args(["-alpn", alpn]);
+    }
+    cmd.args(["-quiet", "-verify_quiet"]);
     cmd.arg("-CAfile").arg(rig.certs.0.join("ca.pem"));
     if let Some(who) = who {
         let dir = rig.certs.workload(who);
@@ -231,6 +230,18 @@ fn strict_port_admits_an_allowed_sidecar_peer_and_refuses_the_rest() {
         "the refusal names the peer"
     );
 
+    // TLS from a client with a good certificate but without our ALPN (not a sidecar:
+    // the application's own TLS, say) is refused on a strict port, offered h2 or none.
+    for alpn in [Some("h2"), None] {
+        let before = closed(&rig, "policy_denied");
+        let reply = s_client_alpn(&rig, &strict, Some("good"), alpn);
+        assert!(
+            !reply.contains(&strict) && !reply.contains("marker"),
+            "TLS without our ALPN ({alpn:?}) reached the app: {reply:?}"
+        );
+        assert_eq!(closed(&rig, "policy_denied"), before + 1, "{alpn:?}");
+    }
+
     // Plaintext on a strict port is refused too.
     let before = closed(&rig, "policy_denied");
     let reply = plaintext(&rig, &strict);
@@ -271,7 +282,10 @@ fn permissive_port_takes_mtls_and_plaintext_and_drops_silent_clients() {
         .stdout(Stdio::null())
         .spawn()
         .expect("nc");
-    std::thread::sleep(Duration::from_millis(200));
+    // The silent client is in detection before the next one arrives.
+    sidecar_tests::tools::wait_until(Duration::from_secs(3), "silent client accepted", || {
+        rig.sidecar.metric("sidecar_inbound_unauthenticated", &[]) == 1.0
+    });
     let started = Instant::now();
     let reply = plaintext(&rig, &port);
     assert!(reply.contains("marker-7f3a"), "{reply:?}");

@@ -64,8 +64,10 @@ fn with_the_documented_minimum_it_captures_and_then_every_thread_holds_nothing()
     );
     assert_eq!(sidecar.opened(), 1, "the connection went through the proxy");
 
-    // Give the runtime time to start every worker and blocking thread it will.
-    std::thread::sleep(Duration::from_millis(300));
+    // The runtime's worker threads exist (two workers plus the main thread).
+    sidecar_tests::tools::wait_until(Duration::from_secs(5), "runtime threads", || {
+        thread_caps(sidecar.pid()).len() >= 3
+    });
     let threads = thread_caps(sidecar.pid());
     assert!(threads.len() >= 3, "runtime threads expected: {threads:?}");
     for (name, caps) in &threads {

@@ -5,18 +5,8 @@ use std::time::{Duration, Instant};
 
 use sidecar_tests::{
     Net, Placement, Sidecar,
-    tools::{InFlight, echo_server, pod_tool_bin, run_json},
+    tools::{InFlight, echo_server, pod_tool_bin, run_json, wait_until as within},
 };
-
-/// Waits until `f` holds (polling every 100 ms) or `limit` passes; returns how long it took.
-fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !f() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    started.elapsed()
-}
 
 #[test]
 fn a_vanished_peer_is_found_by_keepalive_on_both_sides() {

@@ -7,12 +7,12 @@ use std::{
     collections::BTreeMap,
     path::PathBuf,
     process::{Child, Stdio},
-    time::{Duration, Instant},
+    time::Duration,
 };
 
 use sidecar_tests::{
     Certs, Net, Placement, Pod, Sidecar,
-    tools::{Background, InFlight, pod_tool_bin, run_json},
+    tools::{Background, InFlight, pod_tool_bin, run_json, wait_until as within},
 };
 
 const VIP: &str = "198.19.0.10:80";
@@ -109,16 +109,6 @@ fn assert_shares(summary: &serde_json::Value, backends: &[&Pod], want: &[f64], t
             endpoint(pod)
         );
     }
-}
-
-/// Waits until `f` holds (polling every 50 ms) or `limit` passes; returns how long it took.
-fn within(limit: Duration, what: &str, mut f: impl FnMut() -> bool) -> Duration {
-    let started = Instant::now();
-    while !f() {
-        assert!(started.elapsed() < limit, "{what}: not within {limit:?}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    started.elapsed()
 }
 
 #[test]
@@ -469,7 +459,10 @@ fn a_killed_backend_is_ejected_without_client_failures_and_readmitted() {
         let client = client.clone();
         std::thread::spawn(move || tally(&client, VIP, 300, 1, 10))
     };
-    std::thread::sleep(Duration::from_millis(800));
+    // Kill b2 once the stream is well under way.
+    within(Duration::from_secs(10), "the stream is under way", || {
+        sidecar.opened() >= 60
+    });
     apps[1] = None;
     let summary = stream.join().expect("stream");
     // A connection already established to b2 when it dies is cut (nothing can replay
@@ -670,4 +663,22 @@ fn active_health_checks_take_a_dead_backend_out_without_traffic() {
     within(Duration::from_secs(3), "healthy again", || healthy() == 1.0);
     let summary = tally(&client, VIP, 10, 1, 0);
     assert_eq!(counts(&summary).len(), 2, "{summary}");
+}
+
+#[test]
+fn default_limits_hold_more_connections_than_envoys_defaults() {
+    // Envoy's max_connections default (1,024) reset a busy pod's 1,025th connection.
+    let (_net, client, b, _apps) = rig("svc-defaults", 1, None);
+    let sidecar = Sidecar::start(&client, &web_over(&b, ""), Placement::InPodCgroup);
+    let mut cmd = client.app(&pod_tool_bin());
+    cmd.args(["hold", "--to", VIP, "--count", "1500"]);
+    let summary = run_json(cmd);
+    assert_eq!(summary["ok"], 1500, "{summary}");
+    assert_eq!(
+        sidecar.metric(
+            "sidecar_service_overflow_total",
+            &[("service", "web"), ("limit", "max_connections")]
+        ),
+        0.0
+    );
 }

@@ -14,6 +14,8 @@ pub const DEBIAN_PACKAGES: &[(&str, &str)] = &[
     ("iptables", "iptables-save"),
     ("nftables", "nft"),
     ("netcat-openbsd", "nc"),
+    // A plain TCP server that records what it receives (the mTLS-to-plain-server test).
+    ("socat", "socat"),
     ("prometheus", "promtool"),
     ("tshark", "tshark"),
     // The DNS server the DNS-discovery tests run on loopback.

@@ -163,10 +163,13 @@ pub struct LimitsConfig {
 
 impl Default for LimitsConfig {
     fn default() -> Self {
-        // Envoy's defaults.
+        // Envoy's 1,024 is a limit busy pods hit by surprise (a pool of 200 database
+        // connections per replica, times a few replicas, is already close). These are
+        // above what one pod can open at all (28,232 ephemeral ports per family), so
+        // they only bound a runaway client; set lower ones per service on purpose.
         Self {
-            max_connections: 1024,
-            max_pending: 1024,
+            max_connections: 65_536,
+            max_pending: 16_384,
         }
     }
 }

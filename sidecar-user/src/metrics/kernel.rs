@@ -1,28 +1,21 @@
 //! Kernel-side metrics, read from the maps at scrape time: per-program event counters
-//! (summed over CPUs), the fill of each map, and original destinations evicted.
+//! (summed over CPUs, counted by the programs themselves, never derived) and the fill
+//! of each map.
 
-use std::sync::{
-    Arc,
-    atomic::{AtomicU64, Ordering},
-};
+use std::sync::Arc;
 
 use prometheus_client::{
     collector::Collector,
     encoding::{DescriptorEncoder, EncodeMetric},
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
-use sidecar_common::{Counter, ORIG_DST_MAP_CAPACITY, map_names};
+use sidecar_common::{ORIG_DST_MAP_CAPACITY, map_names};
 
-use super::ProxyMetrics;
 use crate::ebpf::KernelMaps;
 
 /// Reads the kernel maps on each scrape.
 pub struct KernelCollector {
     kernel: Arc<KernelMaps>,
-    proxy: Arc<ProxyMetrics>,
-    /// Highest eviction count reported, so the counter never goes backwards when the
-    /// inputs are read at slightly different moments.
-    evicted: AtomicU64,
 }
 
 impl std::fmt::Debug for KernelCollector {
@@ -32,23 +25,9 @@ impl std::fmt::Debug for KernelCollector {
 }
 
 impl KernelCollector {
-    /// A collector over `kernel`, using `proxy`'s lookup count for evictions.
-    pub fn new(kernel: Arc<KernelMaps>, proxy: Arc<ProxyMetrics>) -> Self {
-        Self {
-            kernel,
-            proxy,
-            evicted: AtomicU64::new(0),
-        }
-    }
-
-    /// Original destinations that left the flow map without being taken by the proxy
-    /// (LRU evictions of connects abandoned before accept): re-keyed − taken − present.
-    pub fn evicted(&self) -> u64 {
-        let (_, present) = self.kernel.orig_dst_entries();
-        let rekeyed = self.kernel.counter_total(Counter::OrigDstRekeyed);
-        let taken = self.proxy.orig_dst_found();
-        let now = rekeyed.saturating_sub(taken + present as u64);
-        self.evicted.fetch_max(now, Ordering::Relaxed).max(now)
+    /// A collector over `kernel`.
+    pub fn new(kernel: Arc<KernelMaps>) -> Self {
+        Self { kernel }
     }
 }
 
@@ -89,13 +68,6 @@ impl Collector for KernelCollector {
             ConstGauge::new(i64::from(ORIG_DST_MAP_CAPACITY))
                 .encode(capacity.encode_family(&[("map", map)])?)?;
         }
-        let evicted = encoder.encode_descriptor(
-            "orig_dst_evicted",
-            "Original destinations evicted from the LRU map before the proxy took them",
-            None,
-            ConstCounter::new(0u64).metric_type(),
-        )?;
-        ConstCounter::new(self.evicted()).encode(evicted)?;
         Ok(())
     }
 }

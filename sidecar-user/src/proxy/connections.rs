@@ -17,10 +17,22 @@ use serde::{Deserialize, Serialize};
 use crate::{metrics::Direction, proxy::copy::Transfer};
 
 /// Open connections, keyed by a process-unique id.
+///
+/// The table's lock is held only to insert, remove or clone the entries' handles:
+/// `/connections` reads `TCP_INFO` afterwards, under each entry's own lock, so a view
+/// of thousands of connections never holds up the accepts and closes of the data
+/// path (each waits at most for one `getsockopt` on its own socket).
 #[derive(Default)]
 pub struct ConnTable {
     next_id: AtomicU64,
-    open: Mutex<HashMap<u64, Entry>>,
+    open: Mutex<HashMap<u64, Arc<Slot>>>,
+}
+
+/// A table entry and the upstream socket it may still read, `None` once the
+/// connection is closing.
+struct Slot {
+    entry: Entry,
+    fd: Mutex<Option<RawFd>>,
 }
 
 /// What the table keeps per connection.
@@ -85,7 +97,8 @@ impl ConnTable {
     /// Adds `entry`; it stays until the returned registration is dropped.
     pub fn register(self: &Arc<Self>, entry: Entry) -> Registration {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
-        self.lock().insert(id, entry);
+        let fd = Mutex::new(Some(entry.upstream_fd));
+        self.lock().insert(id, Arc::new(Slot { entry, fd }));
         Registration {
             table: self.clone(),
             id,
@@ -94,30 +107,38 @@ impl ConnTable {
 
     /// Every open connection, oldest first.
     pub fn snapshot(&self) -> Vec<ConnView> {
-        // TCP_INFO is read under the lock: a registration is dropped (and its entry
-        // removed) before its socket closes, so every fd read here is still open.
-        let open = self.lock();
-        let mut views: Vec<ConnView> = open
+        let slots: Vec<(u64, Arc<Slot>)> = self
+            .lock()
             .iter()
-            .map(|(&id, e)| ConnView {
-                id,
-                direction: e.direction.as_str().to_string(),
-                client: e.client,
-                orig_dst: e.orig_dst,
-                endpoint: e.endpoint,
-                peer_identity: e.peer_identity.clone(),
-                tls: e.tls,
-                bytes_sent: e.transfer.sent.load(Relaxed),
-                bytes_received: e.transfer.received.load(Relaxed),
-                age_seconds: e.started.elapsed().as_secs_f64(),
-                tcp: tcp_info(e.upstream_fd),
+            .map(|(&id, slot)| (id, slot.clone()))
+            .collect();
+        let mut views: Vec<ConnView> = slots
+            .into_iter()
+            .map(|(id, slot)| {
+                let e = &slot.entry;
+                // The fd is read under the slot's lock, which the registration takes
+                // (and clears) before its socket closes: it is still open here.
+                let fd = slot.fd.lock().unwrap_or_else(|p| p.into_inner());
+                ConnView {
+                    id,
+                    direction: e.direction.as_str().to_string(),
+                    client: e.client,
+                    orig_dst: e.orig_dst,
+                    endpoint: e.endpoint,
+                    peer_identity: e.peer_identity.clone(),
+                    tls: e.tls,
+                    bytes_sent: e.transfer.sent.load(Relaxed),
+                    bytes_received: e.transfer.received.load(Relaxed),
+                    age_seconds: e.started.elapsed().as_secs_f64(),
+                    tcp: fd.and_then(tcp_info),
+                }
             })
             .collect();
         views.sort_by_key(|v| v.id);
         views
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Entry>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<Slot>>> {
         self.open
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner())
@@ -126,7 +147,12 @@ impl ConnTable {
 
 impl Drop for Registration {
     fn drop(&mut self) {
-        self.table.lock().remove(&self.id);
+        let slot = self.table.lock().remove(&self.id);
+        // A snapshot may still hold the slot: stop it reading the fd before the
+        // socket closes (waits for at most one getsockopt in progress).
+        if let Some(slot) = slot {
+            *slot.fd.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        }
     }
 }
 
