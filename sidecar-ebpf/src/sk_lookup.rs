@@ -98,7 +98,8 @@ fn is_local(ctx: &SkLookupContext) -> bool {
                 ip6_words(&raw const (*ctx.lookup).local_ip6),
             )
         };
-        let loopback = remote[0] == 0 && remote[1] == 0 && remote[2] == 0 && remote[3] == 1u32.to_be();
+        let loopback =
+            remote[0] == 0 && remote[1] == 0 && remote[2] == 0 && remote[3] == 1u32.to_be();
         loopback || remote == local
     } else {
         u32::from_be(lookup.remote_ip4) >> 24 == 127 || lookup.remote_ip4 == lookup.local_ip4

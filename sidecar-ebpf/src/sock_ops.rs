@@ -8,7 +8,8 @@
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB, BPF_TCP_CLOSE,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, BPF_SOCK_OPS_TCP_CONNECT_CB,
+        BPF_TCP_CLOSE,
     },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
@@ -71,7 +72,7 @@ fn rekey(ctx: &SockOpsContext) {
 /// A redirected socket closed: remove its entry if the proxy never took it.
 #[inline(always)]
 fn forget(ctx: &SockOpsContext) {
-    if ORIG_DST_BY_FLOW.remove(&flow_key(ctx)).is_ok() {
+    if ORIG_DST_BY_FLOW.remove(flow_key(ctx)).is_ok() {
         bump(Program::SockOps, Counter::OrigDstAbandoned);
     }
 }

@@ -190,9 +190,11 @@ fn outbound_mtls_to_a_plain_server_is_refused_and_nothing_goes_in_plaintext() {
         .expect("curl");
     assert!(!out.status.success(), "the request went through");
     // socat swallows the ClientHello and never answers: the handshake times out.
-    wait_until(std::time::Duration::from_secs(5), "handshake timed out", || {
-        sidecar.closed("timeout") == 1
-    });
+    wait_until(
+        std::time::Duration::from_secs(5),
+        "handshake timed out",
+        || sidecar.closed("timeout") == 1,
+    );
     let _ = socat.kill();
     let _ = socat.wait();
     let received = std::fs::read(&record).unwrap_or_default();
