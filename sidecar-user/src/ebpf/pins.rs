@@ -152,18 +152,8 @@ pub fn link_attached(fd: BorrowedFd<'_>) -> io::Result<bool> {
         info_len: std::mem::size_of_val(&info) as u32,
         info: info.as_mut_ptr() as u64,
     };
-    // SAFETY: `attr` points at a buffer of `info_len` bytes for the call's duration.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET_INFO_BY_FD,
-            &attr as *const InfoAttr,
-            std::mem::size_of::<InfoAttr>() as u32,
-        )
-    };
-    if ret < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // `info` (of `info_len` bytes) outlives the call.
+    bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
     let link_type = info[0] as u32;
     Ok(match link_type {
         LINK_TYPE_CGROUP => info[2] != 0,
@@ -176,20 +166,7 @@ pub fn link_attached(fd: BorrowedFd<'_>) -> io::Result<bool> {
 /// whoever else holds or pins the link.
 pub fn link_detach(fd: BorrowedFd<'_>) -> io::Result<()> {
     let attr: [u32; 2] = [fd.as_raw_fd() as u32, 0];
-    // SAFETY: plain integers; the kernel only reads `attr`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_DETACH,
-            attr.as_ptr(),
-            std::mem::size_of_val(&attr) as u32,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    bpf(BPF_LINK_DETACH, &attr).map(drop)
 }
 
 /// `CGROUP2_SUPER_MAGIC`.
@@ -317,6 +294,27 @@ pub fn take_over(path: &Path, prog: BorrowedFd<'_>) -> io::Result<Option<OwnedFd
     }
 }
 
+/// The `bpf(2)` syscall with command `cmd` and attribute block `attr`; the result, or
+/// the error it set.
+fn bpf<T>(cmd: libc::c_long, attr: &T) -> io::Result<libc::c_long> {
+    // SAFETY: `attr` is a live, initialised block of the size passed; every caller
+    // lays it out as the kernel's `union bpf_attr` member for `cmd`, and any pointers
+    // inside it stay valid for the call.
+    let ret = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd,
+            attr as *const T,
+            std::mem::size_of::<T>() as u32,
+        )
+    };
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
 fn obj_get(path: &Path) -> io::Result<OwnedFd> {
     let name = CString::new(path.as_os_str().as_bytes()).map_err(io::Error::other)?;
     #[repr(C)]
@@ -336,18 +334,8 @@ fn obj_get(path: &Path) -> io::Result<OwnedFd> {
         path_fd: 0,
         _pad: 0,
     };
-    // SAFETY: `attr` points at a valid NUL-terminated path for the call's duration.
-    let fd = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_OBJ_GET,
-            &attr as *const ObjAttr,
-            std::mem::size_of::<ObjAttr>() as u32,
-        )
-    };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
+    // `name` (NUL-terminated) outlives the call.
+    let fd = bpf(BPF_OBJ_GET, &attr)?;
     // SAFETY: the kernel returned a new descriptor that nothing else owns.
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
@@ -366,18 +354,5 @@ fn link_update(link: i32, prog: i32) -> io::Result<()> {
         flags: 0,
         old_prog_fd: 0,
     };
-    // SAFETY: plain integers; the kernel only reads `attr`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            BPF_LINK_UPDATE,
-            &attr as *const UpdateAttr,
-            std::mem::size_of::<UpdateAttr>() as u32,
-        )
-    };
-    if ret < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+    bpf(BPF_LINK_UPDATE, &attr).map(drop)
 }
