@@ -482,6 +482,13 @@ fn targets(results: &Results) -> String {
         16.0,
         true,
     );
+    // The mTLS setup's figure is the pair's (both sidecars' RSS): halve it.
+    line(
+        "per idle mTLS connection < 16 KiB (per sidecar)",
+        m(results, SidecarMtls, "kib_per_idle_connection") / 2.0,
+        16.0,
+        true,
+    );
     t
 }
 
