@@ -55,8 +55,11 @@ fn rekey(ctx: &SockOpsContext) {
     match ORIG_DST_BY_FLOW.insert(key, orig, 0) {
         Ok(()) => {
             bump(Program::SockOps, Counter::OrigDstRekeyed);
-            // Be told when this socket closes, to drop the entry if never taken.
-            let _ = ctx.set_cb_flags(BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+            // Be told when this socket closes, to drop the entry if never taken. Add
+            // the flag: the call replaces them all, and a CNI's program may have set
+            // its own.
+            let flags = ctx.cb_flags() | BPF_SOCK_OPS_STATE_CB_FLAG;
+            let _ = ctx.set_cb_flags(flags as i32);
         }
         Err(errno) => {
             bump(Program::SockOps, Counter::OrigDstRekeyFailed);

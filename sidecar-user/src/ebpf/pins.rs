@@ -287,10 +287,11 @@ pub fn take_over(path: &Path, prog: BorrowedFd<'_>) -> io::Result<Option<OwnedFd
     };
     match link_update(link.as_raw_fd(), prog.as_raw_fd()) {
         Ok(()) => Ok(Some(link)),
-        Err(_) => {
-            std::fs::remove_file(path)?;
-            Ok(None)
-        }
+        Err(_) => match std::fs::remove_file(path) {
+            // Another sidecar's garbage collection got there first.
+            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+            _ => Ok(None),
+        },
     }
 }
 

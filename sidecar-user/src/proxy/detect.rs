@@ -38,8 +38,14 @@ pub async fn detect(stream: &TcpStream, timeout: Duration) -> std::io::Result<De
     let deadline = tokio::time::Instant::now() + timeout;
     let lowat = RcvLowat(stream);
     let mut need = 1;
+    let mut set_for = 0;
     loop {
-        lowat.set(need)?;
+        // Only when it changes: setting it runs the kernel's data-ready check, which
+        // can wake the socket again (memory pressure), and would spin this loop.
+        if set_for != need {
+            lowat.set(need)?;
+            set_for = need;
+        }
         let ready = match tokio::time::timeout_at(deadline, stream.ready(Interest::READABLE)).await
         {
             Ok(ready) => ready?,

@@ -131,7 +131,9 @@ struct Connected {
     endpoint: SocketAddr,
     /// The server sidecar's identity, outbound over mTLS.
     peer_tls: Option<PeerTls>,
-    /// The service's `server_identity`, re-checked with the rules on a reload.
+    /// The service's `server_identity` when the connection was made: a reload of the
+    /// identity rules re-checks the peer against it (a reload that changes only the
+    /// service's `server_identity` applies to new connections).
     server_identity: Option<crate::tls::IdentityMatcher>,
     /// A service's connection slot and the endpoint's active count, held while open.
     _leases: Option<(Admission, EndpointLease)>,

@@ -16,7 +16,10 @@ use crate::{
         peer_policy::PeerPolicy,
         read_ahead::ReadAhead,
     },
-    tls::{SpiffeId, rustls_config::peer_identity},
+    tls::{
+        SpiffeId,
+        rustls_config::{peer_identity, resumed_with_expired_certificate},
+    },
 };
 
 /// What inbound connections must be, per port.
@@ -152,6 +155,10 @@ impl InboundPolicy {
                 Some(io.into_inner()),
             ));
         };
+        if let Some(reason) = resumed_with_expired_certificate(tls.get_ref().1) {
+            let (io, _) = tls.into_inner();
+            return Err((Refusal::Handshake(reason), Some(io.into_inner())));
+        }
         if !self.peers.allows_client(&id) {
             let (io, _) = tls.into_inner();
             return Err((Refusal::NotAllowed(id), Some(io.into_inner())));

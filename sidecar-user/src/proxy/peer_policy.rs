@@ -103,6 +103,10 @@ impl PeerPolicy {
     /// Resolves once the rules change so that `admission` is no longer allowed.
     pub async fn revoked(&self, admission: &Admission) {
         let mut changes = self.changed.subscribe();
+        // A reload between the admission and this subscription is not lost.
+        if !self.still_allows(admission) {
+            return;
+        }
         while changes.changed().await.is_ok() {
             if !self.still_allows(admission) {
                 return;

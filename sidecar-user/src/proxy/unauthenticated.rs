@@ -1,6 +1,7 @@
 //! A bound on inbound connections that have not proved anything yet: those in
 //! protocol detection or in the mTLS handshake on a strict or permissive port. Each
-//! holds a socket and a task until `inbound.detect_timeout`, so without a bound a
+//! holds a socket and a task for up to twice `inbound.detect_timeout` (detection, then
+//! the handshake, each with that budget), so without a bound a
 //! client that opens connections and stalls grows descriptors and memory without
 //! limit. Past the sidecar-wide cap, or past the per-client-address cap (so that one
 //! flooding client cannot take every slot from the others), a new connection is reset

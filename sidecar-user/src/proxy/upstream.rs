@@ -19,7 +19,11 @@ use crate::{
         server_identity::Expected,
         socket_opts::{self, DeadPeer},
     },
-    tls::{ALPN, IdentityMatcher, SpiffeId, rustls_config::peer_identity, status},
+    tls::{
+        ALPN, IdentityMatcher, SpiffeId,
+        rustls_config::{peer_identity, resumed_with_expired_certificate},
+        status,
+    },
 };
 
 /// The connected side: a plain socket, or mTLS originated over one.
@@ -194,6 +198,9 @@ async fn handshake(
             "the server certificate has no SPIFFE ID".into(),
         ));
     };
+    if let Some(reason) = resumed_with_expired_certificate(conn) {
+        return Err(UpstreamError::Tls(dst, reason));
+    }
     // Before any application byte: the server must be a workload the destination
     // may be served by, not merely a member of the mesh.
     if let Err(expected) = mesh

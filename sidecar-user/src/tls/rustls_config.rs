@@ -72,6 +72,23 @@ pub fn peer_identity(conn: &rustls::CommonState) -> Option<SpiffeId> {
     spiffe_id_of(leaf).ok().map(|(id, _)| id)
 }
 
+/// Why a resumed session must be refused: a resumption skips certificate checks, and
+/// rustls does not bound a stateful session's age, so a peer whose certificate expired
+/// could otherwise go on resuming. `None` for full handshakes (webpki checked the
+/// validity) and for resumed ones whose certificate is still valid.
+pub fn resumed_with_expired_certificate(conn: &rustls::CommonState) -> Option<String> {
+    if conn.handshake_kind() != Some(rustls::HandshakeKind::Resumed) {
+        return None;
+    }
+    let leaf = conn.peer_certificates()?.first()?;
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    super::certs::check_validity(leaf, now)
+        .err()
+        .map(|reason| format!("resumed session: {reason}"))
+}
+
 /// Presents whatever identity the store holds now.
 #[derive(Debug)]
 struct CurrentIdentity(Arc<IdentityStore>);

@@ -663,3 +663,66 @@ async fn an_id_of_another_trust_domain_needs_that_domains_bundle() {
     let (client, _, _) = handshake(impostor, server).await.expect("federated");
     assert_eq!(client, id("spiffe://other.td/ns/shop/sa/cart"));
 }
+
+/// rustls does not bound a stateful session's age: a client whose certificate expired
+/// after its first handshake still resumes. The sidecar refuses such a resumption
+/// (`resumed_with_expired_certificate`, checked after every handshake).
+#[tokio::test]
+async fn a_resumption_after_the_peer_certificate_expired_is_flagged() {
+    let tmp = TempDir::new("resume-expired");
+    let ca = DevCa::new("td").expect("ca");
+    let server = store(
+        &ca,
+        &tmp.0.join("s"),
+        "spiffe://td/ns/shop/sa/db",
+        KeyType::EcdsaP256,
+        Validity::default(),
+    );
+    // Valid for two more seconds.
+    let short = Validity {
+        lifetime: time::Duration::seconds(2),
+        ..Validity::default()
+    };
+    let client = store(
+        &ca,
+        &tmp.0.join("c"),
+        "spiffe://td/ns/shop/sa/cart",
+        KeyType::EcdsaP256,
+        short,
+    );
+    let acceptor = TlsAcceptor::from(server_config(server, provider()).expect("server"));
+    let connector = TlsConnector::from(client_config(client, provider()).expect("client"));
+    let mut seen = Vec::new();
+    for wait in [Duration::ZERO, Duration::from_millis(3200)] {
+        tokio::time::sleep(wait).await;
+        let (c, s) = tokio::io::duplex(64 * 1024);
+        let acceptor = acceptor.clone();
+        let server = tokio::spawn(async move {
+            let mut tls = acceptor.accept(s).await.expect("server handshake");
+            let mut byte = [0u8; 1];
+            tls.read_exact(&mut byte).await.expect("read");
+            tls.write_all(&byte).await.expect("write");
+            tls.flush().await.expect("flush");
+            let _ = tls.read(&mut byte).await;
+            let conn = tls.get_ref().1;
+            (
+                conn.handshake_kind(),
+                super::rustls_config::resumed_with_expired_certificate(conn),
+            )
+        });
+        let name = ServerName::try_from("sidecar.invalid").expect("name");
+        let mut tls = connector.connect(name, c).await.expect("client handshake");
+        tls.write_all(b"x").await.expect("write");
+        let mut byte = [0u8; 1];
+        tls.read_exact(&mut byte).await.expect("read");
+        drop(tls);
+        seen.push(server.await.expect("server task"));
+    }
+    assert_eq!(seen[0], (Some(rustls::HandshakeKind::Full), None));
+    assert_eq!(seen[1].0, Some(rustls::HandshakeKind::Resumed));
+    let reason = seen[1]
+        .1
+        .clone()
+        .expect("an expired peer's resumption is flagged");
+    assert!(reason.contains("expired"), "{reason}");
+}
