@@ -448,6 +448,52 @@ impl Drop for TempDir {
     }
 }
 
+/// What one connection between an acceptor and a connector saw: the client's
+/// handshake kind, and the server's (kind, peer identity, expired-resumption flag).
+type Seen = (
+    Option<rustls::HandshakeKind>,
+    (
+        Option<rustls::HandshakeKind>,
+        Option<SpiffeId>,
+        Option<String>,
+    ),
+);
+
+/// One connection with a byte each way, kept open until the client has read (session
+/// tickets arrive with the echo), so a later connection can resume.
+async fn exchange(acceptor: TlsAcceptor, connector: TlsConnector) -> Result<Seen, String> {
+    let (c, s) = tokio::io::duplex(64 * 1024);
+    let server = tokio::spawn(async move {
+        let mut tls = acceptor.accept(s).await.map_err(|e| e.to_string())?;
+        let mut byte = [0u8; 1];
+        tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+        tls.write_all(&byte).await.map_err(|e| e.to_string())?;
+        tls.flush().await.map_err(|e| e.to_string())?;
+        let _ = tls.read(&mut byte).await;
+        let conn = tls.get_ref().1;
+        Ok::<_, String>((
+            conn.handshake_kind(),
+            peer_identity(conn),
+            super::rustls_config::resumed_with_expired_certificate(conn),
+        ))
+    });
+    let name = ServerName::try_from("sidecar.invalid").expect("name");
+    let client = async {
+        let mut tls = connector
+            .connect(name, c)
+            .await
+            .map_err(|e| e.to_string())?;
+        let kind = tls.get_ref().1.handshake_kind();
+        tls.write_all(b"x").await.map_err(|e| e.to_string())?;
+        let mut byte = [0u8; 1];
+        tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
+        Ok::<_, String>(kind)
+    };
+    let kind = client.await;
+    let served = server.await.map_err(|e| e.to_string()).and_then(|r| r);
+    Ok((kind?, served?))
+}
+
 /// A second connection between the same two sidecars resumes the TLS 1.3 session
 /// (a PSK with a fresh key exchange): no certificate signatures or chain checks.
 #[tokio::test]
@@ -472,26 +518,10 @@ async fn a_second_handshake_between_the_same_sidecars_resumes() {
     let connector = TlsConnector::from(client_config(a, provider()).expect("client config"));
     let mut kinds = Vec::new();
     for _ in 0..2 {
-        let (c, s) = tokio::io::duplex(64 * 1024);
-        let acceptor = acceptor.clone();
-        let server = tokio::spawn(async move {
-            let mut tls = acceptor.accept(s).await.expect("server handshake");
-            let mut byte = [0u8; 1];
-            tls.read_exact(&mut byte).await.expect("read");
-            tls.write_all(&byte).await.expect("write");
-            tls.flush().await.expect("flush");
-            // Keep the stream until the client has read (tickets arrive with the echo).
-            let _ = tls.read(&mut byte).await;
-            peer_identity(tls.get_ref().1)
-        });
-        let name = ServerName::try_from("sidecar.invalid").expect("name");
-        let mut tls = connector.connect(name, c).await.expect("client handshake");
-        kinds.push(tls.get_ref().1.handshake_kind());
-        tls.write_all(b"x").await.expect("write");
-        let mut byte = [0u8; 1];
-        tls.read_exact(&mut byte).await.expect("read");
-        drop(tls);
-        let peer = server.await.expect("server task");
+        let (kind, (_, peer, _)) = exchange(acceptor.clone(), connector.clone())
+            .await
+            .expect("exchange");
+        kinds.push(kind);
         assert_eq!(
             peer,
             Some(id("spiffe://td/ns/shop/sa/cart")),
@@ -507,47 +537,6 @@ async fn a_second_handshake_between_the_same_sidecars_resumes() {
     );
 }
 
-/// The sidecar's own certificate must be valid now: an expired one (or one not valid
-/// yet) is refused at load, so a rotation to it is rejected and the old one kept.
-#[test]
-fn an_expired_or_future_own_certificate_is_refused() {
-    let tmp = TempDir::new("own-validity");
-    let ca = DevCa::new("td").expect("ca");
-    let who = id("spiffe://td/ns/shop/sa/cart");
-    let expired = Validity {
-        lifetime: time::Duration::hours(-1),
-        ..Validity::default()
-    };
-    let dir = tmp.0.join("expired");
-    ca.write_workload(&dir, &who, KeyType::EcdsaP256, expired)
-        .expect("issue");
-    let e = IdentityStore::load(&files(&dir), &provider())
-        .expect_err("expired")
-        .to_string();
-    assert!(e.contains("cert.pem") && e.contains("expired"), "{e}");
-
-    let dir = tmp.0.join("valid");
-    ca.write_workload(&dir, &who, KeyType::EcdsaP256, Validity::default())
-        .expect("issue");
-    let store = IdentityStore::load(&files(&dir), &provider()).expect("valid");
-    let cert = &store.current().certified_key.cert[0];
-    // A day from now it is fine; a year from now it has expired; before issue, not yet.
-    let now = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .expect("clock")
-        .as_secs() as i64;
-    assert_eq!(
-        super::certs::check_validity(cert, now + 3600).expect("valid"),
-        store.current().not_after
-    );
-    let later = super::certs::check_validity(cert, now + 365 * 86_400).expect_err("expired");
-    assert!(later.contains("expired"), "{later}");
-    let earlier = super::certs::check_validity(cert, now - 86_400).expect_err("not yet");
-    assert!(earlier.contains("not valid before"), "{earlier}");
-}
-
-/// A session made while the peer's CA was trusted is not resumed after the CA leaves
-/// the bundle: the next handshake is a full one, and the peer is refused.
 #[tokio::test]
 async fn a_bundle_change_ends_resumption() {
     let tmp = TempDir::new("resume-revoked");
@@ -577,39 +566,13 @@ async fn a_bundle_change_ends_resumption() {
     let server = Arc::new(IdentityStore::load(&files(&server_dir), &provider()).expect("load"));
     let acceptor = TlsAcceptor::from(server_config(server.clone(), provider()).expect("server"));
     let connector = TlsConnector::from(client_config(client, provider()).expect("client"));
-    let exchange = |acceptor: TlsAcceptor, connector: TlsConnector| async move {
-        let (c, s) = tokio::io::duplex(64 * 1024);
-        let server = tokio::spawn(async move {
-            let mut tls = acceptor.accept(s).await.map_err(|e| e.to_string())?;
-            let mut byte = [0u8; 1];
-            tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
-            tls.write_all(&byte).await.map_err(|e| e.to_string())?;
-            tls.flush().await.map_err(|e| e.to_string())?;
-            let _ = tls.read(&mut byte).await;
-            Ok::<_, String>(())
-        });
-        let name = ServerName::try_from("sidecar.invalid").expect("name");
-        let client = async {
-            let mut tls = connector
-                .connect(name, c)
-                .await
-                .map_err(|e| e.to_string())?;
-            let kind = tls.get_ref().1.handshake_kind();
-            tls.write_all(b"x").await.map_err(|e| e.to_string())?;
-            let mut byte = [0u8; 1];
-            tls.read_exact(&mut byte).await.map_err(|e| e.to_string())?;
-            Ok::<_, String>(kind)
-        };
-        let kind = client.await;
-        let served = server.await.map_err(|e| e.to_string()).and_then(|r| r);
-        kind.and_then(|kind| served.map(|()| kind))
-    };
+    let kind = |seen: Result<Seen, String>| seen.map(|(kind, _)| kind);
     assert_eq!(
-        exchange(acceptor.clone(), connector.clone()).await,
+        kind(exchange(acceptor.clone(), connector.clone()).await),
         Ok(Some(rustls::HandshakeKind::Full))
     );
     assert_eq!(
-        exchange(acceptor.clone(), connector.clone()).await,
+        kind(exchange(acceptor.clone(), connector.clone()).await),
         Ok(Some(rustls::HandshakeKind::Resumed)),
         "the same bundle resumes"
     );
@@ -695,28 +658,10 @@ async fn a_resumption_after_the_peer_certificate_expired_is_flagged() {
     let mut seen = Vec::new();
     for wait in [Duration::ZERO, Duration::from_millis(3200)] {
         tokio::time::sleep(wait).await;
-        let (c, s) = tokio::io::duplex(64 * 1024);
-        let acceptor = acceptor.clone();
-        let server = tokio::spawn(async move {
-            let mut tls = acceptor.accept(s).await.expect("server handshake");
-            let mut byte = [0u8; 1];
-            tls.read_exact(&mut byte).await.expect("read");
-            tls.write_all(&byte).await.expect("write");
-            tls.flush().await.expect("flush");
-            let _ = tls.read(&mut byte).await;
-            let conn = tls.get_ref().1;
-            (
-                conn.handshake_kind(),
-                super::rustls_config::resumed_with_expired_certificate(conn),
-            )
-        });
-        let name = ServerName::try_from("sidecar.invalid").expect("name");
-        let mut tls = connector.connect(name, c).await.expect("client handshake");
-        tls.write_all(b"x").await.expect("write");
-        let mut byte = [0u8; 1];
-        tls.read_exact(&mut byte).await.expect("read");
-        drop(tls);
-        seen.push(server.await.expect("server task"));
+        let (_, (kind, _, expired)) = exchange(acceptor.clone(), connector.clone())
+            .await
+            .expect("exchange");
+        seen.push((kind, expired));
     }
     assert_eq!(seen[0], (Some(rustls::HandshakeKind::Full), None));
     assert_eq!(seen[1].0, Some(rustls::HandshakeKind::Resumed));
