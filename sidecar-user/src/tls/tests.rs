@@ -537,6 +537,8 @@ async fn a_second_handshake_between_the_same_sidecars_resumes() {
     );
 }
 
+/// A session made while the peer's CA was trusted is not resumed after the CA leaves
+/// the bundle: the next handshake is a full one, and the peer is refused.
 #[tokio::test]
 async fn a_bundle_change_ends_resumption() {
     let tmp = TempDir::new("resume-revoked");
@@ -670,4 +672,43 @@ async fn a_resumption_after_the_peer_certificate_expired_is_flagged() {
         .clone()
         .expect("an expired peer's resumption is flagged");
     assert!(reason.contains("expired"), "{reason}");
+}
+
+/// The sidecar's own certificate must be valid now: an expired one (or one not valid
+/// yet) is refused at load, so a rotation to it is rejected and the old one kept.
+#[test]
+fn an_expired_or_future_own_certificate_is_refused() {
+    let tmp = TempDir::new("own-validity");
+    let ca = DevCa::new("td").expect("ca");
+    let who = id("spiffe://td/ns/shop/sa/cart");
+    let expired = Validity {
+        lifetime: time::Duration::hours(-1),
+        ..Validity::default()
+    };
+    let dir = tmp.0.join("expired");
+    ca.write_workload(&dir, &who, KeyType::EcdsaP256, expired)
+        .expect("issue");
+    let e = IdentityStore::load(&files(&dir), &provider())
+        .expect_err("expired")
+        .to_string();
+    assert!(e.contains("cert.pem") && e.contains("expired"), "{e}");
+
+    let dir = tmp.0.join("valid");
+    ca.write_workload(&dir, &who, KeyType::EcdsaP256, Validity::default())
+        .expect("issue");
+    let store = IdentityStore::load(&files(&dir), &provider()).expect("valid");
+    let cert = &store.current().certified_key.cert[0];
+    // A day from now it is fine; a year from now it has expired; before issue, not yet.
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs() as i64;
+    assert_eq!(
+        super::certs::check_validity(cert, now + 3600).expect("valid"),
+        store.current().not_after
+    );
+    let later = super::certs::check_validity(cert, now + 365 * 86_400).expect_err("expired");
+    assert!(later.contains("expired"), "{later}");
+    let earlier = super::certs::check_validity(cert, now - 86_400).expect_err("not yet");
+    assert!(earlier.contains("not valid before"), "{earlier}");
 }
