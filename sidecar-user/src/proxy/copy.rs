@@ -7,8 +7,9 @@
 //! Between two plain sockets a connection owns no buffer: each read goes into the
 //! worker thread's scratch buffer and is written on at once, and a direction that fills
 //! the whole buffer in one read (a bulk transfer) switches to `splice(2)` through a
-//! pipe, so its bytes no longer pass through userspace. With TLS on a side, buffers are
-//! allocated when a direction first has data.
+//! pipe, so its bytes no longer pass through userspace. Out of a TLS stream, an idle
+//! direction waits on a 1 KiB buffer, and takes a record-sized one only while data
+//! streams.
 
 use std::{
     cell::RefCell,
@@ -31,8 +32,13 @@ use tokio::{
 
 use crate::proxy::splice::Pipe;
 
-/// Size of a TLS reader's buffer: one TLS record's plaintext.
+/// Size of the buffer an idle TLS reader waits on: a message this size or smaller is
+/// copied on from it, so an idle or chatty connection holds no larger buffer.
+const WAIT_SIZE: usize = 1024;
+/// Size of a TLS reader's buffer while data streams: one TLS record's plaintext.
 const BUF_SIZE: usize = 16 * 1024;
+/// How long a TLS reader keeps its record-sized buffer without new data.
+const RELEASE_AFTER: Duration = Duration::from_millis(100);
 /// Size of each worker thread's buffer for reads from plain sockets: a read this
 /// full starts splicing (plain to plain) or becomes four TLS records in one `writev`.
 const SCRATCH_SIZE: usize = 64 * 1024;
@@ -382,31 +388,54 @@ impl Meter<'_> {
     }
 
     /// Copies out of a TLS stream until its EOF. A TLS reader cannot wait for data
-    /// without a buffer (rustls may hold decrypted bytes already), so this direction
-    /// keeps one, allocated when the first bytes arrive. rustls hands out one record
-    /// per read: while records stream in, the buffer grows to [`SCRATCH_SIZE`] and
-    /// collects every record already readable, so one write carries up to four.
+    /// without a buffer (rustls may hold decrypted bytes already), so an idle
+    /// direction waits on a small one ([`WAIT_SIZE`]), which carries a short message
+    /// on by itself. A read that fills it moves to a record-sized buffer, kept while
+    /// records stream in and released after [`RELEASE_AFTER`] without data. rustls
+    /// hands out one record per read: while records stream, the buffer grows to
+    /// [`SCRATCH_SIZE`] and collects every record already readable, so one write
+    /// carries up to four.
     async fn tls_to_any<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
         &self,
         reader: &mut R,
         writer: &mut W,
         (from, to): (Side, Side),
     ) -> Result<(), CopyError> {
+        let mut wait = vec![0u8; WAIT_SIZE];
         let mut buf = Vec::new();
         loop {
-            if buf.is_empty() {
+            let mut n = if buf.is_empty() {
+                let n = reader.read(&mut wait).await.map_err(|e| from.error(e))?;
+                if n < WAIT_SIZE {
+                    // EOF (0) or a message that fits: no larger buffer needed.
+                    if n == 0 {
+                        return Ok(());
+                    }
+                    self.write_out(writer, &wait[..n], to).await?;
+                    continue;
+                }
                 buf = vec![0u8; BUF_SIZE];
-            }
-            let mut n = reader.read(&mut buf).await.map_err(|e| from.error(e))?;
+                buf[..n].copy_from_slice(&wait);
+                n
+            } else {
+                match tokio::time::timeout(RELEASE_AFTER, reader.read(&mut buf)).await {
+                    Ok(read) => read.map_err(|e| from.error(e))?,
+                    Err(_) => {
+                        // Quiet: give the buffer back and wait on the small one.
+                        buf = Vec::new();
+                        continue;
+                    }
+                }
+            };
             if n == 0 {
                 return Ok(());
             }
             let mut eof = false;
-            let streaming = n >= BUF_SIZE;
+            let streaming = n >= WAIT_SIZE;
+            if streaming && n >= BUF_SIZE && buf.len() < SCRATCH_SIZE {
+                buf.resize(SCRATCH_SIZE, 0);
+            }
             if streaming {
-                if buf.len() < SCRATCH_SIZE {
-                    buf.resize(SCRATCH_SIZE, 0);
-                }
                 while n < buf.len() {
                     match read_now(reader, &mut buf[n..]).await {
                         Some(Ok(0)) => eof = true,
@@ -420,19 +449,30 @@ impl Meter<'_> {
                     break;
                 }
             }
-            writer.write_all(&buf[..n]).await.map_err(|e| to.error(e))?;
-            // A TLS writer (both sides TLS) may hold bytes back: see `plain_to_tls`.
-            writer.flush().await.map_err(|e| to.error(e))?;
-            self.moved(n);
+            self.write_out(writer, &buf[..n], to).await?;
             if eof {
                 return Ok(());
             }
-            if !streaming && buf.len() > BUF_SIZE {
+            if n < BUF_SIZE && buf.len() > BUF_SIZE {
                 // Records stopped streaming: back to one record's worth.
                 buf.truncate(BUF_SIZE);
                 buf.shrink_to_fit();
             }
         }
+    }
+
+    /// Writes `bytes` read out of a TLS stream and counts them.
+    async fn write_out<W: AsyncWrite + Unpin>(
+        &self,
+        writer: &mut W,
+        bytes: &[u8],
+        to: Side,
+    ) -> Result<(), CopyError> {
+        writer.write_all(bytes).await.map_err(|e| to.error(e))?;
+        // A TLS writer (both sides TLS) may hold bytes back: see `plain_to_tls`.
+        writer.flush().await.map_err(|e| to.error(e))?;
+        self.moved(bytes.len());
+        Ok(())
     }
 }
 
@@ -635,6 +675,61 @@ mod tests {
         let (result, transfer) = task.await.expect("join");
         result.expect("clean close");
         assert_eq!(transfer.received.load(Relaxed), 3_000_000);
+    }
+
+    /// Messages around the waiting buffer's and a record's size, some after a quiet
+    /// spell that releases the larger buffer, arrive byte-exact and in order.
+    #[tokio::test]
+    async fn messages_of_every_size_out_of_a_non_plain_stream_are_byte_exact() {
+        let (mut app, mut proxy_client) = pair().await;
+        let (proxy_upstream, mut server) = pair().await;
+        let task = tokio::spawn(async move {
+            let mut opaque = tokio::io::BufWriter::new(proxy_upstream);
+            let totals = Totals {
+                sent: Counter::default(),
+                received: Counter::default(),
+            };
+            let transfer = Transfer::default();
+            let result = copy_bidirectional(
+                &mut proxy_client,
+                &mut opaque,
+                Duration::from_secs(30),
+                &transfer,
+                totals,
+            )
+            .await;
+            (result, transfer)
+        });
+        let sizes = [
+            1,
+            WAIT_SIZE - 1,
+            WAIT_SIZE,
+            WAIT_SIZE + 1,
+            BUF_SIZE,
+            70_000,
+            5,
+        ];
+        let mut total = 0u64;
+        for (i, &size) in sizes.iter().enumerate() {
+            let message: Vec<u8> = (0..size).map(|j| ((i * 31 + j) % 253) as u8).collect();
+            server.write_all(&message).await.expect("write");
+            let mut got = vec![0u8; size];
+            app.read_exact(&mut got).await.expect("read");
+            assert!(got == message, "message {i} ({size} bytes) differs");
+            total += size as u64;
+            if i % 2 == 1 {
+                // Quiet long enough for the reader to release its larger buffer.
+                tokio::time::sleep(RELEASE_AFTER * 2).await;
+            }
+        }
+        server.shutdown().await.expect("fin");
+        app.shutdown().await.expect("fin");
+        let mut rest = Vec::new();
+        app.read_to_end(&mut rest).await.expect("eof");
+        assert!(rest.is_empty(), "{} stray bytes", rest.len());
+        let (result, transfer) = task.await.expect("join");
+        result.expect("clean close");
+        assert_eq!(transfer.received.load(Relaxed), total);
     }
 
     #[tokio::test]
