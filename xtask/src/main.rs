@@ -1,9 +1,10 @@
-//! Project tasks: `cargo xtask build-ebpf | test | lint | run | demo | deps | dist | certs`.
+//! Project tasks: `cargo xtask build-ebpf | test | lint | layout | run | demo | deps | dist | certs`.
 
 mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
+mod layout;
 mod tasks;
 mod toolchain;
 
@@ -25,8 +26,11 @@ enum Task {
     BuildEbpf,
     /// Run every test: unit tests and pod integration tests (root).
     Test,
-    /// cargo fmt --check and clippy -D warnings, host crates and kernel crate.
+    /// cargo fmt --check and clippy -D warnings, host crates and kernel crate, and
+    /// the layout check.
     Lint,
+    /// The module graph of sidecar-user: no import circle, no overlong file.
+    Layout,
     /// Build (release) and run the sidecar: `cargo xtask run -- run --config FILE`.
     Run {
         /// Arguments for the sidecar binary.
@@ -66,6 +70,7 @@ fn main() -> Result<()> {
         }
         Task::Test => tasks::test()?,
         Task::Lint => tasks::lint()?,
+        Task::Layout => layout::layout()?,
         Task::Run { args } => tasks::run(&args)?,
         Task::Demo => demo::demo()?,
         Task::Bench { quick } => bench::bench(quick)?,

@@ -227,6 +227,7 @@ pub fn dist(out: &std::path::Path) -> Result<()> {
 pub fn lint() -> Result<()> {
     build_ebpf()?;
     let root = workspace_root();
+    crate::layout::layout()?;
     lint_dockerfile(&root)?;
     cmd::run(
         Command::new("cargo")
