@@ -11,7 +11,7 @@ pub const AF_INET6: u16 = 10;
 
 /// Names of the maps, so the loader never repeats a string literal of the kernel crate.
 pub mod map_names {
-    /// [`crate::CaptureConfig`] at index 0.
+    /// [`crate::KernelSettings`] at index 0.
     pub const CONFIG: &str = "CONFIG";
     /// `u16` destination port → [`crate::port_rule`] bits.
     pub const PORT_RULES: &str = "PORT_RULES";
@@ -61,7 +61,7 @@ pub mod port_rule {
     pub const INCLUDE: u32 = 2;
 }
 
-/// Bits of [`CaptureConfig::flags`].
+/// Bits of [`KernelSettings::flags`].
 pub mod capture_flags {
     /// Capture only ports marked [`crate::port_rule::INCLUDE`].
     pub const INCLUDE_PORTS_ONLY: u32 = 1;
@@ -100,7 +100,7 @@ pub const INBOUND_PORTS_CAPACITY: u32 = 65_536;
 /// Settings of the capture programs, stored at index 0 of [`map_names::CONFIG`].
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct CaptureConfig {
+pub struct KernelSettings {
     /// Connects made by this UID are never captured: the proxy's own upstream traffic.
     pub proxy_uid: u32,
     /// [`capture_flags`] bits.
@@ -148,6 +148,50 @@ impl SockAddr {
             family: AF_INET6,
         }
     }
+
+    /// A socket address in this layout. IPv4-mapped IPv6 addresses become IPv4, as
+    /// the kernel programs key them.
+    pub fn from_socket_addr(addr: core::net::SocketAddr) -> Self {
+        let ip = match addr.ip() {
+            core::net::IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
+                Some(v4) => core::net::IpAddr::V4(v4),
+                None => core::net::IpAddr::V6(v6),
+            },
+            v4 => v4,
+        };
+        match ip {
+            core::net::IpAddr::V4(v4) => Self::v4(u32::from_ne_bytes(v4.octets()), addr.port()),
+            core::net::IpAddr::V6(v6) => Self::v6(ipv6_words(v6.octets()), addr.port()),
+        }
+    }
+
+    /// Back to a socket address; `None` for an unknown family.
+    pub fn to_socket_addr(&self) -> Option<core::net::SocketAddr> {
+        let ip = match self.family {
+            AF_INET => core::net::IpAddr::V4(self.addr[0].to_ne_bytes().into()),
+            AF_INET6 => {
+                let mut octets = [0u8; 16];
+                for (i, word) in self.addr.iter().enumerate() {
+                    octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
+                }
+                core::net::IpAddr::V6(octets.into())
+            }
+            _ => return None,
+        };
+        Some(core::net::SocketAddr::new(ip, self.port))
+    }
+}
+
+/// Network-order words of an IPv6 address, as the kernel stores them.
+pub fn ipv6_words(octets: [u8; 16]) -> [u32; 4] {
+    core::array::from_fn(|i| {
+        u32::from_ne_bytes([
+            octets[4 * i],
+            octets[4 * i + 1],
+            octets[4 * i + 2],
+            octets[4 * i + 3],
+        ])
+    })
 }
 
 /// The 4-tuple of a captured connection as seen from the application's socket: `src` is
@@ -287,7 +331,7 @@ impl Counter {
 #[cfg(feature = "user")]
 mod pod {
     // SAFETY: plain `#[repr(C)]` integers with explicit padding; every bit pattern is valid.
-    unsafe impl aya::Pod for super::CaptureConfig {}
+    unsafe impl aya::Pod for super::KernelSettings {}
     // SAFETY: as above.
     unsafe impl aya::Pod for super::SockAddr {}
     // SAFETY: as above.
@@ -295,6 +339,6 @@ mod pod {
 }
 
 // Layout checks: a size change here is a change of the kernel ABI between the crates.
-const _: () = assert!(core::mem::size_of::<CaptureConfig>() == 36);
+const _: () = assert!(core::mem::size_of::<KernelSettings>() == 36);
 const _: () = assert!(core::mem::size_of::<SockAddr>() == 20);
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 40);

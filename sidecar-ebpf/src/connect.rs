@@ -15,7 +15,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use aya_log_ebpf::{debug, warn};
-use sidecar_common::{CaptureConfig, Counter, Program, SockAddr, capture_flags, port_rule};
+use sidecar_common::{Counter, KernelSettings, Program, SockAddr, capture_flags, port_rule};
 
 use crate::{
     counters::bump,
@@ -104,7 +104,7 @@ pub fn connect6(ctx: SockAddrContext) -> i32 {
 /// not, the connect is left alone and goes direct. In fail-closed mode (the default)
 /// always true: the connect is redirected, and refused if nothing listens.
 #[inline(always)]
-fn proxy_listening(prog: Program, ctx: &SockAddrContext, cfg: &CaptureConfig, v6: bool) -> bool {
+fn proxy_listening(prog: Program, ctx: &SockAddrContext, cfg: &KernelSettings, v6: bool) -> bool {
     if cfg.flags & capture_flags::OUTBOUND_FAIL_OPEN == 0 {
         return true;
     }
@@ -123,7 +123,7 @@ fn proxy_listening(prog: Program, ctx: &SockAddrContext, cfg: &CaptureConfig, v6
 /// stack tuple at a fixed offset: the verifier refuses pointer arithmetic that mixes
 /// paths unless the loader has CAP_PERFMON, which the sidecar does not ask for.
 #[inline(never)]
-fn listener_v4(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
+fn listener_v4(ctx: &SockAddrContext, cfg: &KernelSettings) -> bool {
     // Built field by field: `mem::zeroed` becomes a byte loop the verifier refuses.
     let mut tuple = bpf_sock_tuple {
         __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
@@ -140,7 +140,7 @@ fn listener_v4(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
 
 /// Looks up the IPv6 outbound listener (see [`listener_v4`]).
 #[inline(never)]
-fn listener_v6(ctx: &SockAddrContext, cfg: &CaptureConfig) -> bool {
+fn listener_v6(ctx: &SockAddrContext, cfg: &KernelSettings) -> bool {
     let mut tuple = bpf_sock_tuple {
         __bindgen_anon_1: bpf_sock_tuple__bindgen_ty_1 {
             ipv6: bpf_sock_tuple__bindgen_ty_1__bindgen_ty_2 {
@@ -189,7 +189,7 @@ fn set_user_ip6(sa: &mut bpf_sock_addr, ip6: [u32; 4]) {
 /// The capture settings, or `None` when this connect is not ours to capture
 /// (not TCP, made by the proxy itself, or no config loaded yet).
 #[inline(always)]
-fn capture_config(prog: Program, sa: &bpf_sock_addr) -> Option<&'static CaptureConfig> {
+fn capture_config(prog: Program, sa: &bpf_sock_addr) -> Option<&'static KernelSettings> {
     if sa.type_ != SOCK_STREAM || (sa.protocol != IPPROTO_TCP && sa.protocol != 0) {
         bump(prog, Counter::SkippedNotTcp);
         return None;
@@ -208,7 +208,7 @@ fn capture_config(prog: Program, sa: &bpf_sock_addr) -> Option<&'static CaptureC
 }
 
 #[inline(always)]
-fn should_capture_v4(prog: Program, cfg: &CaptureConfig, ip: u32, port: u16) -> bool {
+fn should_capture_v4(prog: Program, cfg: &KernelSettings, ip: u32, port: u16) -> bool {
     // Loopback, and 0.0.0.0, which the kernel dials as the local host.
     if u32::from_be(ip) >> 24 == 127 || ip == 0 {
         bump(prog, Counter::SkippedLoopback);
@@ -231,7 +231,7 @@ fn is_local_v6(ip: [u32; 4]) -> bool {
 }
 
 #[inline(always)]
-fn should_capture_v6(prog: Program, cfg: &CaptureConfig, ip: [u32; 4], port: u16) -> bool {
+fn should_capture_v6(prog: Program, cfg: &KernelSettings, ip: [u32; 4], port: u16) -> bool {
     port_allowed(prog, cfg, port) && !excluded_v6(prog, ip)
 }
 
@@ -248,7 +248,7 @@ fn excluded_v6(prog: Program, ip: [u32; 4]) -> bool {
 }
 
 #[inline(always)]
-fn port_allowed(prog: Program, cfg: &CaptureConfig, port: u16) -> bool {
+fn port_allowed(prog: Program, cfg: &KernelSettings, port: u16) -> bool {
     // SAFETY: the value is a plain u32 that nothing writes concurrently but the loader.
     let rule = unsafe { PORT_RULES.get(port) }.copied().unwrap_or(0);
     let include_only = cfg.flags & capture_flags::INCLUDE_PORTS_ONLY != 0;

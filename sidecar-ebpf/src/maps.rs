@@ -6,13 +6,13 @@ use aya_ebpf::{
     maps::{Array, HashMap, LpmTrie, LruHashMap, PerCpuArray, SockMap},
 };
 use sidecar_common::{
-    COUNTER_SLOTS, CaptureConfig, EXCLUDED_CIDRS_CAPACITY, FlowKey, INBOUND_PORTS_CAPACITY,
+    COUNTER_SLOTS, EXCLUDED_CIDRS_CAPACITY, FlowKey, INBOUND_PORTS_CAPACITY, KernelSettings,
     ORIG_DST_MAP_CAPACITY, PORT_RULES_CAPACITY, SockAddr,
 };
 
 /// Capture settings at index 0, written by the loader before attaching.
 #[map]
-pub static CONFIG: Array<CaptureConfig> = Array::with_max_entries(1, 0);
+pub static CONFIG: Array<KernelSettings> = Array::with_max_entries(1, 0);
 
 /// Destination port → `port_rule` bits.
 #[map]

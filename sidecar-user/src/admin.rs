@@ -17,7 +17,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::serv
 use hyper_util::rt::TokioIo;
 use serde::Serialize;
 use tokio::net::TcpListener;
-use tracing::{debug, warn};
+use tracing::debug;
 
 use crate::{
     ebpf::KernelMaps,
@@ -88,14 +88,7 @@ const MAX_CONNECTIONS_PER_CLIENT: usize = 16;
 pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminState>) {
     let gate = Gate::new(MAX_CONNECTIONS, MAX_CONNECTIONS_PER_CLIENT);
     loop {
-        let (stream, peer) = match listener.accept().await {
-            Ok(pair) => pair,
-            Err(error) => {
-                warn!(%error, ?surface, "admin accept failed");
-                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
-                continue;
-            }
-        };
+        let (stream, peer) = crate::proxy::listener::accept(&listener).await;
         let pass = match gate.enter(peer.ip()) {
             Ok(pass) => pass,
             Err(limit) => {
@@ -107,10 +100,7 @@ pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminStat
         // The pod IP the kubelet dialed: forwarded app probes go to the same address.
         let local_ip = stream
             .local_addr()
-            .map(|a| match a.ip() {
-                std::net::IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(a.ip(), Into::into),
-                ip => ip,
-            })
+            .map(|a| crate::proxy::addr::unmap_ip(a.ip()))
             .ok();
         tokio::spawn(async move {
             let service = service_fn(move |req: Request<Incoming>| {

@@ -16,18 +16,18 @@ use crate::{
     admin::{self, AdminState, Surface},
     config::Config,
     drain::{self, DrainOutcome},
-    ebpf::{Capture, CaptureError, KernelMaps},
-    metrics::{Direction, Metrics, kernel::KernelCollector},
+    ebpf::{Capture, CaptureError, KernelMaps, metrics::KernelCollector},
+    mesh::{self, MeshConnector, peer_policy::PeerPolicy},
+    metrics::Metrics,
     proxy::{
+        admission::InboundPolicy,
+        conn::{self, Inputs},
         connections::ConnTable,
-        forward::{self, Inputs},
-        inbound::InboundPolicy,
         listener::{self, BindError},
-        peer_policy::PeerPolicy,
+        metrics::ProxyMetrics,
         pod_addrs::PodAddrs,
         socket_opts::DeadPeer,
         unauthenticated::Gate,
-        upstream::MeshConnector,
     },
     service::{
         Services,
@@ -238,18 +238,20 @@ impl Bound {
         let mut terminate = tokio::signal::unix::signal(SignalKind::terminate())?;
         let mut interrupt = tokio::signal::unix::signal(SignalKind::interrupt())?;
 
-        let mut metrics = Metrics::new(
+        let mut metrics = Metrics::new();
+        let proxy_metrics = ProxyMetrics::register(
+            &mut metrics,
             config.metrics.max_peer_identities,
             config.metrics.max_services,
         );
-        let proxy_metrics = metrics.proxy.clone();
         let services = Arc::new(Services::new(&config));
         let discovery_stats = Arc::new(DiscoveryStats::default());
-        metrics.register_services(ServiceCollector::new(
+        ServiceCollector::register(
             services.clone(),
             discovery_stats.clone(),
-        ));
-        metrics.register_kernel(Arc::new(KernelCollector::new(kernel.clone())));
+            metrics.registry_mut(),
+        );
+        KernelCollector::register(kernel.clone(), metrics.registry_mut());
         if let Some(id) = &identity {
             crate::tls::metrics::IdentityCollector::register(
                 id.store.clone(),
@@ -294,15 +296,17 @@ impl Bound {
                     id.provider.clone(),
                     id.reload_interval,
                 ));
-                let server = rustls_config::server_config(id.store.clone(), id.provider.clone())
-                    .map_err(std::io::Error::other)?;
-                let client = rustls_config::client_config(id.store.clone(), id.provider.clone())
-                    .map_err(std::io::Error::other)?;
+                let server =
+                    rustls_config::server_config(id.store.clone(), id.provider.clone(), mesh::ALPN)
+                        .map_err(std::io::Error::other)?;
+                let client =
+                    rustls_config::client_config(id.store.clone(), id.provider.clone(), mesh::ALPN)
+                        .map_err(std::io::Error::other)?;
                 let connector = MeshConnector {
                     tls: tokio_rustls::TlsConnector::from(client),
                     policy: PeerPolicy::new(&config, id.store.current().id.trust_domain()),
                 };
-                let mesh = forward::Mesh {
+                let mesh = conn::Mesh {
                     cidrs: config.mesh.cidrs.clone(),
                     client: connector.clone(),
                 };
@@ -341,18 +345,15 @@ impl Bound {
             peers,
         });
         let mut accept_loops = JoinSet::new();
-        let listeners = outbound
-            .into_iter()
-            .map(|l| (l, Direction::Outbound))
-            .chain(inbound.into_iter().map(|l| (l, Direction::Inbound)));
-        for (listener, direction) in listeners {
+        for listener in outbound {
             let listener = TcpListener::from_std(listener)?;
-            accept_loops.spawn(forward::accept_loop(
-                listener,
-                direction,
-                inputs.clone(),
-                watcher.clone(),
-            ));
+            let serve = crate::proxy::outbound::serve(listener, inputs.clone(), watcher.clone());
+            accept_loops.spawn(serve);
+        }
+        for listener in inbound {
+            let listener = TcpListener::from_std(listener)?;
+            let serve = crate::proxy::inbound::serve(listener, inputs.clone(), watcher.clone());
+            accept_loops.spawn(serve);
         }
         state.ready.store(true, Ordering::SeqCst);
         info!(

@@ -12,10 +12,30 @@ use tokio::{
     net::TcpStream,
 };
 
-use crate::inject::{AppProbe, PROBES_ENV};
-
 /// Upper bound on one forwarded probe (the kubelet's own timeout is usually shorter).
 const PROBE_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Environment variable carrying the probes `sidecar inject` rewrote (JSON) to the
+/// sidecar.
+pub const PROBES_ENV: &str = "SIDECAR_APP_PROBES";
+
+/// One rewritten probe: what the sidecar does for `/app-health/<container>/<kind>`.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub enum AppProbe {
+    /// HTTP GET on the app's port and path (2xx/3xx passes, as the kubelet judges).
+    HttpGet {
+        /// The app's port.
+        port: u16,
+        /// Path and query.
+        path: String,
+    },
+    /// A TCP connect to the app's port.
+    TcpSocket {
+        /// The app's port.
+        port: u16,
+    },
+}
 
 /// The rewritten probes, by path.
 pub type AppProbes = BTreeMap<String, AppProbe>;

@@ -38,7 +38,7 @@ pub struct InjectArgs {
     /// YAML file (one or more documents); default: stdin.
     pub file: Option<PathBuf>,
     /// Sidecar image.
-    #[arg(long, default_value = sidecar::inject::DEFAULT_IMAGE)]
+    #[arg(long, default_value = crate::cmd::inject::DEFAULT_IMAGE)]
     pub image: String,
     /// ConfigMap holding sidecar.yaml.
     #[arg(long, default_value = "sidecar-config")]

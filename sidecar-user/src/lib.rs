@@ -6,14 +6,13 @@
 //! serves until SIGTERM/SIGINT and then drains.
 
 pub mod admin;
-pub mod admin_client;
 pub mod app;
 pub mod app_health;
 pub mod caps;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
-pub mod inject;
+pub mod mesh;
 pub mod metrics;
 pub mod process;
 pub mod proxy;

@@ -2,6 +2,7 @@
 //! then builds (bind + attach), drops root, and runs.
 
 mod cli;
+mod cmd;
 
 use std::process::ExitCode;
 
@@ -125,22 +126,22 @@ fn inject(args: &cli::InjectArgs) -> anyhow::Result<String> {
             text
         }
     };
-    let options = sidecar::inject::InjectOptions {
+    let options = cmd::inject::InjectOptions {
         image: args.image.clone(),
         config_map: args.config_map.clone(),
         identity_secret: (!args.no_identity).then(|| args.identity_secret.clone()),
     };
-    Ok(sidecar::inject::inject(&input, &options)?)
+    Ok(cmd::inject::inject(&input, &options)?)
 }
 
 fn connections(args: &cli::ConnectionsArgs) -> anyhow::Result<String> {
-    let body = sidecar::admin_client::get(args.admin, "/connections")?;
+    let body = cmd::admin_client::get(args.admin, "/connections")?;
     if args.json {
         return Ok(body);
     }
     let views: Vec<sidecar::proxy::connections::ConnView> =
         serde_json::from_str(&body).context("parsing /connections")?;
-    Ok(sidecar::proxy::connections::render_table(&views))
+    Ok(cmd::connections::render_table(&views))
 }
 
 fn run(config: Config, args: &RunArgs) -> anyhow::Result<()> {

@@ -3,7 +3,6 @@
 //! [`Capture::detach`]) detaches the programs.
 
 use std::{
-    collections::BTreeMap,
     net::IpAddr,
     os::fd::AsFd,
     path::{Path, PathBuf},
@@ -12,22 +11,17 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    maps::{
-        Array, HashMap, IterableMap, LpmTrie, MapData, MapError, PerCpuArray, SockMap,
-        lpm_trie::Key,
-    },
+    maps::{Array, HashMap, IterableMap, LpmTrie, MapData, MapError, SockMap, lpm_trie::Key},
     programs::{CgroupAttachMode, CgroupSockAddr, ProgramError, SkLookup, SockOps, links::FdLink},
 };
-use sidecar_common::{
-    CaptureConfig, Counter, FlowKey, Program, SockAddr, capture_flags, counter_index, map_names,
-    port_rule, program_names,
-};
+use sidecar_common::{FlowKey, KernelSettings, SockAddr, map_names, program_names};
 
 use crate::{
     config::Config,
     ebpf::{
         held_links::HeldLinks,
         logs::{KernelLogger, kernel_log_level},
+        maps::KernelMaps,
         orig_dst::OrigDstTable,
         pins::{self, PinDir},
     },
@@ -77,6 +71,14 @@ pub enum CaptureError {
         /// The I/O error.
         source: std::io::Error,
     },
+    /// The network namespace (for `sk_lookup`) could not be opened.
+    #[error("opening network namespace {path}: {source}")]
+    Netns {
+        /// Its path.
+        path: PathBuf,
+        /// The I/O error.
+        source: std::io::Error,
+    },
     /// A descriptor could not be duplicated.
     #[error("duplicating a map descriptor: {0}")]
     Dup(std::io::Error),
@@ -111,15 +113,6 @@ pub struct Capture {
     /// A descriptor of every pinned link in use, fresh or taken over: how the proxy,
     /// which may not touch the pins, checks and detaches its capture.
     held: Arc<HeldLinks>,
-}
-
-/// Views of the maps the running proxy reads; independent of [`Capture`]'s lifetime.
-pub struct KernelMaps {
-    /// Original destinations by 4-tuple.
-    pub orig_dst: OrigDstTable,
-    counters: PerCpuArray<MapData, u64>,
-    by_cookie: HashMap<MapData, u64, SockAddr>,
-    by_flow: HashMap<MapData, FlowKey, SockAddr>,
 }
 
 // === impl Capture ===
@@ -171,42 +164,45 @@ impl Capture {
             source,
         })?;
         let name = program_names::SOCK_OPS;
-        if !self.take_over(name)? {
-            let prog: &mut SockOps = program(&mut self.ebpf, name)?;
+        self.attach_pinned(name, |prog: &mut SockOps, pin| {
             let id = prog
                 .attach(dir.as_fd(), LINK_MODE)
-                .map_err(|source| CaptureError::Program { name, source })?;
-            if self.pins.is_some() {
-                let link = prog
-                    .take_link(id)
-                    .map_err(|source| CaptureError::Program { name, source })?;
-                let link = FdLink::try_from(link).map_err(|e| CaptureError::Pin {
-                    name,
-                    reason: e.to_string(),
-                })?;
-                self.pin(name, link)?;
-            }
-        }
+                .map_err(program_error(name))?;
+            pin.then(|| cgroup_link(name, prog.take_link(id)))
+                .transpose()
+        })?;
         for name in [program_names::CONNECT4, program_names::CONNECT6] {
-            if self.take_over(name)? {
-                continue;
-            }
-            let prog: &mut CgroupSockAddr = program(&mut self.ebpf, name)?;
-            let id = prog
-                .attach(dir.as_fd(), LINK_MODE)
-                .map_err(|source| CaptureError::Program { name, source })?;
-            if self.pins.is_some() {
-                let link = prog
-                    .take_link(id)
-                    .map_err(|source| CaptureError::Program { name, source })?;
-                let link = FdLink::try_from(link).map_err(|e| CaptureError::Pin {
-                    name,
-                    reason: e.to_string(),
-                })?;
-                self.pin(name, link)?;
-            }
+            self.attach_pinned(name, |prog: &mut CgroupSockAddr, pin| {
+                let id = prog
+                    .attach(dir.as_fd(), LINK_MODE)
+                    .map_err(program_error(name))?;
+                pin.then(|| cgroup_link(name, prog.take_link(id)))
+                    .transpose()
+            })?;
         }
         self.cgroup = cgroup.to_owned();
+        Ok(())
+    }
+
+    /// Attaches program `name` with `attach` (told whether to hand back the link for
+    /// pinning), unless a pinned link of a previous run is taken over, and pins the
+    /// link it returns.
+    fn attach_pinned<P>(
+        &mut self,
+        name: &'static str,
+        attach: impl FnOnce(&mut P, bool) -> Result<Option<FdLink>, CaptureError>,
+    ) -> Result<(), CaptureError>
+    where
+        for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
+    {
+        if self.take_over(name)? {
+            return Ok(());
+        }
+        let pin = self.pins.is_some();
+        let prog: &mut P = program(&mut self.ebpf, name)?;
+        if let Some(link) = attach(prog, pin)? {
+            self.pin(name, link)?;
+        }
         Ok(())
     }
 
@@ -278,25 +274,16 @@ impl Capture {
         // The thread's own namespace: the main thread entered the pod's before any other
         // thread existed.
         let path = "/proc/thread-self/ns/net";
-        let netns = std::fs::File::open(path).map_err(|source| CaptureError::Cgroup {
+        let netns = std::fs::File::open(path).map_err(|source| CaptureError::Netns {
             path: PathBuf::from(path),
             source,
         })?;
         let name = program_names::SK_LOOKUP;
-        if self.take_over(name)? {
-            return Ok(());
-        }
-        let prog: &mut SkLookup = program(&mut self.ebpf, name)?;
-        let id = prog
-            .attach(netns)
-            .map_err(|source| CaptureError::Program { name, source })?;
-        if self.pins.is_some() {
-            let link = prog
-                .take_link(id)
-                .map_err(|source| CaptureError::Program { name, source })?;
-            self.pin(name, FdLink::from(link))?;
-        }
-        Ok(())
+        self.attach_pinned(name, |prog: &mut SkLookup, pin| {
+            let id = prog.attach(netns).map_err(program_error(name))?;
+            let link = pin.then(|| prog.take_link(id).map(FdLink::from));
+            link.transpose().map_err(program_error(name))
+        })
     }
 
     /// The kernel log reader, for [`crate::ebpf::logs::forward`] (once).
@@ -362,41 +349,6 @@ impl Capture {
     }
 }
 
-// === impl KernelMaps ===
-
-impl KernelMaps {
-    /// Each kernel counter of each program, summed over CPUs.
-    pub fn counters(&self) -> Vec<(Program, Counter, u64)> {
-        let mut all = Vec::with_capacity(Program::ALL.len() * Counter::ALL.len());
-        for program in Program::ALL {
-            for counter in Counter::ALL {
-                let sum = self
-                    .counters
-                    .get(&counter_index(program, counter), 0)
-                    .map(|per_cpu| per_cpu.iter().sum())
-                    .unwrap_or(0);
-                all.push((program, counter, sum));
-            }
-        }
-        all
-    }
-
-    /// `counter` summed over programs and CPUs.
-    pub fn counter_total(&self, counter: Counter) -> u64 {
-        self.counters()
-            .into_iter()
-            .filter(|(_, c, _)| *c == counter)
-            .map(|(_, _, v)| v)
-            .sum()
-    }
-
-    /// Entries in the (cookie, flow) original-destination maps: connects recorded but
-    /// not yet re-keyed, and re-keyed but not yet accepted.
-    pub fn orig_dst_entries(&self) -> (usize, usize) {
-        (self.by_cookie.keys().count(), self.by_flow.keys().count())
-    }
-}
-
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &'static str) -> Result<&'a mut T, CaptureError>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
@@ -407,6 +359,24 @@ where
     })?;
     prog.try_into()
         .map_err(|source| CaptureError::Program { name, source })
+}
+
+/// Maps a program error to [`CaptureError::Program`] naming `name`.
+fn program_error(name: &'static str) -> impl Fn(ProgramError) -> CaptureError {
+    move |source| CaptureError::Program { name, source }
+}
+
+/// A cgroup program's link as a pinnable [`FdLink`].
+fn cgroup_link<L>(name: &'static str, link: Result<L, ProgramError>) -> Result<FdLink, CaptureError>
+where
+    FdLink: TryFrom<L>,
+    <FdLink as TryFrom<L>>::Error: std::fmt::Display,
+{
+    let link = link.map_err(program_error(name))?;
+    FdLink::try_from(link).map_err(|e| CaptureError::Pin {
+        name,
+        reason: e.to_string(),
+    })
 }
 
 fn owned_map<T>(ebpf: &mut Ebpf, name: &'static str) -> Result<T, CaptureError>
@@ -431,9 +401,10 @@ where
 
 /// Writes the config map, port rules and excluded networks.
 fn write_rules(ebpf: &mut Ebpf, config: &Config) -> Result<(), CaptureError> {
+    use super::rules::{capture_settings, inbound_rules, port_rules};
     let settings = capture_settings(config);
     let name = map_names::CONFIG;
-    let mut array: Array<&mut MapData, CaptureConfig> = map_mut(ebpf, name)?;
+    let mut array: Array<&mut MapData, KernelSettings> = map_mut(ebpf, name)?;
     array
         .set(0, settings, 0)
         .map_err(|source| CaptureError::Map { name, source })?;
@@ -473,72 +444,6 @@ fn write_rules(ebpf: &mut Ebpf, config: &Config) -> Result<(), CaptureError> {
         }
     }
     Ok(())
-}
-
-/// The kernel's view of the proxy settings.
-pub fn capture_settings(config: &Config) -> CaptureConfig {
-    let mut flags = 0;
-    if !config.capture.include_ports.is_empty() {
-        flags |= capture_flags::INCLUDE_PORTS_ONLY;
-    }
-    if config.inbound.ports.is_empty() {
-        flags |= capture_flags::INBOUND_ALL_PORTS;
-    }
-    if config.inbound.fail_closed {
-        flags |= capture_flags::INBOUND_FAIL_CLOSED;
-    }
-    if config.capture.fail_open {
-        flags |= capture_flags::OUTBOUND_FAIL_OPEN;
-    }
-    if !config.proxy.ipv6 {
-        flags |= capture_flags::IPV6_OFF;
-    }
-    CaptureConfig {
-        proxy_uid: config.proxy.uid,
-        flags,
-        outbound_ip4: u32::from_ne_bytes([127, 0, 0, 1]),
-        outbound_ip6: crate::ebpf::orig_dst::words(std::net::Ipv6Addr::LOCALHOST.octets()),
-        outbound_port: config.proxy.outbound_port,
-        _pad: 0,
-        inbound_enabled: u32::from(config.inbound.enabled),
-    }
-}
-
-/// Local port → inbound rule bits: captured ports (when listed), exclusions, and the
-/// sidecar's own ports (health, admin, listeners), which are never steered.
-pub fn inbound_rules(config: &Config) -> BTreeMap<u16, u32> {
-    use sidecar_common::inbound_rule::{CAPTURE, EXCLUDE};
-    rule_map(
-        (&config.inbound.ports, CAPTURE),
-        (&config.inbound.exclude_ports, EXCLUDE),
-        &config.own_ports(),
-    )
-}
-
-/// Destination port → rule bits: configured exclusions and inclusions. The sidecar's
-/// own ports are not excluded: its listeners are on loopback, which is never captured,
-/// and excluding them for every destination would let `registry_only` be bypassed by
-/// dialling any host on 15000, 15001, 15006 or 15020.
-pub fn port_rules(config: &Config) -> BTreeMap<u16, u32> {
-    let include = (config.capture.include_ports.as_slice(), port_rule::INCLUDE);
-    rule_map(
-        include,
-        (&config.capture.exclude_ports, port_rule::EXCLUDE),
-        &[],
-    )
-}
-
-/// Port → bits: `listed` ports get their bit, `excluded` ports and `own` ports get the
-/// exclusion bit (exclusion wins in the programs).
-fn rule_map(listed: (&[u16], u32), excluded: (&[u16], u32), own: &[u16]) -> BTreeMap<u16, u32> {
-    let mut rules = BTreeMap::new();
-    for &port in listed.0 {
-        *rules.entry(port).or_default() |= listed.1;
-    }
-    for &port in excluded.0.iter().chain(own) {
-        *rules.entry(port).or_default() |= excluded.1;
-    }
-    rules
 }
 
 /// Attach flags for cgroup programs. Every supported kernel attaches with `bpf_link`,
@@ -584,60 +489,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn own_ports_are_captured_outbound_and_never_steered_inbound() {
-        let mut config = Config::default();
-        config.capture.include_ports = vec![80];
-        config.capture.exclude_ports = vec![22];
-        let rules = port_rules(&config);
-        assert_eq!(rules[&80], port_rule::INCLUDE);
-        assert_eq!(rules[&22], port_rule::EXCLUDE);
-        let inbound = inbound_rules(&config);
-        for port in [15000, 15001, 15006, 15020] {
-            assert!(!rules.contains_key(&port), "outbound port {port}");
-            assert_eq!(
-                inbound[&port],
-                sidecar_common::inbound_rule::EXCLUDE,
-                "inbound port {port}"
-            );
-        }
-    }
-
-    #[test]
-    fn ipv6_off_is_a_kernel_flag() {
-        let mut config = Config::default();
-        assert_eq!(capture_settings(&config).flags & capture_flags::IPV6_OFF, 0);
-        config.proxy.ipv6 = false;
-        assert_ne!(capture_settings(&config).flags & capture_flags::IPV6_OFF, 0);
-    }
-
-    #[test]
     fn this_kernel_is_recent_enough() {
         check_kernel().expect("the build machines run Linux >= 5.14");
-    }
-
-    #[test]
-    fn include_list_sets_the_flag() {
-        let mut config = Config::default();
-        let defaults = capture_settings(&config).flags;
-        assert_eq!(defaults & capture_flags::INCLUDE_PORTS_ONLY, 0);
-        // Inbound: every port, fail closed, unless configured otherwise.
-        assert_eq!(
-            defaults,
-            capture_flags::INBOUND_ALL_PORTS | capture_flags::INBOUND_FAIL_CLOSED
-        );
-        config.capture.include_ports = vec![443];
-        config.inbound.ports = vec![8080];
-        config.inbound.fail_closed = false;
-        assert_eq!(
-            capture_settings(&config).flags,
-            capture_flags::INCLUDE_PORTS_ONLY
-        );
-        let rules = inbound_rules(&config);
-        assert_eq!(rules[&8080], sidecar_common::inbound_rule::CAPTURE);
-        assert_eq!(rules[&15020], sidecar_common::inbound_rule::EXCLUDE);
-        assert_eq!(
-            capture_settings(&config).outbound_ip4.to_ne_bytes(),
-            [127, 0, 0, 1]
-        );
     }
 }

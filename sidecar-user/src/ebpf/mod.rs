@@ -5,8 +5,12 @@ pub mod cgroup;
 pub mod held_links;
 pub mod loader;
 pub mod logs;
+pub mod maps;
+pub mod metrics;
 pub mod orig_dst;
 pub mod pins;
+pub mod rules;
 
-pub use loader::{Capture, CaptureError, KernelMaps};
+pub use loader::{Capture, CaptureError};
+pub use maps::KernelMaps;
 pub use orig_dst::OrigDstTable;

@@ -4,11 +4,11 @@
 
 use std::{
     io,
-    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    net::SocketAddr,
     os::fd::{AsRawFd, OwnedFd},
 };
 
-use sidecar_common::{AF_INET, AF_INET6, FlowKey, SockAddr};
+use sidecar_common::{FlowKey, SockAddr};
 
 /// `BPF_MAP_LOOKUP_AND_DELETE_ELEM` (hash maps support it since Linux 5.14).
 const BPF_MAP_LOOKUP_AND_DELETE_ELEM: libc::c_long = 21;
@@ -42,8 +42,8 @@ impl OrigDstTable {
     /// or its entry was evicted).
     pub fn take(&self, peer: SocketAddr, local: SocketAddr) -> io::Result<Option<SocketAddr>> {
         let key = FlowKey {
-            src: to_kernel(peer),
-            dst: to_kernel(local),
+            src: SockAddr::from_socket_addr(peer),
+            dst: SockAddr::from_socket_addr(local),
         };
         let mut value = SockAddr::default();
         let attr = MapElemAttr {
@@ -64,7 +64,7 @@ impl OrigDstTable {
             )
         };
         if ret == 0 {
-            return Ok(from_kernel(&value));
+            return Ok(value.to_socket_addr());
         }
         let err = io::Error::last_os_error();
         if err.raw_os_error() == Some(libc::ENOENT) {
@@ -75,50 +75,6 @@ impl OrigDstTable {
     }
 }
 
-/// A socket address in the kernel maps' layout. IPv4-mapped IPv6 addresses become
-/// IPv4, as the kernel side keys them.
-pub fn to_kernel(addr: SocketAddr) -> SockAddr {
-    let ip = match addr.ip() {
-        IpAddr::V6(v6) => v6
-            .to_ipv4_mapped()
-            .map(IpAddr::V4)
-            .unwrap_or(IpAddr::V6(v6)),
-        v4 => v4,
-    };
-    match ip {
-        IpAddr::V4(v4) => SockAddr::v4(u32::from_ne_bytes(v4.octets()), addr.port()),
-        IpAddr::V6(v6) => SockAddr::v6(words(v6.octets()), addr.port()),
-    }
-}
-
-/// Network-order words of an IPv6 address, as the kernel stores them.
-pub fn words(octets: [u8; 16]) -> [u32; 4] {
-    std::array::from_fn(|i| {
-        u32::from_ne_bytes([
-            octets[4 * i],
-            octets[4 * i + 1],
-            octets[4 * i + 2],
-            octets[4 * i + 3],
-        ])
-    })
-}
-
-/// A kernel socket address back as a `SocketAddr`; `None` for an unknown family.
-pub fn from_kernel(addr: &SockAddr) -> Option<SocketAddr> {
-    let ip = match addr.family {
-        AF_INET => IpAddr::V4(Ipv4Addr::from(addr.addr[0].to_ne_bytes())),
-        AF_INET6 => {
-            let mut octets = [0u8; 16];
-            for (i, word) in addr.addr.iter().enumerate() {
-                octets[4 * i..4 * i + 4].copy_from_slice(&word.to_ne_bytes());
-            }
-            IpAddr::V6(Ipv6Addr::from(octets))
-        }
-        _ => return None,
-    };
-    Some(SocketAddr::new(ip, addr.port))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -127,33 +83,37 @@ mod tests {
     fn round_trips_both_families() {
         for text in ["198.18.0.2:8080", "[fd00:5c::2]:443", "[::1]:15001"] {
             let addr: SocketAddr = text.parse().expect("valid address");
-            assert_eq!(from_kernel(&to_kernel(addr)), Some(addr));
+            assert_eq!(
+                SockAddr::from_socket_addr(addr).to_socket_addr(),
+                Some(addr)
+            );
         }
     }
 
     #[test]
     fn ipv4_is_network_order_in_memory() {
-        let k = to_kernel("127.0.0.1:15001".parse().expect("valid"));
+        let k = SockAddr::from_socket_addr("127.0.0.1:15001".parse().expect("valid"));
         assert_eq!(k.addr[0].to_ne_bytes(), [127, 0, 0, 1]);
         assert_eq!(k.port, 15001);
-        assert_eq!(k.family, AF_INET);
+        assert_eq!(k.family, sidecar_common::AF_INET);
     }
 
     #[test]
     fn mapped_ipv6_is_keyed_as_ipv4() {
         let mapped: SocketAddr = "[::ffff:198.18.0.2]:80".parse().expect("valid");
         let plain: SocketAddr = "198.18.0.2:80".parse().expect("valid");
-        assert_eq!(to_kernel(mapped), to_kernel(plain));
+        assert_eq!(
+            SockAddr::from_socket_addr(mapped),
+            SockAddr::from_socket_addr(plain)
+        );
     }
 
     #[test]
     fn unknown_family_is_none() {
-        assert_eq!(
-            from_kernel(&SockAddr {
-                family: 99,
-                ..Default::default()
-            }),
-            None
-        );
+        let unknown = SockAddr {
+            family: 99,
+            ..Default::default()
+        };
+        assert_eq!(unknown.to_socket_addr(), None);
     }
 }

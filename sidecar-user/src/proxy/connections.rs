@@ -14,7 +14,7 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::{metrics::Direction, proxy::copy::Transfer};
+use crate::proxy::{Direction, copy::Transfer};
 
 /// Open connections, keyed by a process-unique id.
 ///
@@ -156,63 +156,6 @@ impl Drop for Registration {
     }
 }
 
-/// Renders connections as a terminal table (`sidecar connections`).
-pub fn render_table(views: &[ConnView]) -> String {
-    let header = [
-        "ID",
-        "DIR",
-        "CLIENT",
-        "DESTINATION",
-        "ENDPOINT",
-        "IDENTITY",
-        "TLS",
-        "SENT",
-        "RECV",
-        "AGE",
-        "RTT",
-        "RETRANS",
-    ];
-    let rows: Vec<[String; 12]> = views
-        .iter()
-        .map(|v| {
-            let tcp = v.tcp.as_ref();
-            [
-                v.id.to_string(),
-                v.direction.clone(),
-                v.client.to_string(),
-                v.orig_dst.to_string(),
-                v.endpoint.to_string(),
-                v.peer_identity.clone().unwrap_or_else(|| "-".into()),
-                if v.tls { "yes" } else { "no" }.into(),
-                v.bytes_sent.to_string(),
-                v.bytes_received.to_string(),
-                format!("{:.1}s", v.age_seconds),
-                tcp.map(|t| format!("{:.2}ms", f64::from(t.rtt_us) / 1000.0))
-                    .unwrap_or_else(|| "-".into()),
-                tcp.map(|t| t.total_retransmits.to_string())
-                    .unwrap_or_else(|| "-".into()),
-            ]
-        })
-        .collect();
-    let mut widths = header.map(str::len);
-    for row in &rows {
-        for (w, cell) in widths.iter_mut().zip(row) {
-            *w = (*w).max(cell.len());
-        }
-    }
-    let mut out = String::new();
-    let mut line = |cells: &mut dyn Iterator<Item = &str>| {
-        let padded: Vec<String> = cells.zip(widths).map(|(c, w)| format!("{c:<w$}")).collect();
-        out.push_str(padded.join("  ").trim_end());
-        out.push('\n');
-    };
-    line(&mut header.iter().copied());
-    for row in &rows {
-        line(&mut row.iter().map(String::as_str));
-    }
-    out
-}
-
 /// `getsockopt(TCP_INFO)` on `fd`.
 fn tcp_info(fd: RawFd) -> Option<TcpState> {
     // SAFETY: `tcp_info` is plain data; the kernel writes at most `len` bytes.
@@ -289,12 +232,7 @@ mod tests {
             views[0].tcp.as_ref().map(|t| t.state.as_str()),
             Some("established")
         );
-        let table_text = render_table(&views);
-        assert!(table_text.starts_with("ID  DIR"), "{table_text}");
-        assert!(
-            table_text.contains("198.18.0.2:80") && table_text.contains("ms"),
-            "{table_text}"
-        );
+        assert!(views[0].tcp.as_ref().is_some_and(|t| t.rtt_us > 0));
         drop(reg);
         assert!(table.snapshot().is_empty());
     }

@@ -6,7 +6,7 @@ use std::{os::fd::AsRawFd, time::Duration};
 
 use tokio::{io::Interest, net::TcpStream};
 
-use crate::{proxy::socket_opts, tls::ALPN};
+use crate::{mesh::server::offers_mesh, proxy::socket_opts};
 
 /// Largest ClientHello we wait for (one TLS record).
 const MAX_RECORD: usize = 5 + 16 * 1024;
@@ -165,10 +165,7 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
     }
     match acceptor.accept() {
         Ok(Some(accepted)) => {
-            let offers_ours = accepted
-                .client_hello()
-                .alpn()
-                .is_some_and(|mut protocols| protocols.any(|p| p == ALPN));
+            let offers_ours = accepted.client_hello().alpn().is_some_and(offers_mesh);
             Some(if offers_ours {
                 Detected::SidecarTls
             } else {
@@ -183,6 +180,7 @@ pub fn classify(bytes: &[u8]) -> Option<Detected> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::mesh::ALPN;
 
     /// A real ClientHello from rustls, offering `alpn`.
     fn client_hello(alpn: &[&[u8]]) -> Vec<u8> {

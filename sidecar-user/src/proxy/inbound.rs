@@ -1,191 +1,84 @@
-//! Inbound policy: per port, `disabled` passes bytes through, `permissive` terminates
-//! mTLS from sidecars and passes anything else through, `strict` accepts only mTLS from
-//! a sidecar whose SPIFFE ID the allow-list admits. A refused peer is reset and
-//! nothing reaches the application.
+//! Inbound: `sk_lookup` handed the connection to our listener; the socket's own local
+//! address (`getsockname`) is the address the client dialed. The port's policy comes
+//! first ([`super::admission`]: detection, mTLS, allow-list, within the cap on
+//! unauthenticated connections); then the proxy delivers to the pod IP and port, never
+//! to loopback (an app bound only to 127.0.0.1 stays unreachable from outside, as
+//! without a sidecar), and tells a client sidecar whether the application took it.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
+use std::sync::Arc;
 
-use tokio::net::TcpStream;
-use tokio_rustls::{TlsAcceptor, server::TlsStream};
+use tokio::net::{TcpListener, TcpStream};
+use tracing::{debug, warn};
 
 use crate::{
-    config::{Config, InboundMode},
-    metrics::CloseReason,
+    drain::DrainWatcher,
+    mesh::server::send_status,
     proxy::{
-        detect::{Detected, detect},
-        peer_policy::PeerPolicy,
-        read_ahead::ReadAhead,
-    },
-    tls::{
-        SpiffeId,
-        rustls_config::{peer_identity, resumed_with_expired_certificate},
+        CloseReason, Direction, OrigDstAddr,
+        addr::unmap,
+        conn::{self, Conn, ConnError, Connected, Downstream, Inputs},
     },
 };
 
-/// What inbound connections must be, per port.
-pub struct InboundPolicy {
-    default_mode: InboundMode,
-    port_modes: BTreeMap<u16, InboundMode>,
-    /// Who may connect (`inbound.allow`, live).
-    peers: Arc<PeerPolicy>,
-    detect_timeout: Duration,
-    acceptor: Option<TlsAcceptor>,
+/// Accepts steered connections on `listener` until a drain starts.
+pub async fn serve(listener: TcpListener, inputs: Arc<Inputs>, drain: DrainWatcher) {
+    conn::accept_loop(listener, Direction::Inbound, inputs, drain, handle).await;
 }
 
-/// An accepted inbound connection, ready to be relayed.
-pub enum Admitted {
-    /// Bytes pass through as they are.
-    Plain(TcpStream),
-    /// mTLS from a sidecar with this identity, terminated here after a handshake of
-    /// this long.
-    Mtls(Box<TlsStream<ReadAhead>>, SpiffeId, Duration),
-}
-
-/// Why an inbound connection was refused.
-#[derive(Debug, thiserror::Error)]
-pub enum Refusal {
-    /// A strict port got something other than mTLS from a sidecar.
-    #[error("strict port: the client did not start sidecar mTLS ({0:?})")]
-    NotMtls(Detected),
-    /// The client sent nothing (or not enough) in time.
-    #[error("no ClientHello or bytes within {0:?}")]
-    Silent(Duration),
-    /// The client closed before sending anything.
-    #[error("the client closed before sending anything")]
-    Closed,
-    /// The TLS handshake failed (bad, expired or missing certificate, ...).
-    #[error("mTLS handshake failed: {0}")]
-    Handshake(String),
-    /// The peer's identity is not on the allow-list.
-    #[error("peer {0} is not allowed by inbound.allow (empty: the local trust domain only)")]
-    NotAllowed(SpiffeId),
-}
-
-impl Refusal {
-    /// The close reason recorded in metrics.
-    pub fn reason(&self) -> CloseReason {
-        match self {
-            Refusal::NotMtls(_) | Refusal::NotAllowed(_) => CloseReason::PolicyDenied,
-            Refusal::Silent(_) => CloseReason::Timeout,
-            Refusal::Closed => CloseReason::Normal,
-            Refusal::Handshake(_) => CloseReason::HandshakeFailed,
-        }
-    }
-
-    /// The peer's identity, when the handshake got that far.
-    pub fn identity(&self) -> Option<&SpiffeId> {
-        match self {
-            Refusal::NotAllowed(id) => Some(id),
-            _ => None,
-        }
-    }
-}
-
-// === impl InboundPolicy ===
-
-impl InboundPolicy {
-    /// The policy of `config`; `acceptor` terminates mTLS (needed unless every port is
-    /// `disabled`, which config validation guarantees); `peers` says who may connect.
-    pub fn new(config: &Config, acceptor: Option<TlsAcceptor>, peers: Arc<PeerPolicy>) -> Self {
-        Self {
-            default_mode: config.inbound_default_mode(),
-            port_modes: config.inbound.port_modes.clone(),
-            peers,
-            detect_timeout: config.inbound.detect_timeout,
-            acceptor,
-        }
-    }
-
-    /// The mode of local `port`.
-    pub fn mode(&self, port: u16) -> InboundMode {
-        self.port_modes
-            .get(&port)
-            .copied()
-            .unwrap_or(self.default_mode)
-    }
-
-    /// Whether connections to local `port` go through detection and a handshake
-    /// before they are relayed (strict and permissive ports, with an identity).
-    pub fn authenticates(&self, port: u16) -> bool {
-        self.acceptor.is_some() && self.mode(port) != InboundMode::Disabled
-    }
-
-    /// Applies the port's mode to a new connection. On refusal the socket comes back
-    /// with the reason (when it still exists), so the caller can reset it.
-    pub async fn admit(
-        &self,
-        port: u16,
-        client: TcpStream,
-    ) -> Result<Admitted, (Refusal, Option<TcpStream>)> {
-        let mode = self.mode(port);
-        let acceptor = match (&self.acceptor, mode) {
-            (Some(acceptor), InboundMode::Strict | InboundMode::Permissive) => acceptor,
-            _ => return Ok(Admitted::Plain(client)),
-        };
-        let detected = match detect(&client, self.detect_timeout).await {
-            Ok(d) => d,
-            Err(e) => return Err((Refusal::Handshake(e.to_string()), Some(client))),
-        };
-        match detected {
-            Detected::SidecarTls => {}
-            Detected::Plaintext | Detected::OtherTls if mode == InboundMode::Permissive => {
-                return Ok(Admitted::Plain(client));
+async fn handle(mut conn: Conn, client: TcpStream) {
+    let inputs = conn.inputs.clone();
+    // Inbound clients are other hosts: dead ones must be noticed.
+    inputs.dead_peer.apply(&client);
+    let port = client.local_addr().map(|a| a.port()).unwrap_or(0);
+    // Held until the client has proved who it is (or was refused).
+    let pass = if inputs.inbound.authenticates(port) {
+        match inputs.unauthenticated.enter(conn.client.0.ip()) {
+            Ok(pass) => Some(pass),
+            Err(limit) => {
+                conn.recorder.label(None);
+                conn.recorder.set_reason(CloseReason::Overflow);
+                debug!(
+                    port,
+                    limit = limit.as_str(),
+                    "too many unauthenticated connections: reset"
+                );
+                let _ = client.set_zero_linger();
+                return;
             }
-            Detected::Plaintext | Detected::OtherTls => {
-                return Err((Refusal::NotMtls(detected), Some(client)));
+        }
+    } else {
+        None
+    };
+    let mut down = match inputs.inbound.admit(port, client).await {
+        Ok(down) => down,
+        Err((refusal, io)) => {
+            conn.recorder.label_refused(refusal.identity());
+            conn.recorder.set_reason(refusal.reason());
+            warn!(%refusal, port, "refusing inbound connection");
+            if let Some(io) = io {
+                let _ = io.set_zero_linger();
             }
-            Detected::TimedOut => return Err((Refusal::Silent(self.detect_timeout), Some(client))),
-            Detected::Closed => return Err((Refusal::Closed, Some(client))),
+            return;
         }
-        // The handshake gets the same budget: a client that stalls mid-handshake must
-        // not hold a task forever.
-        let started = std::time::Instant::now();
-        let handshake = acceptor.accept(ReadAhead::new(client)).into_fallible();
-        let tls = match tokio::time::timeout(self.detect_timeout, handshake).await {
-            Ok(Ok(tls)) => tls,
-            Ok(Err((e, io))) => {
-                return Err((Refusal::Handshake(e.to_string()), Some(io.into_inner())));
-            }
-            Err(_) => return Err((Refusal::Silent(self.detect_timeout), None)),
-        };
-        let Some(id) = peer_identity(tls.get_ref().1) else {
-            let (io, _) = tls.into_inner();
-            return Err((
-                Refusal::Handshake("the peer certificate has no SPIFFE ID".into()),
-                Some(io.into_inner()),
-            ));
-        };
-        if let Some(reason) = resumed_with_expired_certificate(tls.get_ref().1) {
-            let (io, _) = tls.into_inner();
-            return Err((Refusal::Handshake(reason), Some(io.into_inner())));
-        }
-        if !self.peers.allows_client(&id) {
-            let (io, _) = tls.into_inner();
-            return Err((Refusal::NotAllowed(id), Some(io.into_inner())));
-        }
-        Ok(Admitted::Mtls(Box::new(tls), id, started.elapsed()))
+    };
+    drop(pass);
+    let connected = deliver(&conn, down.tcp()).await;
+    // A client sidecar waits for our status byte before sending anything: tell it
+    // whether the application took the connection.
+    if let Downstream::Mtls(tls, _) = &mut down {
+        send_status(&mut **tls, connected.is_ok()).await;
     }
+    conn.carry(down, connected).await;
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn policy(allow: &str) -> Arc<PeerPolicy> {
-        let config = Config::from_yaml(&format!("inbound:\n  allow: {allow}\n"), "t", Vec::new())
-            .expect("config");
-        PeerPolicy::new(&config, "td")
+/// Connects to the application at the address the client dialed.
+async fn deliver(conn: &Conn, client: &TcpStream) -> Result<Connected, ConnError> {
+    let inputs = &conn.inputs;
+    let local = client.local_addr().map_err(ConnError::OrigDstLookup)?;
+    let dst = OrigDstAddr(unmap(local));
+    // Never steered to the sidecar's own ports: such a destination would loop.
+    if inputs.own_ports.contains(&dst.0.port()) {
+        return Err(ConnError::Loop(dst));
     }
-
-    #[test]
-    fn an_empty_allow_list_admits_the_local_trust_domain_only() {
-        let local: SpiffeId = "spiffe://td/ns/a/sa/b".parse().expect("id");
-        let federated: SpiffeId = "spiffe://partner/ns/a/sa/b".parse().expect("id");
-        let empty = policy("[]");
-        assert!(empty.allows_client(&local));
-        assert!(!empty.allows_client(&federated));
-        let listed = policy("['spiffe://partner/*']");
-        assert!(listed.allows_client(&federated));
-        assert!(!listed.allows_client(&local));
-    }
+    conn.connect_direct(dst, None).await
 }

@@ -1,6 +1,10 @@
-//! Binding listeners before the runtime starts, with errors naming the address.
+//! Binding listeners before the runtime starts, with errors naming the address, and
+//! accepting on them without ever giving up.
 
-use std::net::{SocketAddr, TcpListener};
+use std::{
+    net::{SocketAddr, TcpListener},
+    time::Duration,
+};
 
 use socket2::{Domain, Socket, Type};
 
@@ -24,6 +28,21 @@ pub struct BindError {
 /// dual-stack; any other IPv6 address is IPv6-only (as the kernel makes it anyway).
 pub fn bind(addr: SocketAddr, what: &'static str) -> Result<TcpListener, BindError> {
     bind_with(addr, what, addr.ip().is_unspecified())
+}
+
+/// The next connection on `listener`. An accept error (out of descriptors or
+/// buffers) is logged and retried after a short back-off: a listener never stops.
+pub async fn accept(listener: &tokio::net::TcpListener) -> (tokio::net::TcpStream, SocketAddr) {
+    loop {
+        match listener.accept().await {
+            Ok(pair) => return pair,
+            Err(error) => {
+                let local = listener.local_addr().ok();
+                tracing::warn!(%error, ?local, "accept failed");
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+        }
+    }
 }
 
 fn bind_with(

@@ -1,29 +1,21 @@
-//! Opening the upstream side of a connection: plain TCP, or mTLS to a peer sidecar
-//! (our ALPN, a certificate from the bundle, optionally an expected identity, then the
-//! peer's status byte saying whether its application took the connection).
+//! Opening the upstream side of a connection: plain TCP, or TCP then the mesh
+//! protocol's client half ([`crate::mesh::client`]) to a peer sidecar.
 
-use std::{io, net::SocketAddr, sync::Arc, time::Duration};
+use std::{io, net::SocketAddr, time::Duration};
 
 use tokio::{
-    io::AsyncReadExt,
     net::{TcpSocket, TcpStream},
     time::Instant,
 };
-use tokio_rustls::{TlsConnector, client::TlsStream};
+use tokio_rustls::client::TlsStream;
 
 use crate::{
-    metrics::{CloseReason, Direction},
+    mesh::{MeshError, MeshTarget, PeerIdentity, client},
     proxy::{
-        peer_policy::PeerPolicy,
-        read_ahead::ReadAhead,
-        server_identity::Expected,
+        CloseReason, Direction,
         socket_opts::{self, DeadPeer},
     },
-    tls::{
-        ALPN, IdentityMatcher, SpiffeId,
-        rustls_config::{peer_identity, resumed_with_expired_certificate},
-        status,
-    },
+    tls::read_ahead::ReadAhead,
 };
 
 /// The connected side: a plain socket, or mTLS originated over one.
@@ -34,9 +26,6 @@ pub enum Upstream {
     Tls(Box<TlsStream<ReadAhead>>),
 }
 
-/// mTLS to a peer sidecar: who it is and how long the handshake took.
-pub type PeerTls = (SpiffeId, Duration);
-
 /// Why an upstream could not be opened. Each names the address.
 #[derive(Debug, thiserror::Error)]
 pub enum UpstreamError {
@@ -46,41 +35,9 @@ pub enum UpstreamError {
     /// Refused, unreachable, ...
     #[error("connecting to {0}: {1}")]
     Connect(SocketAddr, io::Error),
-    /// The mTLS handshake failed or the server is not a sidecar.
-    #[error("mTLS to {0}: {1}")]
-    Tls(SocketAddr, String),
-    /// The server's identity is not one the destination may be served by.
-    #[error("mTLS to {addr}: server identity {got} is refused: expected {expected}")]
-    WrongIdentity {
-        /// The server's address.
-        addr: SocketAddr,
-        /// The identity it presented.
-        got: Box<SpiffeId>,
-        /// What it had to be.
-        expected: Box<Expected>,
-    },
-    /// The peer sidecar could not reach its application.
-    #[error("{0}: the peer sidecar's application refused the connection")]
-    AppRefused(SocketAddr),
-}
-
-/// Originates mTLS to peer sidecars and decides whether the one that answered may
-/// serve the destination.
-#[derive(Clone)]
-pub struct MeshConnector {
-    /// Originates mTLS with the current identity.
-    pub tls: TlsConnector,
-    /// Which identities may serve which destinations (live).
-    pub policy: Arc<PeerPolicy>,
-}
-
-/// How to reach a destination over mTLS.
-#[derive(Clone, Copy)]
-pub struct MeshTarget<'a> {
-    /// The connector and identity rules.
-    pub client: &'a MeshConnector,
-    /// The identity the server must have, when the service names one.
-    pub expected: Option<&'a IdentityMatcher>,
+    /// The mesh protocol with the peer sidecar failed.
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
 }
 
 // === impl Upstream ===
@@ -102,9 +59,11 @@ impl UpstreamError {
     pub fn reason(&self) -> CloseReason {
         match self {
             UpstreamError::Timeout(..) => CloseReason::Timeout,
-            UpstreamError::Connect(..) | UpstreamError::AppRefused(_) => CloseReason::Refused,
-            UpstreamError::Tls(..) => CloseReason::HandshakeFailed,
-            UpstreamError::WrongIdentity { .. } => CloseReason::IdentityMismatch,
+            UpstreamError::Connect(..) | UpstreamError::Mesh(MeshError::AppRefused(_)) => {
+                CloseReason::Refused
+            }
+            UpstreamError::Mesh(MeshError::Tls(..)) => CloseReason::HandshakeFailed,
+            UpstreamError::Mesh(MeshError::WrongIdentity { .. }) => CloseReason::IdentityMismatch,
         }
     }
 }
@@ -119,7 +78,7 @@ pub async fn open(
     deadline: Instant,
     mesh: Option<MeshTarget<'_>>,
     dead_peer: Option<&DeadPeer>,
-) -> Result<(Upstream, Option<PeerTls>), UpstreamError> {
+) -> Result<(Upstream, Option<PeerIdentity>), UpstreamError> {
     let budget = deadline.saturating_duration_since(Instant::now());
     let tcp = match tokio::time::timeout_at(deadline, tcp_connect(dst, direction)).await {
         Ok(Ok(tcp)) => tcp,
@@ -133,9 +92,15 @@ pub async fn open(
         return Ok((Upstream::Plain(tcp), None));
     };
     let started = std::time::Instant::now();
-    match tokio::time::timeout_at(deadline, handshake(dst, tcp, mesh)).await {
-        Ok(Ok((tls, id))) => Ok((Upstream::Tls(Box::new(tls)), Some((id, started.elapsed())))),
-        Ok(Err(e)) => Err(e),
+    match tokio::time::timeout_at(deadline, client::handshake(dst, tcp, mesh)).await {
+        Ok(Ok((tls, id))) => {
+            let server = PeerIdentity {
+                id,
+                handshake: started.elapsed(),
+            };
+            Ok((Upstream::Tls(Box::new(tls)), Some(server)))
+        }
+        Ok(Err(e)) => Err(e.into()),
         Err(_) => Err(UpstreamError::Timeout(dst, budget)),
     }
 }
@@ -170,55 +135,4 @@ async fn connect_from(dst: SocketAddr, direction: Direction) -> io::Result<TcpSt
     socket_opts::set_int(&socket, libc::IPPROTO_IP, libc::IP_BIND_ADDRESS_NO_PORT, 1)?;
     socket.bind(SocketAddr::new(source, 0))?;
     socket.connect(dst).await
-}
-
-/// The handshake, the identity checks and the peer's status byte.
-async fn handshake(
-    dst: SocketAddr,
-    tcp: TcpStream,
-    mesh: MeshTarget<'_>,
-) -> Result<(TlsStream<ReadAhead>, SpiffeId), UpstreamError> {
-    let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
-    let mut tls = mesh
-        .client
-        .tls
-        .connect(name, ReadAhead::new(tcp))
-        .await
-        .map_err(|e| UpstreamError::Tls(dst, e.to_string()))?;
-    let (_, conn) = tls.get_ref();
-    if conn.alpn_protocol() != Some(ALPN) {
-        return Err(UpstreamError::Tls(
-            dst,
-            "the server is not a sidecar (no sidecar-mtls/1 ALPN)".into(),
-        ));
-    }
-    let Some(id) = peer_identity(conn) else {
-        return Err(UpstreamError::Tls(
-            dst,
-            "the server certificate has no SPIFFE ID".into(),
-        ));
-    };
-    if let Some(reason) = resumed_with_expired_certificate(conn) {
-        return Err(UpstreamError::Tls(dst, reason));
-    }
-    // Before any application byte: the server must be a workload the destination
-    // may be served by, not merely a member of the mesh.
-    if let Err(expected) = mesh
-        .client
-        .policy
-        .check_server(dst.ip(), &id, mesh.expected)
-    {
-        return Err(UpstreamError::WrongIdentity {
-            addr: dst,
-            got: Box::new(id),
-            expected: Box::new(expected),
-        });
-    }
-    let mut byte = [0u8; 1];
-    match tls.read_exact(&mut byte).await {
-        Ok(_) if byte[0] == status::READY => Ok((tls, id)),
-        Ok(_) => Err(UpstreamError::AppRefused(dst)),
-        // The peer closed (or reset) without a status: its app was not reached.
-        Err(_) => Err(UpstreamError::AppRefused(dst)),
-    }
 }

@@ -48,7 +48,7 @@ pub struct DiscoveryStats {
 pub struct Discovery {
     services: Arc<Services>,
     stats: Arc<DiscoveryStats>,
-    connector: Option<crate::proxy::upstream::MeshConnector>,
+    connector: Option<crate::mesh::MeshConnector>,
     resolver: Option<SocketAddr>,
     tasks: HashMap<String, (String, AbortHandle)>,
 }
@@ -70,7 +70,7 @@ impl Discovery {
         config: &Config,
         services: Arc<Services>,
         stats: Arc<DiscoveryStats>,
-        connector: Option<crate::proxy::upstream::MeshConnector>,
+        connector: Option<crate::mesh::MeshConnector>,
     ) -> Self {
         let mut discovery = Self {
             services,

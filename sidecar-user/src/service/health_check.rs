@@ -3,17 +3,27 @@
 //! sidecar always accepts). A streak of failures marks the endpoint unhealthy, a
 //! streak of passes healthy again.
 
-use std::sync::Arc;
+use std::{net::SocketAddr, sync::Arc};
 
-use tokio::task::JoinSet;
+use tokio::{net::TcpStream, task::JoinSet, time::Instant};
 use tracing::{info, warn};
 
 use super::Services;
 use crate::{
     config::HealthCheckConfig,
-    metrics::Direction,
-    proxy::upstream::{self, MeshConnector, MeshTarget},
+    mesh::{MeshConnector, MeshError, MeshTarget, client},
 };
+
+/// Why a check failed.
+#[derive(Debug, thiserror::Error)]
+enum ProbeError {
+    #[error("no answer within the check's timeout")]
+    Timeout,
+    #[error("connect: {0}")]
+    Connect(#[source] std::io::Error),
+    #[error(transparent)]
+    Mesh(#[from] MeshError),
+}
 
 /// Checks the endpoints of service `name` until it disappears from the registry.
 pub async fn run(
@@ -44,8 +54,7 @@ pub async fn run(
                     }),
                     _ => None,
                 };
-                let result =
-                    upstream::open(endpoint.addr, Direction::Outbound, deadline, mesh, None).await;
+                let result = probe(endpoint.addr, deadline, mesh).await;
                 (endpoint, result.err())
             });
         }
@@ -65,4 +74,27 @@ pub async fn run(
             }
         }
     }
+}
+
+/// One check: a TCP connect to `addr`, then (meshed) the mesh protocol up to the peer
+/// sidecar's status byte, all before `deadline`.
+async fn probe(
+    addr: SocketAddr,
+    deadline: Instant,
+    mesh: Option<MeshTarget<'_>>,
+) -> Result<(), ProbeError> {
+    let check = async {
+        let tcp = TcpStream::connect(addr)
+            .await
+            .map_err(ProbeError::Connect)?;
+        if let Some(mesh) = mesh {
+            // Small records (Finished, the status byte) must not wait for a delayed ACK.
+            tcp.set_nodelay(true).map_err(ProbeError::Connect)?;
+            client::handshake(addr, tcp, mesh).await?;
+        }
+        Ok(())
+    };
+    tokio::time::timeout_at(deadline, check)
+        .await
+        .unwrap_or(Err(ProbeError::Timeout))
 }

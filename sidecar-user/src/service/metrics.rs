@@ -10,7 +10,7 @@ use prometheus_client::{
     metrics::{counter::ConstCounter, gauge::ConstGauge},
 };
 
-use super::{Endpoint, Health, Registry, Services, discovery::DiscoveryStats, endpoint::now_ns};
+use super::{Endpoint, Health, Services, Snapshot, discovery::DiscoveryStats, endpoint::now_ns};
 
 /// Renders service and endpoint state.
 #[derive(Clone)]
@@ -26,9 +26,13 @@ impl std::fmt::Debug for ServiceCollector {
 }
 
 impl ServiceCollector {
-    /// A collector over `services` and the discovery counters.
-    pub fn new(services: Arc<Services>, stats: Arc<DiscoveryStats>) -> Self {
-        Self { services, stats }
+    /// Registers the collector over `services` and the discovery counters.
+    pub fn register(
+        services: Arc<Services>,
+        stats: Arc<DiscoveryStats>,
+        registry: &mut prometheus_client::registry::Registry,
+    ) {
+        registry.register_collector(Box::new(Self { services, stats }));
     }
 }
 
@@ -52,7 +56,7 @@ impl Kind for ConstCounter<u64> {
 /// One series per endpoint of every service, labelled `service` and `endpoint`.
 fn per_endpoint<M: EncodeMetric + Kind>(
     encoder: &mut DescriptorEncoder,
-    registry: &Registry,
+    registry: &Snapshot,
     (name, help): (&str, &str),
     value: impl Fn(&Endpoint) -> M,
 ) -> Result<(), std::fmt::Error> {

@@ -31,7 +31,7 @@ pub enum Route {
 
 /// One immutable snapshot of every service.
 #[derive(Default)]
-pub struct Registry {
+pub struct Snapshot {
     by_vip: HashMap<SocketAddr, Arc<Service>>,
     /// Every service, in config order.
     pub services: Vec<Arc<Service>>,
@@ -61,7 +61,7 @@ pub struct Balancer {
 /// What survives reloads of one service (matched by name).
 #[derive(Default)]
 pub struct ServiceState {
-    active: AtomicUsize,
+    pub(super) active: AtomicUsize,
     pending: AtomicUsize,
     overflow_connections: AtomicU64,
     overflow_pending: AtomicU64,
@@ -88,14 +88,14 @@ pub struct Admission {
 
 /// The shared handle: the current registry, swapped on reload.
 pub struct Services {
-    current: ArcSwap<Registry>,
+    current: ArcSwap<Snapshot>,
     states: Mutex<HashMap<String, Arc<ServiceState>>>,
     update: Mutex<()>,
 }
 
-// === impl Registry ===
+// === impl Snapshot ===
 
-impl Registry {
+impl Snapshot {
     /// Where a connection to `dst` goes.
     pub fn route(&self, dst: SocketAddr) -> Route {
         if let Some(service) = self.by_vip.get(&dst) {
@@ -283,53 +283,13 @@ impl Drop for Admission {
     }
 }
 
-/// A service as `/services` shows it.
-#[derive(Debug, serde::Serialize)]
-pub struct ServiceView {
-    /// Name.
-    pub name: String,
-    /// Virtual addresses.
-    pub addresses: Vec<SocketAddr>,
-    /// LB policy.
-    pub policy: crate::config::LbPolicy,
-    /// Connections open through it.
-    pub active: usize,
-    /// Its endpoints now.
-    pub endpoints: Vec<EndpointView>,
-}
-
-/// An endpoint as `/services` shows it.
-#[derive(Debug, serde::Serialize)]
-pub struct EndpointView {
-    /// Address.
-    pub address: SocketAddr,
-    /// Weight.
-    pub weight: u32,
-    /// Zone, if configured.
-    pub zone: Option<String>,
-    /// Reached over mTLS.
-    pub mtls: bool,
-    /// Healthy, ejected or unhealthy.
-    pub health: Health,
-    /// Connections (and connects in progress).
-    pub active: usize,
-    /// Peak-EWMA connect latency, milliseconds.
-    pub latency_ms: f64,
-    /// Times ejected.
-    pub ejections: u64,
-    /// Successful connect attempts.
-    pub attempts_ok: u64,
-    /// Failed connect attempts.
-    pub attempts_failed: u64,
-}
-
 // === impl Services ===
 
 impl Services {
     /// The services of `config`.
     pub fn new(config: &Config) -> Self {
         let services = Self {
-            current: ArcSwap::from_pointee(Registry::default()),
+            current: ArcSwap::from_pointee(Snapshot::default()),
             states: Mutex::new(HashMap::new()),
             update: Mutex::new(()),
         };
@@ -337,43 +297,8 @@ impl Services {
         services
     }
 
-    /// Every service and endpoint with its live state.
-    pub fn view(&self) -> Vec<ServiceView> {
-        let now = now_ns();
-        self.load()
-            .services
-            .iter()
-            .map(|s| ServiceView {
-                name: s.name().to_string(),
-                addresses: s.config.addresses.clone(),
-                policy: s.config.policy,
-                active: s.state.active.load(Relaxed),
-                endpoints: s
-                    .balancer()
-                    .endpoints
-                    .iter()
-                    .map(|e| {
-                        let (ok, failed) = e.state.attempts();
-                        EndpointView {
-                            address: e.addr,
-                            weight: e.weight,
-                            zone: e.zone.clone(),
-                            mtls: e.mtls,
-                            health: e.state.health(now),
-                            active: e.state.active(),
-                            latency_ms: e.state.latency() * 1e3,
-                            ejections: e.state.ejections(),
-                            attempts_ok: ok,
-                            attempts_failed: failed,
-                        }
-                    })
-                    .collect(),
-            })
-            .collect()
-    }
-
     /// The current snapshot.
-    pub fn load(&self) -> arc_swap::Guard<Arc<Registry>> {
+    pub fn load(&self) -> arc_swap::Guard<Arc<Snapshot>> {
         self.current.load()
     }
 
@@ -387,10 +312,10 @@ impl Services {
             Err(poisoned) => poisoned.into_inner(),
         };
         let mesh = Arc::new(config.mesh.cidrs.clone());
-        let mut registry = Registry {
+        let mut registry = Snapshot {
             policy: config.outbound.policy,
             allow_cidrs: config.outbound.allow_cidrs.clone(),
-            ..Registry::default()
+            ..Snapshot::default()
         };
         let mut kept = HashMap::new();
         for c in &config.services {

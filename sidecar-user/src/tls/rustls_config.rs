@@ -21,17 +21,19 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use super::{ALPN, IdentityStore, SpiffeId, certs::spiffe_id_of};
+use super::{IdentityStore, SpiffeId, certs::spiffe_id_of};
 
 /// The crypto provider every configuration uses.
 pub fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-/// Server side of sidecar mTLS: requires a client certificate from the trust bundle.
+/// Server side of sidecar mTLS: requires a client certificate from the trust bundle;
+/// `alpn` is the mesh protocol's.
 pub fn server_config(
     store: Arc<IdentityStore>,
     provider: Arc<CryptoProvider>,
+    alpn: &[u8],
 ) -> Result<Arc<rustls::ServerConfig>, Error> {
     let verifier = Arc::new(PeerVerifier {
         store: store.clone(),
@@ -41,15 +43,17 @@ pub fn server_config(
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_client_cert_verifier(verifier)
         .with_cert_resolver(Arc::new(CurrentIdentity(store.clone())));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.session_storage = super::resumption::server_sessions(store);
     Ok(Arc::new(config))
 }
 
-/// Client side of sidecar mTLS: presents our certificate, verifies the server's chain.
+/// Client side of sidecar mTLS: presents our certificate, verifies the server's chain;
+/// `alpn` is the mesh protocol's.
 pub fn client_config(
     store: Arc<IdentityStore>,
     provider: Arc<CryptoProvider>,
+    alpn: &[u8],
 ) -> Result<Arc<rustls::ClientConfig>, Error> {
     let verifier = Arc::new(PeerVerifier {
         store: store.clone(),
@@ -60,7 +64,7 @@ pub fn client_config(
         .dangerous()
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(CurrentIdentity(store.clone())));
-    config.alpn_protocols = vec![ALPN.to_vec()];
+    config.alpn_protocols = vec![alpn.to_vec()];
     config.resumption =
         rustls::client::Resumption::store(super::resumption::client_sessions(store));
     Ok(Arc::new(config))

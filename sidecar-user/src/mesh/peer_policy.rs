@@ -10,7 +10,7 @@ use tokio::sync::watch;
 
 use crate::{
     config::Config,
-    proxy::server_identity::{Expected, ServerIdentityPolicy},
+    mesh::server_identity::{Expected, ServerIdentityPolicy},
     tls::{IdentityMatcher, SpiffeId},
 };
 

@@ -22,7 +22,7 @@ use std::{
 
 use prometheus_client::metrics::counter::Counter;
 use tokio::{
-    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
+    io::{AsyncRead, AsyncWrite, AsyncWriteExt},
     net::{
         TcpStream,
         tcp::{ReadHalf, WriteHalf},
@@ -32,13 +32,8 @@ use tokio::{
 
 use crate::proxy::splice::Pipe;
 
-/// Size of the buffer an idle TLS reader waits on: a message this size or smaller is
-/// copied on from it, so an idle or chatty connection holds no larger buffer.
-const WAIT_SIZE: usize = 1024;
-/// Size of a TLS reader's buffer while data streams: one TLS record's plaintext.
-const BUF_SIZE: usize = 16 * 1024;
-/// How long a TLS reader keeps its record-sized buffer without new data.
-const RELEASE_AFTER: Duration = Duration::from_millis(100);
+mod tls_read;
+
 /// Size of each worker thread's buffer for reads from plain sockets: a read this
 /// full starts splicing (plain to plain) or becomes four TLS records in one `writev`.
 const SCRATCH_SIZE: usize = 64 * 1024;
@@ -167,7 +162,7 @@ where
     let start = Instant::now();
     // Milliseconds since `start` of the last byte moved, in either direction.
     let last_activity = AtomicU64::new(0);
-    let out = Direction {
+    let out = OneWay {
         from: (client.0, Side::Client),
         to: (upstream.1, Side::Upstream),
         meter: Meter {
@@ -176,7 +171,7 @@ where
             start,
         },
     };
-    let back = Direction {
+    let back = OneWay {
         from: (upstream.0, Side::Upstream),
         to: (client.1, Side::Client),
         meter: Meter {
@@ -227,7 +222,7 @@ impl<T: AsyncWrite + Send> WriteTcp for tokio::io::WriteHalf<T> {
     }
 }
 
-struct Direction<'a, R, W> {
+struct OneWay<'a, R, W> {
     from: (R, Side),
     to: (W, Side),
     meter: Meter<'a>,
@@ -268,9 +263,9 @@ impl Meter<'_> {
     }
 }
 
-impl<R: ReadTcp, W: WriteTcp> Direction<'_, R, W> {
+impl<R: ReadTcp, W: WriteTcp> OneWay<'_, R, W> {
     async fn run(self) -> Result<(), CopyError> {
-        let Direction {
+        let OneWay {
             from: (mut reader, from),
             to: (mut writer, to),
             meter,
@@ -386,110 +381,6 @@ impl Meter<'_> {
             self.moved(n);
         }
     }
-
-    /// Copies out of a TLS stream until its EOF. A TLS reader cannot wait for data
-    /// without a buffer (rustls may hold decrypted bytes already), so an idle
-    /// direction waits on a small one ([`WAIT_SIZE`]), which carries a short message
-    /// on by itself. A read that fills it moves to a record-sized buffer, kept while
-    /// records stream in and released after [`RELEASE_AFTER`] without data. rustls
-    /// hands out one record per read: while records stream, the buffer grows to
-    /// [`SCRATCH_SIZE`] and collects every record already readable, so one write
-    /// carries up to four.
-    async fn tls_to_any<R: AsyncRead + Unpin, W: AsyncWrite + Unpin>(
-        &self,
-        reader: &mut R,
-        writer: &mut W,
-        (from, to): (Side, Side),
-    ) -> Result<(), CopyError> {
-        let mut wait = vec![0u8; WAIT_SIZE];
-        let mut buf = Vec::new();
-        loop {
-            let mut n = if buf.is_empty() {
-                let n = reader.read(&mut wait).await.map_err(|e| from.error(e))?;
-                if n < WAIT_SIZE {
-                    // EOF (0) or a message that fits: no larger buffer needed.
-                    if n == 0 {
-                        return Ok(());
-                    }
-                    self.write_out(writer, &wait[..n], to).await?;
-                    continue;
-                }
-                buf = vec![0u8; BUF_SIZE];
-                buf[..n].copy_from_slice(&wait);
-                n
-            } else {
-                match tokio::time::timeout(RELEASE_AFTER, reader.read(&mut buf)).await {
-                    Ok(read) => read.map_err(|e| from.error(e))?,
-                    Err(_) => {
-                        // Quiet: give the buffer back and wait on the small one.
-                        buf = Vec::new();
-                        continue;
-                    }
-                }
-            };
-            if n == 0 {
-                return Ok(());
-            }
-            let mut eof = false;
-            let streaming = n >= WAIT_SIZE;
-            if streaming && n >= BUF_SIZE && buf.len() < SCRATCH_SIZE {
-                buf.resize(SCRATCH_SIZE, 0);
-            }
-            if streaming {
-                while n < buf.len() {
-                    match read_now(reader, &mut buf[n..]).await {
-                        Some(Ok(0)) => eof = true,
-                        Some(Ok(m)) => {
-                            n += m;
-                            continue;
-                        }
-                        Some(Err(e)) => return Err(from.error(e)),
-                        None => {}
-                    }
-                    break;
-                }
-            }
-            self.write_out(writer, &buf[..n], to).await?;
-            if eof {
-                return Ok(());
-            }
-            if n < BUF_SIZE && buf.len() > BUF_SIZE {
-                // Records stopped streaming: back to one record's worth.
-                buf.truncate(BUF_SIZE);
-                buf.shrink_to_fit();
-            }
-        }
-    }
-
-    /// Writes `bytes` read out of a TLS stream and counts them.
-    async fn write_out<W: AsyncWrite + Unpin>(
-        &self,
-        writer: &mut W,
-        bytes: &[u8],
-        to: Side,
-    ) -> Result<(), CopyError> {
-        writer.write_all(bytes).await.map_err(|e| to.error(e))?;
-        // A TLS writer (both sides TLS) may hold bytes back: see `plain_to_tls`.
-        writer.flush().await.map_err(|e| to.error(e))?;
-        self.moved(bytes.len());
-        Ok(())
-    }
-}
-
-/// Reads what `reader` has without waiting: `None` when a read would wait.
-async fn read_now<R: AsyncRead + Unpin>(
-    reader: &mut R,
-    buf: &mut [u8],
-) -> Option<io::Result<usize>> {
-    let mut read_buf = ReadBuf::new(buf);
-    std::future::poll_fn(|cx| {
-        Poll::Ready(match Pin::new(&mut *reader).poll_read(cx, &mut read_buf) {
-            Poll::Ready(Ok(())) => Some(Ok(read_buf.filled().len())),
-            Poll::Ready(Err(e)) => Some(Err(e)),
-            Poll::Pending => None,
-        })
-    })
-    .await
 }
 
 /// Reads what `src` has into the thread's scratch buffer and hands it to `write`,
@@ -543,221 +434,4 @@ async fn idle_expired(last_activity: &AtomicU64, start: Instant, idle: Duration)
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use crate::proxy::test_support::tcp_pair as pair;
-
-    struct Rig {
-        app: TcpStream,
-        server: TcpStream,
-        task: tokio::task::JoinHandle<(Result<(), CopyError>, Transfer)>,
-    }
-
-    async fn rig(idle: Duration) -> Rig {
-        let (app, mut proxy_client) = pair().await;
-        let (mut proxy_upstream, server) = pair().await;
-        let task = tokio::spawn(async move {
-            let transfer = Transfer::default();
-            let totals = Totals {
-                sent: Counter::default(),
-                received: Counter::default(),
-            };
-            let result = copy_bidirectional(
-                &mut proxy_client,
-                &mut proxy_upstream,
-                idle,
-                &transfer,
-                totals,
-            )
-            .await;
-            (result, transfer)
-        });
-        Rig { app, server, task }
-    }
-
-    #[tokio::test]
-    async fn half_close_keeps_the_other_direction_flowing() {
-        let Rig {
-            mut app,
-            mut server,
-            task,
-        } = rig(Duration::from_secs(30)).await;
-        app.write_all(b"request").await.expect("write");
-        app.shutdown().await.expect("half-close");
-        let mut got = Vec::new();
-        server.read_to_end(&mut got).await.expect("server sees EOF");
-        assert_eq!(got, b"request");
-        // The server answers after the client's FIN; the answer still arrives.
-        let reply = vec![7u8; 300_000];
-        server.write_all(&reply).await.expect("reply");
-        server.shutdown().await.expect("close");
-        let mut back = Vec::new();
-        app.read_to_end(&mut back).await.expect("read reply");
-        assert_eq!(back, reply);
-        let (result, transfer) = task.await.expect("join");
-        result.expect("clean close");
-        assert_eq!(transfer.sent.load(Relaxed), 7);
-        assert_eq!(transfer.received.load(Relaxed), 300_000);
-    }
-
-    /// A writer that holds bytes until flushed (as a TLS stream does when its socket
-    /// is full) still delivers them without the client writing again.
-    #[tokio::test]
-    async fn bytes_a_writer_holds_back_are_flushed() {
-        let (mut app, mut proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let task = tokio::spawn(async move {
-            let mut held = tokio::io::BufWriter::new(proxy_upstream);
-            let totals = Totals {
-                sent: Counter::default(),
-                received: Counter::default(),
-            };
-            let transfer = Transfer::default();
-            copy_bidirectional(
-                &mut proxy_client,
-                &mut held,
-                Duration::from_secs(30),
-                &transfer,
-                totals,
-            )
-            .await
-        });
-        app.write_all(b"ping").await.expect("write");
-        let mut got = [0u8; 4];
-        tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got))
-            .await
-            .expect("the bytes were held back")
-            .expect("read");
-        assert_eq!(&got, b"ping");
-        task.abort();
-    }
-
-    /// Bulk bytes out of a stream that is not a plain socket (the TLS-reader path,
-    /// which batches whatever is readable) arrive byte-exact, then EOF.
-    #[tokio::test]
-    async fn bulk_out_of_a_non_plain_stream_is_byte_exact() {
-        let (mut app, mut proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let task = tokio::spawn(async move {
-            let mut opaque = tokio::io::BufWriter::new(proxy_upstream);
-            let totals = Totals {
-                sent: Counter::default(),
-                received: Counter::default(),
-            };
-            let transfer = Transfer::default();
-            let result = copy_bidirectional(
-                &mut proxy_client,
-                &mut opaque,
-                Duration::from_secs(30),
-                &transfer,
-                totals,
-            )
-            .await;
-            (result, transfer)
-        });
-        let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 249) as u8).collect();
-        let sent = data.clone();
-        let writer = tokio::spawn(async move {
-            server.write_all(&sent).await.expect("write");
-            server.shutdown().await.expect("fin");
-            server
-        });
-        let mut got = Vec::new();
-        app.read_to_end(&mut got).await.expect("read");
-        assert!(
-            got == data,
-            "bytes differ ({} of {})",
-            got.len(),
-            data.len()
-        );
-        app.shutdown().await.expect("fin");
-        drop(writer.await.expect("writer"));
-        let (result, transfer) = task.await.expect("join");
-        result.expect("clean close");
-        assert_eq!(transfer.received.load(Relaxed), 3_000_000);
-    }
-
-    /// Messages around the waiting buffer's and a record's size, some after a quiet
-    /// spell that releases the larger buffer, arrive byte-exact and in order.
-    #[tokio::test]
-    async fn messages_of_every_size_out_of_a_non_plain_stream_are_byte_exact() {
-        let (mut app, mut proxy_client) = pair().await;
-        let (proxy_upstream, mut server) = pair().await;
-        let task = tokio::spawn(async move {
-            let mut opaque = tokio::io::BufWriter::new(proxy_upstream);
-            let totals = Totals {
-                sent: Counter::default(),
-                received: Counter::default(),
-            };
-            let transfer = Transfer::default();
-            let result = copy_bidirectional(
-                &mut proxy_client,
-                &mut opaque,
-                Duration::from_secs(30),
-                &transfer,
-                totals,
-            )
-            .await;
-            (result, transfer)
-        });
-        let sizes = [
-            1,
-            WAIT_SIZE - 1,
-            WAIT_SIZE,
-            WAIT_SIZE + 1,
-            BUF_SIZE,
-            70_000,
-            5,
-        ];
-        let mut total = 0u64;
-        for (i, &size) in sizes.iter().enumerate() {
-            let message: Vec<u8> = (0..size).map(|j| ((i * 31 + j) % 253) as u8).collect();
-            server.write_all(&message).await.expect("write");
-            let mut got = vec![0u8; size];
-            app.read_exact(&mut got).await.expect("read");
-            assert!(got == message, "message {i} ({size} bytes) differs");
-            total += size as u64;
-            if i % 2 == 1 {
-                // Quiet long enough for the reader to release its larger buffer.
-                tokio::time::sleep(RELEASE_AFTER * 2).await;
-            }
-        }
-        server.shutdown().await.expect("fin");
-        app.shutdown().await.expect("fin");
-        let mut rest = Vec::new();
-        app.read_to_end(&mut rest).await.expect("eof");
-        assert!(rest.is_empty(), "{} stray bytes", rest.len());
-        let (result, transfer) = task.await.expect("join");
-        result.expect("clean close");
-        assert_eq!(transfer.received.load(Relaxed), total);
-    }
-
-    #[tokio::test]
-    async fn idle_connection_is_closed() {
-        let Rig {
-            app: _app,
-            server: _server,
-            task,
-        } = rig(Duration::from_millis(200)).await;
-        let started = std::time::Instant::now();
-        let (result, _) = task.await.expect("join");
-        assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
-        assert!(started.elapsed() < Duration::from_secs(5));
-    }
-
-    #[tokio::test]
-    async fn reset_ends_both_directions() {
-        let Rig {
-            app,
-            mut server,
-            task,
-        } = rig(Duration::from_secs(30)).await;
-        app.set_zero_linger().expect("linger");
-        drop(app);
-        let (result, _) = task.await.expect("join");
-        assert!(matches!(result, Err(CopyError::Client(_))), "{result:?}");
-        let mut rest = Vec::new();
-        // The proxy dropped its upstream socket, so the server sees the end.
-        let _ = server.read_to_end(&mut rest).await;
-    }
-}
+mod tests;

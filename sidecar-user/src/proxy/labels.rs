@@ -1,8 +1,15 @@
-//! Label sets and label values. Values are lower-case words, as Prometheus users expect.
+//! The data path's vocabulary (which way a connection goes, whether it carried TLS,
+//! why it ended) and the label sets of its metrics. Values are lower-case words, as
+//! Prometheus users expect.
 
 use std::fmt::Write;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue, LabelValueEncoder};
+
+/// Service label of connections to destinations that are not services.
+pub const PASSTHROUGH: &str = "passthrough";
+/// Peer identity label without mTLS.
+pub const NO_IDENTITY: &str = "none";
 
 /// Which way a connection goes through the pod.
 #[derive(Clone, Copy, Debug, Hash, PartialEq, Eq)]
@@ -164,11 +171,4 @@ impl CloseLabels {
 pub struct LookupLabels {
     /// found / missing.
     pub result: &'static str,
-}
-
-/// Labels of the folded-label counter.
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-pub struct FoldLabels {
-    /// The label whose values were folded.
-    pub label: String,
 }

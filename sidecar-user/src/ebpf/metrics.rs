@@ -11,7 +11,7 @@ use prometheus_client::{
 };
 use sidecar_common::{ORIG_DST_MAP_CAPACITY, map_names};
 
-use crate::ebpf::KernelMaps;
+use super::KernelMaps;
 
 /// Reads the kernel maps on each scrape.
 pub struct KernelCollector {
@@ -25,9 +25,9 @@ impl std::fmt::Debug for KernelCollector {
 }
 
 impl KernelCollector {
-    /// A collector over `kernel`.
-    pub fn new(kernel: Arc<KernelMaps>) -> Self {
-        Self { kernel }
+    /// Registers the collector over `kernel`.
+    pub fn register(kernel: Arc<KernelMaps>, registry: &mut prometheus_client::registry::Registry) {
+        registry.register_collector(Box::new(Self { kernel }));
     }
 }
 

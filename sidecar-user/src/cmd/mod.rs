@@ -1,0 +1,6 @@
+//! What only the `sidecar` binary's subcommands use (never the running proxy):
+//! `inject`, the admin client behind `connections`, its table.
+
+pub mod admin_client;
+pub mod connections;
+pub mod inject;

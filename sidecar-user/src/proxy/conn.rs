@@ -1,0 +1,411 @@
+//! The shared tail of every connection, whichever way it goes: one guard opened at
+//! accept ([`Conn`], holding the [`ConnRecorder`]), then either a refusal or the copy
+//! both ways, entered in the connection table, until EOF, an error, the idle timeout,
+//! a forced drain or a revoked peer; and the close reason.
+//!
+//! [`crate::proxy::outbound`] and [`crate::proxy::inbound`] decide where a connection
+//! goes and connect there; everything after the connect is here.
+
+use std::{future::Future, net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
+
+use tokio::{
+    io::AsyncWriteExt,
+    net::{TcpListener, TcpStream},
+};
+use tracing::{Instrument, debug, info_span, warn};
+
+use crate::{
+    drain::DrainWatcher,
+    ebpf::KernelMaps,
+    mesh::{
+        MeshConnector, MeshTarget, PeerIdentity,
+        peer_policy::{Admission as PeerAdmission, PeerPolicy},
+    },
+    proxy::{
+        ClientAddr, CloseReason, Direction, OrigDstAddr,
+        addr::unmap,
+        admission::InboundPolicy,
+        connections::{ConnTable, Entry},
+        copy::{self, CopyError},
+        labels::{PASSTHROUGH, ServiceLabels},
+        listener,
+        metrics::{ConnRecorder, ProxyMetrics},
+        pod_addrs::PodAddrs,
+        socket_opts::DeadPeer,
+        unauthenticated::Gate,
+        upstream::{self, Upstream, UpstreamError},
+    },
+    service::{Admission, EndpointLease, Overflow, Services},
+    tls::{IdentityMatcher, read_ahead::ReadAhead},
+};
+
+/// What every connection task shares.
+pub struct Inputs {
+    /// Kernel maps; `orig_dst` holds the original destinations of outbound connections.
+    pub kernel: Arc<KernelMaps>,
+    /// The sidecar's own ports: a destination on one of them is a loop.
+    pub own_ports: Vec<u16>,
+    /// Budget for connecting upstream.
+    pub connect_timeout: Duration,
+    /// Close after this long without bytes.
+    pub idle_timeout: Duration,
+    /// Connection metrics.
+    pub metrics: Arc<ProxyMetrics>,
+    /// Open connections, for `/connections`.
+    pub connections: Arc<ConnTable>,
+    /// What inbound ports accept.
+    pub inbound: InboundPolicy,
+    /// Outbound destinations reached over mTLS, when an identity is configured.
+    pub mesh: Option<Mesh>,
+    /// Services (virtual addresses) and the outbound traffic policy.
+    pub services: Arc<Services>,
+    /// The pod's own addresses: a destination among them is reached in plaintext, and
+    /// outbound affinity hashes the pod IP rather than loopback.
+    pub pod: PodAddrs,
+    /// Keepalive and user timeout of sockets to and from other hosts.
+    pub dead_peer: DeadPeer,
+    /// Bounds inbound connections still in detection or handshake.
+    pub unauthenticated: Arc<Gate>,
+    /// The live identity rules, when an identity is configured.
+    pub peers: Option<Arc<PeerPolicy>>,
+}
+
+/// Where outbound connections originate mTLS.
+pub struct Mesh {
+    /// Destinations that have a sidecar.
+    pub cidrs: Vec<ipnet::IpNet>,
+    /// Originates mTLS and checks the server's identity.
+    pub client: MeshConnector,
+}
+
+impl Mesh {
+    /// Whether `ip` is in the mesh.
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        self.cidrs.iter().any(|net| net.contains(&ip))
+    }
+}
+
+/// The accepted side of a connection: a plain socket, or mTLS terminated over one
+/// from a peer sidecar that proved its identity.
+pub enum Downstream {
+    /// Bytes pass as they are.
+    Plain(TcpStream),
+    /// mTLS from a client sidecar.
+    Mtls(
+        Box<tokio_rustls::server::TlsStream<ReadAhead>>,
+        PeerIdentity,
+    ),
+}
+
+impl Downstream {
+    /// The TCP socket underneath.
+    pub fn tcp(&self) -> &TcpStream {
+        match self {
+            Downstream::Plain(tcp) => tcp,
+            Downstream::Mtls(tls, _) => tls.get_ref().0.tcp(),
+        }
+    }
+}
+
+/// An open upstream and what the connection needs to know about it.
+pub struct Connected {
+    /// The connected side.
+    pub up: Upstream,
+    /// Where the application was going.
+    pub dst: OrigDstAddr,
+    /// Where the proxy connected: the original destination, or a service endpoint.
+    pub endpoint: SocketAddr,
+    /// The server sidecar's identity, outbound over mTLS.
+    pub server: Option<PeerIdentity>,
+    /// The service's `server_identity` when the connection was made: a reload of the
+    /// identity rules re-checks the peer against it (a reload that changes only the
+    /// service's `server_identity` applies to new connections).
+    pub server_identity: Option<IdentityMatcher>,
+    /// A service's connection slot and the endpoint's active count, held while open.
+    pub leases: Option<(Admission, EndpointLease)>,
+}
+
+/// Why a connection was not carried.
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    /// The kernel has no original destination for this connection.
+    #[error("no original destination recorded for this connection (not captured, or evicted)")]
+    NoOrigDst,
+    /// Reading the original destination failed.
+    #[error("reading the original destination: {0}")]
+    OrigDstLookup(std::io::Error),
+    /// The destination is one of the sidecar's own ports.
+    #[error("destination {0} is the proxy itself")]
+    Loop(OrigDstAddr),
+    /// `outbound.policy: registry_only` and not a service.
+    #[error("destination {0} is not a service and outbound.policy is registry_only")]
+    NotInRegistry(OrigDstAddr),
+    /// The service's circuit breaker is open.
+    #[error("service {0}: {1}, connection refused")]
+    Overflow(String, Overflow),
+    /// The service has no endpoint left to try.
+    #[error("service {0} has no endpoint to try")]
+    NoEndpoint(String),
+    /// Every attempt failed.
+    #[error("service {service}: all {attempts} attempts failed, last: {last}")]
+    Exhausted {
+        /// The service.
+        service: String,
+        /// How many endpoints were tried.
+        attempts: usize,
+        /// The last attempt's error.
+        last: UpstreamError,
+    },
+    /// Connecting to the one destination failed.
+    #[error(transparent)]
+    Upstream(#[from] UpstreamError),
+}
+
+impl ConnError {
+    /// The close reason recorded for it.
+    pub fn reason(&self) -> CloseReason {
+        match self {
+            ConnError::NoOrigDst | ConnError::OrigDstLookup(_) => CloseReason::NoDestination,
+            ConnError::Loop(_) => CloseReason::Loop,
+            ConnError::NotInRegistry(_) => CloseReason::PolicyDenied,
+            ConnError::Overflow(..) => CloseReason::Overflow,
+            ConnError::NoEndpoint(_) => CloseReason::Refused,
+            ConnError::Exhausted { last, .. } => last.reason(),
+            ConnError::Upstream(e) => e.reason(),
+        }
+    }
+}
+
+/// One accepted connection on its way through the proxy: what it shares with the
+/// others, and its metrics guard (opened at accept, closed when this is dropped).
+pub struct Conn {
+    /// Shared state.
+    pub inputs: Arc<Inputs>,
+    /// Which way it goes.
+    pub direction: Direction,
+    /// The peer that connected to the proxy.
+    pub client: ClientAddr,
+    /// The metrics guard.
+    pub recorder: ConnRecorder,
+    drain: DrainWatcher,
+}
+
+/// Accepts on `listener` until a drain starts; each connection is a tracked task
+/// running `handle`.
+pub async fn accept_loop<F, Fut>(
+    listener: TcpListener,
+    direction: Direction,
+    inputs: Arc<Inputs>,
+    drain: DrainWatcher,
+    handle: F,
+) where
+    F: Fn(Conn, TcpStream) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener::accept(&listener) => accepted,
+            () = drain.wait_for_drain() => break,
+        };
+        // Before anything is written: a handshake or the mesh status byte held back
+        // by Nagle's algorithm waits for the peer's delayed ACK.
+        let _ = stream.set_nodelay(true);
+        let client = ClientAddr(unmap(peer));
+        let span = info_span!("conn", direction = direction.as_str(), %client);
+        let conn = Conn {
+            recorder: ConnRecorder::start(&inputs.metrics, direction),
+            inputs: inputs.clone(),
+            direction,
+            client,
+            drain: drain.clone(),
+        };
+        drain.spawn(handle(conn, stream).instrument(span));
+    }
+}
+
+/// How the copying phase of a connection ended.
+enum Ended {
+    /// Both ways finished, or one failed.
+    Copied(Result<(), CopyError>),
+    /// The drain's grace period ran out.
+    Drained,
+    /// The identity rules changed and no longer allow the peer.
+    Revoked,
+}
+
+impl Conn {
+    /// Connects straight to `dst`, not to a service: the application inbound, a
+    /// passthrough destination outbound (over the mesh protocol when `mesh` says so).
+    pub async fn connect_direct(
+        &self,
+        dst: OrigDstAddr,
+        mesh: Option<MeshTarget<'_>>,
+    ) -> Result<Connected, ConnError> {
+        let inputs = &self.inputs;
+        let deadline = tokio::time::Instant::now() + inputs.connect_timeout;
+        let started = std::time::Instant::now();
+        // Outbound sockets go to other hosts: dead ones must be noticed.
+        let dead_peer = (self.direction == Direction::Outbound).then_some(&inputs.dead_peer);
+        let (up, server) = upstream::open(dst.0, self.direction, deadline, mesh, dead_peer).await?;
+        let labels = ServiceLabels {
+            direction: self.direction,
+            service: PASSTHROUGH.into(),
+        };
+        inputs.metrics.upstream_connected(&labels, started);
+        Ok(Connected {
+            up,
+            dst,
+            endpoint: dst.0,
+            server,
+            server_identity: None,
+            leases: None,
+        })
+    }
+
+    /// Carries the connection to `connected`, or refuses it with the error,
+    /// recording either.
+    pub async fn carry(mut self, mut down: Downstream, connected: Result<Connected, ConnError>) {
+        let client_peer = match &down {
+            Downstream::Mtls(_, peer) => Some(peer.clone()),
+            Downstream::Plain(_) => None,
+        };
+        // The peer identity is the client's inbound and the server's outbound.
+        let peer = match &connected {
+            Ok(c) => client_peer.clone().or_else(|| c.server.clone()),
+            Err(_) => client_peer.clone(),
+        };
+        self.recorder.label(peer.as_ref());
+        let connected = match connected {
+            Ok(c) => c,
+            Err(error) => {
+                warn!(%error, "refusing connection");
+                self.recorder.set_reason(error.reason());
+                if let Downstream::Mtls(tls, _) = &mut down {
+                    let _ = tls.shutdown().await;
+                } else {
+                    // Reset rather than FIN: the app sees a refused/reset connection,
+                    // as it would have without the proxy.
+                    let _ = down.tcp().set_zero_linger();
+                }
+                return;
+            }
+        };
+        // What the peer was admitted as, so a reload of the identity rules can end it.
+        let admission = match (&client_peer, &connected.server) {
+            (Some(client), _) => Some(PeerAdmission::Client(client.id.clone())),
+            (None, Some(server)) => Some(PeerAdmission::Server {
+                ip: connected.endpoint.ip(),
+                id: server.id.clone(),
+                service: connected.server_identity.clone(),
+            }),
+            (None, None) => None,
+        };
+        self.copy(down, connected, peer, admission).await;
+    }
+
+    /// Copies until the connection ends, then records why.
+    async fn copy(
+        mut self,
+        mut down: Downstream,
+        connected: Connected,
+        peer: Option<PeerIdentity>,
+        admission: Option<PeerAdmission>,
+    ) {
+        let Connected {
+            mut up,
+            dst,
+            endpoint,
+            leases: _leases,
+            ..
+        } = connected;
+        let identity = peer.as_ref().map(|p| p.id.to_string());
+        let inputs = &self.inputs;
+        let registration = inputs.connections.register(Entry {
+            direction: self.direction,
+            client: self.client.0,
+            orig_dst: dst.0,
+            endpoint,
+            peer_identity: identity.clone(),
+            tls: peer.is_some(),
+            started: std::time::Instant::now(),
+            transfer: self.recorder.transfer.clone(),
+            upstream_fd: up.tcp().as_raw_fd(),
+        });
+        let transfer = self.recorder.transfer.clone();
+        let totals = self.recorder.totals();
+        let revoked = async {
+            match (&admission, &inputs.peers) {
+                (Some(admission), Some(peers)) => peers.revoked(admission).await,
+                _ => std::future::pending().await,
+            }
+        };
+        let ended = tokio::select! {
+            result = copy_between(&mut down, &mut up, inputs.idle_timeout, &transfer, totals) => Ended::Copied(result),
+            () = self.drain.forced() => Ended::Drained,
+            () = revoked => Ended::Revoked,
+        };
+        // Leave the table before the sockets close (see `ConnTable::snapshot`).
+        drop(registration);
+        let sent = transfer.sent.load(std::sync::atomic::Ordering::Relaxed);
+        let received = transfer.received.load(std::sync::atomic::Ordering::Relaxed);
+        let reason = match &ended {
+            Ended::Copied(Ok(())) => CloseReason::Normal,
+            Ended::Copied(Err(CopyError::Idle(_))) => CloseReason::Idle,
+            // Keepalive probes or sent data went unanswered: the peer is gone.
+            Ended::Copied(Err(CopyError::Client(e) | CopyError::Upstream(e)))
+                if e.raw_os_error() == Some(libc::ETIMEDOUT) =>
+            {
+                CloseReason::PeerLost
+            }
+            Ended::Copied(Err(_)) => CloseReason::Reset,
+            Ended::Drained => CloseReason::Drained,
+            Ended::Revoked => CloseReason::PolicyDenied,
+        };
+        self.recorder.set_reason(reason);
+        let peer_identity = identity.as_deref().unwrap_or("-");
+        if !matches!(
+            ended,
+            Ended::Copied(Ok(())) | Ended::Copied(Err(CopyError::Idle(_)))
+        ) {
+            // Pass a reset on to the other side, so neither end waits on a dead peer.
+            let _ = down.tcp().set_zero_linger();
+            let _ = up.tcp().set_zero_linger();
+        }
+        match ended {
+            Ended::Copied(Ok(())) | Ended::Copied(Err(CopyError::Idle(_))) => {
+                debug!(%dst, %endpoint, peer_identity, sent, received, reason = reason.as_str(), "connection closed")
+            }
+            Ended::Copied(Err(error)) => {
+                debug!(%dst, %endpoint, peer_identity, sent, received, %error, reason = reason.as_str(), "connection closed");
+            }
+            Ended::Drained => {
+                warn!(%dst, %endpoint, peer_identity, sent, received, "connection closed by drain after the grace period");
+            }
+            Ended::Revoked => {
+                warn!(%dst, %endpoint, peer_identity, sent, received, "connection closed: the reloaded identity rules no longer allow this peer");
+            }
+        }
+    }
+}
+
+/// Copies both ways; plain sides are used as sockets (no buffer of their own, splice
+/// between two of them).
+async fn copy_between(
+    down: &mut Downstream,
+    up: &mut Upstream,
+    idle: Duration,
+    transfer: &copy::Transfer,
+    totals: copy::Totals,
+) -> Result<(), CopyError> {
+    use copy::copy_bidirectional as copy;
+    match (down, up) {
+        (Downstream::Plain(d), Upstream::Plain(u)) => copy(d, u, idle, transfer, totals).await,
+        (Downstream::Plain(d), Upstream::Tls(u)) => copy(d, &mut **u, idle, transfer, totals).await,
+        (Downstream::Mtls(d, _), Upstream::Plain(u)) => {
+            copy(&mut **d, u, idle, transfer, totals).await
+        }
+        (Downstream::Mtls(d, _), Upstream::Tls(u)) => {
+            copy(&mut **d, &mut **u, idle, transfer, totals).await
+        }
+    }
+}

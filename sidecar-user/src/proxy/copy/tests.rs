@@ -1,0 +1,220 @@
+//! Copying both ways: half-close, flushes, bulk, idle, reset.
+
+use tokio::io::AsyncReadExt;
+
+use super::{
+    tls_read::{BUF_SIZE, RELEASE_AFTER, WAIT_SIZE},
+    *,
+};
+use crate::proxy::test_support::tcp_pair as pair;
+
+struct Rig {
+    app: TcpStream,
+    server: TcpStream,
+    task: tokio::task::JoinHandle<(Result<(), CopyError>, Transfer)>,
+}
+
+async fn rig(idle: Duration) -> Rig {
+    let (app, mut proxy_client) = pair().await;
+    let (mut proxy_upstream, server) = pair().await;
+    let task = tokio::spawn(async move {
+        let transfer = Transfer::default();
+        let totals = Totals {
+            sent: Counter::default(),
+            received: Counter::default(),
+        };
+        let result = copy_bidirectional(
+            &mut proxy_client,
+            &mut proxy_upstream,
+            idle,
+            &transfer,
+            totals,
+        )
+        .await;
+        (result, transfer)
+    });
+    Rig { app, server, task }
+}
+
+#[tokio::test]
+async fn half_close_keeps_the_other_direction_flowing() {
+    let Rig {
+        mut app,
+        mut server,
+        task,
+    } = rig(Duration::from_secs(30)).await;
+    app.write_all(b"request").await.expect("write");
+    app.shutdown().await.expect("half-close");
+    let mut got = Vec::new();
+    server.read_to_end(&mut got).await.expect("server sees EOF");
+    assert_eq!(got, b"request");
+    // The server answers after the client's FIN; the answer still arrives.
+    let reply = vec![7u8; 300_000];
+    server.write_all(&reply).await.expect("reply");
+    server.shutdown().await.expect("close");
+    let mut back = Vec::new();
+    app.read_to_end(&mut back).await.expect("read reply");
+    assert_eq!(back, reply);
+    let (result, transfer) = task.await.expect("join");
+    result.expect("clean close");
+    assert_eq!(transfer.sent.load(Relaxed), 7);
+    assert_eq!(transfer.received.load(Relaxed), 300_000);
+}
+
+/// A writer that holds bytes until flushed (as a TLS stream does when its socket
+/// is full) still delivers them without the client writing again.
+#[tokio::test]
+async fn bytes_a_writer_holds_back_are_flushed() {
+    let (mut app, mut proxy_client) = pair().await;
+    let (proxy_upstream, mut server) = pair().await;
+    let task = tokio::spawn(async move {
+        let mut held = tokio::io::BufWriter::new(proxy_upstream);
+        let totals = Totals {
+            sent: Counter::default(),
+            received: Counter::default(),
+        };
+        let transfer = Transfer::default();
+        copy_bidirectional(
+            &mut proxy_client,
+            &mut held,
+            Duration::from_secs(30),
+            &transfer,
+            totals,
+        )
+        .await
+    });
+    app.write_all(b"ping").await.expect("write");
+    let mut got = [0u8; 4];
+    tokio::time::timeout(Duration::from_secs(5), server.read_exact(&mut got))
+        .await
+        .expect("the bytes were held back")
+        .expect("read");
+    assert_eq!(&got, b"ping");
+    task.abort();
+}
+
+/// A copy whose destination side is not a plain socket (a buffered writer stands in
+/// for a TLS stream), so bytes coming back take the TLS-reader path.
+async fn opaque_rig() -> Rig {
+    let (app, mut proxy_client) = pair().await;
+    let (proxy_upstream, server) = pair().await;
+    let task = tokio::spawn(async move {
+        let mut opaque = tokio::io::BufWriter::new(proxy_upstream);
+        let totals = Totals {
+            sent: Counter::default(),
+            received: Counter::default(),
+        };
+        let transfer = Transfer::default();
+        let result = copy_bidirectional(
+            &mut proxy_client,
+            &mut opaque,
+            Duration::from_secs(30),
+            &transfer,
+            totals,
+        )
+        .await;
+        (result, transfer)
+    });
+    Rig { app, server, task }
+}
+
+/// Bulk bytes out of a stream that is not a plain socket (the TLS-reader path,
+/// which batches whatever is readable) arrive byte-exact, then EOF.
+#[tokio::test]
+async fn bulk_out_of_a_non_plain_stream_is_byte_exact() {
+    let Rig {
+        mut app,
+        mut server,
+        task,
+    } = opaque_rig().await;
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 249) as u8).collect();
+    let sent = data.clone();
+    let writer = tokio::spawn(async move {
+        server.write_all(&sent).await.expect("write");
+        server.shutdown().await.expect("fin");
+        server
+    });
+    let mut got = Vec::new();
+    app.read_to_end(&mut got).await.expect("read");
+    assert!(
+        got == data,
+        "bytes differ ({} of {})",
+        got.len(),
+        data.len()
+    );
+    app.shutdown().await.expect("fin");
+    drop(writer.await.expect("writer"));
+    let (result, transfer) = task.await.expect("join");
+    result.expect("clean close");
+    assert_eq!(transfer.received.load(Relaxed), 3_000_000);
+}
+
+/// Messages around the waiting buffer's and a record's size, some after a quiet
+/// spell that releases the larger buffer, arrive byte-exact and in order.
+#[tokio::test]
+async fn messages_of_every_size_out_of_a_non_plain_stream_are_byte_exact() {
+    let Rig {
+        mut app,
+        mut server,
+        task,
+    } = opaque_rig().await;
+    let sizes = [
+        1,
+        WAIT_SIZE - 1,
+        WAIT_SIZE,
+        WAIT_SIZE + 1,
+        BUF_SIZE,
+        70_000,
+        5,
+    ];
+    let mut total = 0u64;
+    for (i, &size) in sizes.iter().enumerate() {
+        let message: Vec<u8> = (0..size).map(|j| ((i * 31 + j) % 253) as u8).collect();
+        server.write_all(&message).await.expect("write");
+        let mut got = vec![0u8; size];
+        app.read_exact(&mut got).await.expect("read");
+        assert!(got == message, "message {i} ({size} bytes) differs");
+        total += size as u64;
+        if i % 2 == 1 {
+            // Quiet long enough for the reader to release its larger buffer.
+            tokio::time::sleep(RELEASE_AFTER * 2).await;
+        }
+    }
+    server.shutdown().await.expect("fin");
+    app.shutdown().await.expect("fin");
+    let mut rest = Vec::new();
+    app.read_to_end(&mut rest).await.expect("eof");
+    assert!(rest.is_empty(), "{} stray bytes", rest.len());
+    let (result, transfer) = task.await.expect("join");
+    result.expect("clean close");
+    assert_eq!(transfer.received.load(Relaxed), total);
+}
+
+#[tokio::test]
+async fn idle_connection_is_closed() {
+    let Rig {
+        app: _app,
+        server: _server,
+        task,
+    } = rig(Duration::from_millis(200)).await;
+    let started = std::time::Instant::now();
+    let (result, _) = task.await.expect("join");
+    assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn reset_ends_both_directions() {
+    let Rig {
+        app,
+        mut server,
+        task,
+    } = rig(Duration::from_secs(30)).await;
+    app.set_zero_linger().expect("linger");
+    drop(app);
+    let (result, _) = task.await.expect("join");
+    assert!(matches!(result, Err(CopyError::Client(_))), "{result:?}");
+    let mut rest = Vec::new();
+    // The proxy dropped its upstream socket, so the server sees the end.
+    let _ = server.read_to_end(&mut rest).await;
+}
