@@ -141,10 +141,15 @@ impl Sidecar {
             .get_envs()
             .filter_map(|(k, v)| Some((k.to_owned(), v?.to_owned())))
             .collect();
-        cmd.env_clear()
-            .envs(extra)
+        // The pod's pin folder, unless the caller chose one (a pod whose sandbox was
+        // replaced keeps its pins).
+        let pins_given = extra.iter().any(|(k, _)| k == "SIDECAR__PINS__DIR");
+        cmd.env_clear();
+        if !pins_given {
+            cmd.env("SIDECAR__PINS__DIR", pod.pins_dir());
+        }
+        cmd.envs(extra)
             .env("RUST_LOG", log_filter)
-            .env("SIDECAR__PINS__DIR", pod.pins_dir())
             .env("PATH", std::env::var_os("PATH").unwrap_or_default())
             .args(["run", "--config"])
             .arg(&config_path)

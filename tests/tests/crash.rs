@@ -275,3 +275,51 @@ fn a_restart_without_inbound_capture_leaves_no_stale_inbound_program() {
             .any(|p| p.ends_with("inbound_lookup"))
     );
 }
+
+/// A pod's sandbox is replaced (new network namespace, same pod cgroup) while the old
+/// namespace is still alive, after its sidecar crashed. The restarted sidecar must
+/// capture inbound traffic in the new namespace: taking over the pinned `sk_lookup`
+/// link would leave it in the old one, and the new pod's app would be reached around
+/// the proxy.
+#[test]
+fn a_restart_in_a_new_network_namespace_captures_inbound_there() {
+    let mut net = Net::new("new-netns");
+    let old = net.pod("app");
+    let peer = net.pod("peer");
+    let (_echo, _) = echo_server(&old, 8080);
+    let sidecar = Sidecar::start(&old, "", Placement::InPodCgroup);
+    sidecar.crash();
+    // The replacement sandbox: a new namespace, the pod's cgroup and pins.
+    let fresh = net.pod("app-new");
+    let replaced = Pod {
+        cgroup: old.cgroup.clone(),
+        ..fresh.clone()
+    };
+    let (_echo, dst) = echo_server(&replaced, 8080);
+    let pins = old.pins_dir();
+    let pins = pins.to_string_lossy();
+    let sidecar = Sidecar::start_env(&replaced, "", &[("SIDECAR__PINS__DIR", &pins)]);
+    let before = sidecar.metric(
+        "sidecar_connections_opened_total",
+        &[("direction", "inbound")],
+    );
+    let sent = tally(&peer, &dst, 3, 0);
+    assert_eq!(sent["ok"], 3, "{sent}");
+    let opened = sidecar.metric(
+        "sidecar_connections_opened_total",
+        &[("direction", "inbound")],
+    );
+    assert_eq!(
+        opened - before,
+        3.0,
+        "inbound connections to the new namespace went around the proxy:\n{}",
+        sidecar.logs()
+    );
+    assert!(
+        sidecar
+            .logs()
+            .contains("a pinned link is attached elsewhere"),
+        "{}",
+        sidecar.logs()
+    );
+}

@@ -23,7 +23,7 @@ use crate::{
         logs::{KernelLogger, kernel_log_level},
         maps::KernelMaps,
         orig_dst::OrigDstTable,
-        pins::{self, PinDir},
+        pins::{self, LinkTarget, PinDir},
     },
 };
 
@@ -163,8 +163,12 @@ impl Capture {
             path: cgroup.to_owned(),
             source,
         })?;
+        let target = LinkTarget::cgroup(&dir).map_err(|source| CaptureError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
         let name = program_names::SOCK_OPS;
-        self.attach_pinned(name, |prog: &mut SockOps, pin| {
+        self.attach_pinned(name, target, |prog: &mut SockOps, pin| {
             let id = prog
                 .attach(dir.as_fd(), LINK_MODE)
                 .map_err(program_error(name))?;
@@ -172,7 +176,7 @@ impl Capture {
                 .transpose()
         })?;
         for name in [program_names::CONNECT4, program_names::CONNECT6] {
-            self.attach_pinned(name, |prog: &mut CgroupSockAddr, pin| {
+            self.attach_pinned(name, target, |prog: &mut CgroupSockAddr, pin| {
                 let id = prog
                     .attach(dir.as_fd(), LINK_MODE)
                     .map_err(program_error(name))?;
@@ -190,12 +194,13 @@ impl Capture {
     fn attach_pinned<P>(
         &mut self,
         name: &'static str,
+        target: LinkTarget,
         attach: impl FnOnce(&mut P, bool) -> Result<Option<FdLink>, CaptureError>,
     ) -> Result<(), CaptureError>
     where
         for<'a> &'a mut P: TryFrom<&'a mut aya::programs::Program, Error = ProgramError>,
     {
-        if self.take_over(name)? {
+        if self.take_over(name, target)? {
             return Ok(());
         }
         let pin = self.pins.is_some();
@@ -212,7 +217,7 @@ impl Capture {
     }
 
     /// Swaps program `name` into its pinned link, if there is one (a previous run).
-    fn take_over(&mut self, name: &'static str) -> Result<bool, CaptureError> {
+    fn take_over(&mut self, name: &'static str, target: LinkTarget) -> Result<bool, CaptureError> {
         let Some(pins) = &self.pins else {
             return Ok(false);
         };
@@ -224,7 +229,7 @@ impl Capture {
         let fd = prog
             .fd()
             .map_err(|source| CaptureError::Program { name, source })?;
-        let taken = pins::take_over(&path, fd.as_fd()).map_err(|e| CaptureError::Pin {
+        let taken = pins::take_over(&path, fd.as_fd(), target).map_err(|e| CaptureError::Pin {
             name,
             reason: e.to_string(),
         })?;
@@ -278,8 +283,12 @@ impl Capture {
             path: PathBuf::from(path),
             source,
         })?;
+        let target = LinkTarget::netns(&netns).map_err(|source| CaptureError::Netns {
+            path: PathBuf::from(path),
+            source,
+        })?;
         let name = program_names::SK_LOOKUP;
-        self.attach_pinned(name, |prog: &mut SkLookup, pin| {
+        self.attach_pinned(name, target, |prog: &mut SkLookup, pin| {
             let id = prog.attach(netns).map_err(program_error(name))?;
             let link = pin.then(|| prog.take_link(id).map(FdLink::from));
             link.transpose().map_err(program_error(name))

@@ -135,9 +135,41 @@ impl PinDir {
     }
 }
 
-/// Whether the link behind `fd` is still attached (to a live cgroup or namespace):
-/// a detached cgroup link reports cgroup id 0, a detached netns link inode 0.
+/// What a link is attached to, as the kernel reports it: a detached cgroup link shows
+/// cgroup id 0, a detached netns link inode 0.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LinkTarget {
+    /// A cgroup, by id (the inode number of its cgroup2 directory).
+    Cgroup(u64),
+    /// A network namespace, by inode number.
+    Netns(u32),
+    /// Another kind of link.
+    Other,
+}
+
+impl LinkTarget {
+    /// The cgroup whose directory `dir` is open.
+    pub fn cgroup(dir: &std::fs::File) -> io::Result<Self> {
+        Ok(Self::Cgroup(dir.metadata()?.ino()))
+    }
+
+    /// The network namespace `ns` (an open `/proc/.../ns/net`).
+    pub fn netns(ns: &std::fs::File) -> io::Result<Self> {
+        // The kernel reports a namespace's inode number as 32 bits.
+        Ok(Self::Netns(ns.metadata()?.ino() as u32))
+    }
+}
+
+/// Whether the link behind `fd` is still attached (to a live cgroup or namespace).
 pub fn link_attached(fd: BorrowedFd<'_>) -> io::Result<bool> {
+    Ok(!matches!(
+        link_target(fd)?,
+        LinkTarget::Cgroup(0) | LinkTarget::Netns(0)
+    ))
+}
+
+/// What the link behind `fd` is attached to.
+pub fn link_target(fd: BorrowedFd<'_>) -> io::Result<LinkTarget> {
     // struct bpf_link_info: type, id, prog_id, then (8-aligned) the per-type union:
     // cgroup { u64 cgroup_id; u32 attach_type }, netns { u32 netns_ino; u32 attach_type }.
     let mut info = [0u64; 8];
@@ -156,9 +188,9 @@ pub fn link_attached(fd: BorrowedFd<'_>) -> io::Result<bool> {
     bpf(BPF_OBJ_GET_INFO_BY_FD, &attr)?;
     let link_type = info[0] as u32;
     Ok(match link_type {
-        LINK_TYPE_CGROUP => info[2] != 0,
-        LINK_TYPE_NETNS => info[2] as u32 != 0,
-        _ => true,
+        LINK_TYPE_CGROUP => LinkTarget::Cgroup(info[2]),
+        LINK_TYPE_NETNS => LinkTarget::Netns(info[2] as u32),
+        _ => LinkTarget::Other,
     })
 }
 
@@ -275,23 +307,39 @@ fn mount_bpffs_if_missing(root: &Path) -> Result<(), PinError> {
     Ok(())
 }
 
-/// If a link is pinned at `path`, swaps `prog` into it and returns the link. A pin
-/// whose link can no longer be updated (detached by a clean stop, or its cgroup or
-/// namespace gone) is removed and `None` returned, as when there is no pin: the caller
-/// then attaches afresh.
-pub fn take_over(path: &Path, prog: BorrowedFd<'_>) -> io::Result<Option<OwnedFd>> {
+/// If a link attached to `target` is pinned at `path`, swaps `prog` into it and
+/// returns the link. A pin whose link can no longer be updated (detached by a clean
+/// stop, or its cgroup or namespace gone) is removed and `None` returned, as when there
+/// is no pin: the caller then attaches afresh. So is a pin whose link is attached
+/// elsewhere (the pod's previous network namespace, still alive after its sandbox was
+/// replaced): taking it over would leave `target` uncaptured, so that link is detached
+/// first.
+pub fn take_over(
+    path: &Path,
+    prog: BorrowedFd<'_>,
+    target: LinkTarget,
+) -> io::Result<Option<OwnedFd>> {
     let link = match obj_get(path) {
         Ok(fd) => fd,
         Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(None),
         Err(e) => return Err(e),
     };
+    let stale = || match std::fs::remove_file(path) {
+        // Another sidecar's garbage collection got there first.
+        Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
+        _ => Ok(None),
+    };
+    let found = link_target(link.as_fd())?;
+    if found != target {
+        if link_attached(link.as_fd())? {
+            tracing::warn!(pin = %path.display(), ?found, expected = ?target, "a pinned link is attached elsewhere (a previous network namespace of this pod?): detaching it");
+            link_detach(link.as_fd())?;
+        }
+        return stale();
+    }
     match link_update(link.as_raw_fd(), prog.as_raw_fd()) {
         Ok(()) => Ok(Some(link)),
-        Err(_) => match std::fs::remove_file(path) {
-            // Another sidecar's garbage collection got there first.
-            Err(e) if e.kind() != io::ErrorKind::NotFound => Err(e),
-            _ => Ok(None),
-        },
+        Err(_) => stale(),
     }
 }
 
