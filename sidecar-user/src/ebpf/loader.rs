@@ -418,20 +418,15 @@ fn write_rules(ebpf: &mut Ebpf, config: &Config) -> Result<(), CaptureError> {
         .set(0, settings, 0)
         .map_err(|source| CaptureError::Map { name, source })?;
 
-    let name = map_names::PORT_RULES;
-    let mut ports: HashMap<&mut MapData, u16, u32> = map_mut(ebpf, name)?;
-    for (port, rule) in port_rules(config) {
-        ports
-            .insert(port, rule, 0)
-            .map_err(|source| CaptureError::Map { name, source })?;
-    }
-
-    let name = map_names::INBOUND_PORTS;
-    let mut inbound: HashMap<&mut MapData, u16, u32> = map_mut(ebpf, name)?;
-    for (port, rule) in inbound_rules(config) {
-        inbound
-            .insert(port, rule, 0)
-            .map_err(|source| CaptureError::Map { name, source })?;
+    for (name, rules) in [
+        (map_names::PORT_RULES, port_rules(config)),
+        (map_names::INBOUND_PORTS, inbound_rules(config)),
+    ] {
+        let mut map: HashMap<&mut MapData, u16, u32> = map_mut(ebpf, name)?;
+        for (port, rule) in rules {
+            map.insert(port, rule, 0)
+                .map_err(|source| CaptureError::Map { name, source })?;
+        }
     }
 
     for net in config.excluded_cidrs() {
