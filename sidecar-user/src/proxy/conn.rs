@@ -131,6 +131,9 @@ pub enum ConnError {
     /// The kernel has no original destination for this connection.
     #[error("no original destination recorded for this connection (not captured, or evicted)")]
     NoOrigDst,
+    /// The application reset the connection before it was accepted.
+    #[error("the client reset the connection before it was accepted: {0}")]
+    ClientGone(std::io::Error),
     /// Reading the original destination failed.
     #[error("reading the original destination: {0}")]
     OrigDstLookup(std::io::Error),
@@ -166,6 +169,7 @@ impl ConnError {
     pub fn reason(&self) -> CloseReason {
         match self {
             ConnError::NoOrigDst | ConnError::OrigDstLookup(_) => CloseReason::NoDestination,
+            ConnError::ClientGone(_) => CloseReason::Reset,
             ConnError::Loop(_) => CloseReason::Loop,
             ConnError::NotInRegistry(_) => CloseReason::PolicyDenied,
             ConnError::Overflow(..) => CloseReason::Overflow,

@@ -59,6 +59,12 @@ async fn connect(conn: &mut Conn, app: &TcpStream) -> Result<Connected, ConnErro
 fn original_destination(conn: &Conn, app: &TcpStream) -> Result<OrigDstAddr, ConnError> {
     let inputs = &conn.inputs;
     let local = app.local_addr().map_err(ConnError::OrigDstLookup)?;
+    // A connection reset while it waited in the accept queue has left the kernel's
+    // hash, so its 4-tuple may already belong to a new connection from the same port,
+    // whose original destination is the entry under that key: leave it to that one.
+    if let Ok(Some(error)) = app.take_error() {
+        return Err(ConnError::ClientGone(error));
+    }
     let found = inputs.kernel.orig_dst.take(conn.client.0, local);
     inputs.metrics.orig_dst_lookup(matches!(found, Ok(Some(_))));
     let dst = match found {
