@@ -15,22 +15,22 @@ struct Rig {
 }
 
 async fn rig(idle: Duration) -> Rig {
+    rig_with(idle, |upstream| upstream).await
+}
+
+/// A copy from a socket pair's proxy end to `wrap` of another pair's proxy end.
+async fn rig_with<U: Halves + 'static>(idle: Duration, wrap: fn(TcpStream) -> U) -> Rig {
     let (app, mut proxy_client) = pair().await;
-    let (mut proxy_upstream, server) = pair().await;
+    let (proxy_upstream, server) = pair().await;
     let task = tokio::spawn(async move {
+        let mut upstream = wrap(proxy_upstream);
         let transfer = Transfer::default();
         let totals = Totals {
             sent: Counter::default(),
             received: Counter::default(),
         };
-        let result = copy_bidirectional(
-            &mut proxy_client,
-            &mut proxy_upstream,
-            idle,
-            &transfer,
-            totals,
-        )
-        .await;
+        let result =
+            copy_bidirectional(&mut proxy_client, &mut upstream, idle, &transfer, totals).await;
         (result, transfer)
     });
     Rig { app, server, task }
@@ -96,26 +96,7 @@ async fn bytes_a_writer_holds_back_are_flushed() {
 /// A copy whose destination side is not a plain socket (a buffered writer stands in
 /// for a TLS stream), so bytes coming back take the TLS-reader path.
 async fn opaque_rig() -> Rig {
-    let (app, mut proxy_client) = pair().await;
-    let (proxy_upstream, server) = pair().await;
-    let task = tokio::spawn(async move {
-        let mut opaque = tokio::io::BufWriter::new(proxy_upstream);
-        let totals = Totals {
-            sent: Counter::default(),
-            received: Counter::default(),
-        };
-        let transfer = Transfer::default();
-        let result = copy_bidirectional(
-            &mut proxy_client,
-            &mut opaque,
-            Duration::from_secs(30),
-            &transfer,
-            totals,
-        )
-        .await;
-        (result, transfer)
-    });
-    Rig { app, server, task }
+    rig_with(Duration::from_secs(30), tokio::io::BufWriter::new).await
 }
 
 /// Bulk bytes out of a stream that is not a plain socket (the TLS-reader path,
