@@ -159,30 +159,28 @@ impl Capture {
     /// default) run only that hook, and native IPv6 connects are then refused rather
     /// than left uncaptured.
     pub fn attach(&mut self, cgroup: &Path) -> Result<(), CaptureError> {
-        let dir = std::fs::File::open(cgroup).map_err(|source| CaptureError::Cgroup {
+        let cgroup_error = |source| CaptureError::Cgroup {
             path: cgroup.to_owned(),
             source,
-        })?;
-        let target = LinkTarget::cgroup(&dir).map_err(|source| CaptureError::Cgroup {
-            path: cgroup.to_owned(),
-            source,
-        })?;
-        let name = program_names::SOCK_OPS;
-        self.attach_pinned(name, target, |prog: &mut SockOps, pin| {
-            let id = prog
-                .attach(dir.as_fd(), LINK_MODE)
-                .map_err(program_error(name))?;
-            pin.then(|| cgroup_link(name, prog.take_link(id)))
-                .transpose()
-        })?;
+        };
+        let dir = std::fs::File::open(cgroup).map_err(cgroup_error)?;
+        let target = LinkTarget::cgroup(&dir).map_err(cgroup_error)?;
+        // The same attach for each cgroup program type (aya gives them no common trait).
+        macro_rules! attach_to_cgroup {
+            ($program:ty, $name:expr) => {{
+                let name = $name;
+                self.attach_pinned(name, target, |prog: &mut $program, pin| {
+                    let id = prog
+                        .attach(dir.as_fd(), LINK_MODE)
+                        .map_err(program_error(name))?;
+                    pin.then(|| cgroup_link(name, prog.take_link(id)))
+                        .transpose()
+                })
+            }};
+        }
+        attach_to_cgroup!(SockOps, program_names::SOCK_OPS)?;
         for name in [program_names::CONNECT4, program_names::CONNECT6] {
-            self.attach_pinned(name, target, |prog: &mut CgroupSockAddr, pin| {
-                let id = prog
-                    .attach(dir.as_fd(), LINK_MODE)
-                    .map_err(program_error(name))?;
-                pin.then(|| cgroup_link(name, prog.take_link(id)))
-                    .transpose()
-            })?;
+            attach_to_cgroup!(CgroupSockAddr, name)?;
         }
         self.cgroup = cgroup.to_owned();
         Ok(())
