@@ -45,6 +45,8 @@ pub struct AdminState {
     pub cgroup: PathBuf,
     /// When the sidecar started.
     pub started: Instant,
+    /// Pooled HBONE connections, for `/pool` (set once the mesh is up).
+    pub pool: std::sync::OnceLock<Arc<crate::mesh::hbone::Pool>>,
 }
 
 /// Which endpoints a listener serves.
@@ -157,6 +159,7 @@ fn route(req: &Request<Incoming>, surface: Surface, state: &AdminState) -> Respo
         ("/stats", Surface::Admin) => json(&stats(state)),
         ("/connections", Surface::Admin) => json(&state.connections.snapshot()),
         ("/services", Surface::Admin) => json(&state.services.view()),
+        ("/pool", Surface::Admin) => json(&state.pool.get().map(|p| p.view()).unwrap_or_default()),
         _ => text(StatusCode::NOT_FOUND, "not found\n"),
     }
 }

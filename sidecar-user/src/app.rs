@@ -17,7 +17,11 @@ use crate::{
     config::Config,
     drain::{self, DrainOutcome},
     ebpf::{Capture, CaptureError, KernelMaps, metrics::KernelCollector},
-    mesh::{self, MeshConnector, peer_policy::PeerPolicy},
+    mesh::{
+        MeshConnector,
+        hbone::{self, Pool, Settings as HboneSettings, metrics::HboneMetrics},
+        peer_policy::PeerPolicy,
+    },
     metrics::Metrics,
     proxy::{
         admission::InboundPolicy,
@@ -27,6 +31,7 @@ use crate::{
         metrics::ProxyMetrics,
         pod_addrs::PodAddrs,
         socket_opts::DeadPeer,
+        tunnel::{self, TunnelServer},
         unauthenticated::Gate,
     },
     service::{
@@ -71,6 +76,8 @@ pub struct BoundAddrs {
     pub admin: SocketAddr,
     /// Health listener on the pod IP.
     pub health: SocketAddr,
+    /// HBONE listener on every pod address, when an identity is configured.
+    pub hbone: Option<SocketAddr>,
 }
 
 /// A started-but-not-serving sidecar: listeners bound, programs attached.
@@ -85,6 +92,7 @@ pub struct Bound {
     identity: Option<LoadedIdentity>,
     admin: std::net::TcpListener,
     health: std::net::TcpListener,
+    hbone: Option<std::net::TcpListener>,
     source: Option<ConfigSource>,
     app_probes: crate::app_health::AppProbes,
     pod: PodAddrs,
@@ -117,6 +125,12 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
     } else {
         Vec::new()
     };
+    // Every pod address, both families (never captured: a sidecar port).
+    let hbone_addr = SocketAddr::from((std::net::Ipv6Addr::UNSPECIFIED, config.mesh.hbone.port));
+    let hbone = match config.identity {
+        Some(_) => Some(listener::bind(hbone_addr, "mesh.hbone.port")?),
+        None => None,
+    };
     let local = |l: &std::net::TcpListener, addr: SocketAddr| l.local_addr().unwrap_or(addr);
     let addrs = BoundAddrs {
         outbound: outbound
@@ -131,6 +145,7 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
             .collect(),
         admin: local(&admin, config.admin.address),
         health: local(&health, config.health.address),
+        hbone: hbone.as_ref().map(|l| local(l, hbone_addr)),
     };
     // Identity first: a bad certificate must stop startup before anything attaches.
     let identity = match &config.identity {
@@ -186,6 +201,7 @@ pub fn build(config: Config, cgroup: &Path) -> Result<Bound, BuildError> {
         identity,
         admin,
         health,
+        hbone,
         source: None,
         app_probes: Default::default(),
     })
@@ -228,6 +244,7 @@ impl Bound {
             identity,
             admin,
             health,
+            hbone,
             source,
             app_probes,
             pod,
@@ -267,6 +284,9 @@ impl Bound {
         );
         unauthenticated.register(metrics.registry_mut());
         let connections = Arc::new(ConnTable::default());
+        let hbone_metrics = Arc::new(HboneMetrics::default());
+        hbone_metrics.register(metrics.registry_mut());
+        let hbone_settings = HboneSettings::new(&config.mesh.hbone);
         let state = Arc::new(AdminState {
             ready: false.into(),
             metrics,
@@ -277,6 +297,7 @@ impl Bound {
             app_probes,
             cgroup: capture.cgroup().to_owned(),
             started: Instant::now(),
+            pool: Default::default(),
         });
         let admin = tokio::spawn(admin::serve(
             TcpListener::from_std(admin)?,
@@ -289,35 +310,52 @@ impl Bound {
             state.clone(),
         ));
 
-        let (acceptor, mesh, connector) = match &identity {
+        let (tunnel_server, mesh, connector) = match &identity {
             Some(id) => {
                 tokio::spawn(id.store.clone().watch(
                     id.files.clone(),
                     id.provider.clone(),
                     id.reload_interval,
                 ));
-                let server =
-                    rustls_config::server_config(id.store.clone(), id.provider.clone(), mesh::ALPN)
-                        .map_err(std::io::Error::other)?;
-                let client =
-                    rustls_config::client_config(id.store.clone(), id.provider.clone(), mesh::ALPN)
-                        .map_err(std::io::Error::other)?;
+                let server = rustls_config::server_config(
+                    id.store.clone(),
+                    id.provider.clone(),
+                    hbone::ALPN,
+                )
+                .map_err(std::io::Error::other)?;
+                let client = rustls_config::client_config(
+                    id.store.clone(),
+                    id.provider.clone(),
+                    hbone::ALPN,
+                )
+                .map_err(std::io::Error::other)?;
+                let pool = Pool::new(
+                    tokio_rustls::TlsConnector::from(client),
+                    id.store.clone(),
+                    hbone_settings.clone(),
+                    hbone_metrics.clone(),
+                );
                 let connector = MeshConnector {
-                    tls: tokio_rustls::TlsConnector::from(client),
+                    pool,
                     policy: PeerPolicy::new(&config, id.store.current().id.trust_domain()),
                 };
                 let mesh = conn::Mesh {
                     cidrs: config.mesh.cidrs.clone(),
                     client: connector.clone(),
                 };
-                (
-                    Some(tokio_rustls::TlsAcceptor::from(server)),
-                    Some(mesh),
-                    Some(connector),
-                )
+                let tunnel_server = TunnelServer {
+                    acceptor: tokio_rustls::TlsAcceptor::from(server),
+                    settings: hbone_settings.clone(),
+                    peers: connector.policy.clone(),
+                    metrics: hbone_metrics.clone(),
+                };
+                (Some(Arc::new(tunnel_server)), Some(mesh), Some(connector))
             }
             None => (None, None, None),
         };
+        if let Some(connector) = &connector {
+            let _ = state.pool.set(connector.pool.clone());
+        }
         let peers = connector.as_ref().map(|c| c.policy.clone());
         let discovery = Discovery::start(&config, services.clone(), discovery_stats, connector);
         let watcher_task =
@@ -330,13 +368,9 @@ impl Bound {
             idle_timeout: config.proxy.idle_timeout,
             metrics: proxy_metrics,
             connections,
-            inbound: InboundPolicy::new(
-                &config,
-                acceptor,
-                peers
-                    .clone()
-                    .unwrap_or_else(|| PeerPolicy::new(&config, "")),
-            ),
+            inbound: InboundPolicy::new(&config),
+            hbone_port: config.mesh.hbone.port,
+            handshake_timeout: config.inbound.handshake_timeout,
             mesh,
             services,
             pod,
@@ -355,10 +389,16 @@ impl Bound {
             let serve = crate::proxy::inbound::serve(listener, inputs.clone(), watcher.clone());
             accept_loops.spawn(serve);
         }
+        if let (Some(listener), Some(server)) = (hbone, tunnel_server) {
+            let listener = TcpListener::from_std(listener)?;
+            let serve = tunnel::serve(listener, inputs.clone(), server, watcher.clone());
+            accept_loops.spawn(serve);
+        }
         state.ready.store(true, Ordering::SeqCst);
         info!(
             outbound = ?addrs.outbound,
             inbound = ?addrs.inbound,
+            hbone = ?addrs.hbone,
             admin = %addrs.admin,
             health = %addrs.health,
             cgroup = %capture.cgroup().display(),

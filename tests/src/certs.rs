@@ -29,6 +29,11 @@ impl Certs {
         Self(dir)
     }
 
+    /// The folder holding everything (`ca.pem`, `ca-key.pem`, one folder per workload).
+    pub fn dir(&self) -> &Path {
+        &self.0
+    }
+
     /// The `identity:` section of a config using workload `name`'s files.
     pub fn identity(&self, name: &str) -> String {
         let d: &Path = &self.0.join(name);
@@ -44,5 +49,31 @@ impl Certs {
 impl Drop for Certs {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// Writes cert/key/bundle the way the kubelet updates a Secret volume: a new timestamped
+/// folder, then an atomic rename of `..data`; the visible names link through `..data`.
+pub fn kubelet_write(mount: &Path, generation: u32, from: &Path) {
+    let versioned = mount.join(format!("..2026_11_23_{generation}"));
+    std::fs::create_dir_all(&versioned).expect("dir");
+    for name in ["cert.pem", "key.pem", "bundle.pem"] {
+        std::fs::copy(from.join(name), versioned.join(name)).expect("copy");
+        // Readable by the proxy's UID, as a Secret volume's files are by default.
+        std::fs::set_permissions(
+            versioned.join(name),
+            std::os::unix::fs::PermissionsExt::from_mode(0o644),
+        )
+        .expect("chmod");
+    }
+    let tmp = mount.join("..data_tmp");
+    let _ = std::fs::remove_file(&tmp);
+    std::os::unix::fs::symlink(versioned.file_name().expect("name"), &tmp).expect("symlink");
+    std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
+    for name in ["cert.pem", "key.pem", "bundle.pem"] {
+        let link = mount.join(name);
+        if std::fs::symlink_metadata(&link).is_err() {
+            std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("link");
+        }
     }
 }

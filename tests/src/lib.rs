@@ -5,6 +5,7 @@
 //! test panics.
 
 pub mod certs;
+pub mod hbone;
 pub mod pod;
 pub mod sidecar;
 pub mod tools;

@@ -1,5 +1,6 @@
-//! Hostile clients on inbound ports: thousands of connections that never finish a
-//! ClientHello (or send nothing), and idle connections to the health listener. The
+//! Hostile clients on inbound ports: thousands of connections to the HBONE port that
+//! never finish a ClientHello (or send nothing), and idle connections to the health
+//! listener. The
 //! sidecar must bound what they hold and keep serving a legitimate mTLS client.
 
 use std::time::Duration;
@@ -43,7 +44,7 @@ fn stalled_handshakes_are_bounded_and_a_real_client_keeps_working() {
     let server = Sidecar::start(
         &b,
         &format!(
-            "{}inbound:\n  mode: strict\n  detect_timeout: 60s\n  \
+            "{}inbound:\n  mode: strict\n  handshake_timeout: 60s\n  \
              max_unauthenticated: 1000\n  max_unauthenticated_per_client: 128\n",
             certs.identity("b")
         ),
@@ -62,12 +63,14 @@ fn stalled_handshakes_are_bounded_and_a_real_client_keeps_working() {
     let unloaded = echo_time(&good, &dst, 100);
     let (fds_before, rss_before) = footprint(server.pid());
 
-    // 2,000 connections from one client: half silent, half half a ClientHello.
+    // 2,000 connections from one client to the HBONE port: half silent, half half a
+    // ClientHello.
     let mut flood = attacker.app(&pod_tool_bin());
+    let hbone = format!("{}:15008", b.ip4);
     flood.args([
         "stall",
         "--to",
-        &dst,
+        &hbone,
         "--count",
         "2000",
         "--hold-ms",

@@ -160,15 +160,21 @@ fn outbound_mtls_to_a_plain_server_is_refused_and_nothing_goes_in_plaintext() {
     let client = net.pod("client");
     let server = net.pod("server");
     let certs = Certs::new("plain-server", &["client=shop/web"]);
-    // A plain TCP server with no sidecar that records every byte it receives.
-    let record = std::env::temp_dir().join(format!("{}-received", net.id));
-    let mut cmd = server.app("socat");
-    cmd.args([
-        "-u",
-        &format!("TCP-LISTEN:8080,bind={},fork,reuseaddr", server.ip4),
-    ])
-    .arg(format!("OPEN:{},creat,append", record.display()));
-    let mut socat = cmd.spawn().expect("socat");
+    // Plain TCP servers with no sidecar that record every byte they receive: on the
+    // application's port, and on the HBONE port (something that is not HBONE).
+    let record = |port: u16| std::env::temp_dir().join(format!("{}-received-{port}", net.id));
+    let mut recorders: Vec<std::process::Child> = [8080u16, 15008]
+        .iter()
+        .map(|&port| {
+            let mut cmd = server.app("socat");
+            cmd.args([
+                "-u",
+                &format!("TCP-LISTEN:{port},bind={},fork,reuseaddr", server.ip4),
+            ])
+            .arg(format!("OPEN:{},creat,append", record(port).display()));
+            cmd.spawn().expect("socat")
+        })
+        .collect();
     let sidecar = Sidecar::start(
         &client,
         &format!(
@@ -177,14 +183,16 @@ fn outbound_mtls_to_a_plain_server_is_refused_and_nothing_goes_in_plaintext() {
         ),
         Placement::InPodCgroup,
     );
-    // Wait until socat listens (a plain connect from outside the capture).
-    wait_until(std::time::Duration::from_secs(5), "socat listens", || {
-        client
-            .outsider("nc")
-            .args(["-z", &server.ip4.to_string(), "8080"])
-            .status()
-            .is_ok_and(|s| s.success())
-    });
+    // Wait until both listen (a plain connect from outside the capture).
+    for port in ["8080", "15008"] {
+        wait_until(std::time::Duration::from_secs(5), "socat listens", || {
+            client
+                .outsider("nc")
+                .args(["-z", &server.ip4.to_string(), port])
+                .status()
+                .is_ok_and(|s| s.success())
+        });
+    }
     let out = client
         .app("curl")
         .args(["-sS", "--max-time", "5", "-d", "SECRET-MARKER-51c2"])
@@ -192,22 +200,41 @@ fn outbound_mtls_to_a_plain_server_is_refused_and_nothing_goes_in_plaintext() {
         .output()
         .expect("curl");
     assert!(!out.status.success(), "the request went through");
-    // socat swallows the ClientHello and never answers: the handshake times out.
+    // The recorder on 15008 swallows the ClientHello and never answers: the
+    // handshake times out.
     wait_until(
         std::time::Duration::from_secs(5),
         "handshake timed out",
         || sidecar.closed("timeout") == 1,
     );
-    let _ = socat.kill();
-    let _ = socat.wait();
-    let received = std::fs::read(&record).unwrap_or_default();
-    let _ = std::fs::remove_file(&record);
-    // The server saw a TLS ClientHello (record type 22) and never the request.
-    assert_eq!(received.first(), Some(&0x16), "{received:?}");
+    for socat in &mut recorders {
+        let _ = socat.kill();
+        let _ = socat.wait();
+    }
+    let app_port = std::fs::read(record(8080)).unwrap_or_default();
+    let hbone_port = std::fs::read(record(15008)).unwrap_or_default();
+    let _ = std::fs::remove_file(record(8080));
+    let _ = std::fs::remove_file(record(15008));
+    // Nothing went to the application's port; the HBONE port saw a TLS ClientHello
+    // (record type 22) and never the request.
+    assert!(app_port.is_empty(), "{app_port:?}");
+    assert_eq!(hbone_port.first(), Some(&0x16), "{hbone_port:?}");
     assert!(
-        !String::from_utf8_lossy(&received).contains("SECRET-MARKER"),
+        !String::from_utf8_lossy(&hbone_port).contains("SECRET-MARKER"),
         "plaintext reached a server that is not a sidecar"
     );
+
+    // With nothing on the HBONE port, the connect is refused: still nothing in
+    // plaintext.
+    let before = sidecar.closed("refused");
+    let out = client
+        .app("curl")
+        .args(["-sS", "--max-time", "5", "-d", "SECRET-MARKER-51c2"])
+        .arg(format!("http://{}:8080/", server.ip4))
+        .output()
+        .expect("curl");
+    assert!(!out.status.success(), "the request went through");
+    assert_eq!(sidecar.closed("refused"), before + 1);
 }
 
 #[test]

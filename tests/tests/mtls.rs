@@ -1,6 +1,8 @@
-//! Inbound mTLS with real TLS peers (`openssl s_client`) and certificates from
-//! `sidecar certs`: strict ports admit only sidecar mTLS from allowed identities;
-//! permissive ports also pass plaintext through; nothing refused reaches the app.
+//! HBONE between sidecars, and the HBONE server as any peer sees it: a raw HTTP/2
+//! client (`pod-tool hbone`, the `h2` crate) and `openssl s_client` with certificates
+//! from `sidecar certs`. Strict ports admit only HBONE streams from allowed
+//! identities; permissive ports also pass plaintext through; nothing refused reaches
+//! the app.
 
 use std::{
     path::{Path, PathBuf},
@@ -12,8 +14,6 @@ use sidecar_tests::{
     Net, Placement, Pod, Sidecar,
     tools::{Background, InFlight, pod_tool_bin, sidecar_bin},
 };
-
-const ALPN: &str = "sidecar-mtls/1";
 
 /// Dev certificates: `b` (the server pod), `good` (allowed), `outsider` (another
 /// namespace), `expired`, and `foreign` (another CA). Removed on drop.
@@ -95,7 +95,7 @@ fn rig(tag: &str) -> Rig {
     let b_dir = certs.workload("b");
     let config = format!(
         "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n\
-         inbound:\n  detect_timeout: 1s\n  port_modes:\n    8080: strict\n    8090: permissive\n\
+         inbound:\n  handshake_timeout: 1s\n  port_modes:\n    8080: strict\n    8090: permissive\n\
          \x20 allow: ['spiffe://cluster.local/ns/shop/*']\n",
         b_dir.join("cert.pem").display(),
         b_dir.join("key.pem").display(),
@@ -122,13 +122,47 @@ fn rig(tag: &str) -> Rig {
     }
 }
 
-/// `openssl s_client` from pod A presenting `who`'s certificate (or none); sends the
-/// echo mode byte and a marker, returns what came back within 3 s.
-fn s_client(rig: &Rig, target: &str, who: Option<&str>) -> String {
-    s_client_alpn(rig, target, who, Some(ALPN))
+/// `pod-tool hbone` from pod A (outside its sidecar) to B's HBONE port, presenting
+/// `who`'s certificate (or none): one stream per authority, `method` each, sending
+/// the echo mode byte and a marker on 200.
+fn hbone_as(rig: &Rig, who: Option<&str>, method: &str, authorities: &[&str]) -> serde_json::Value {
+    hbone_to(
+        rig,
+        &format!("{}:15008", rig.b.ip4),
+        who,
+        method,
+        authorities,
+    )
 }
 
-/// As [`s_client`], offering `alpn` (or no ALPN at all).
+/// As [`hbone_as`], to the HBONE address `to`.
+fn hbone_to(
+    rig: &Rig,
+    to: &str,
+    who: Option<&str>,
+    method: &str,
+    authorities: &[&str],
+) -> serde_json::Value {
+    let mut cmd = rig.a.outsider(&pod_tool_bin());
+    cmd.args(["hbone", "--to", to, "--method", method]);
+    if let Some(who) = who {
+        cmd.arg("--cert").arg(rig.certs.workload(who));
+    }
+    for authority in authorities {
+        cmd.args(["--authority", authority]);
+    }
+    sidecar_tests::tools::run_json(cmd)
+}
+
+/// The status of answer `i`.
+fn status(reply: &serde_json::Value, i: usize) -> u64 {
+    reply["answers"][i]["status"]
+        .as_u64()
+        .unwrap_or_else(|| panic!("no status for stream {i}: {reply}"))
+}
+
+/// `openssl s_client` from pod A straight to `target` (an application port),
+/// offering `alpn`, presenting `who`'s certificate; returns what came back.
 fn s_client_alpn(rig: &Rig, target: &str, who: Option<&str>, alpn: Option<&str>) -> String {
     let mut cmd = rig.a.outsider("timeout");
     cmd.args(["3", "openssl", "s_client", "-connect", target]);
@@ -179,14 +213,26 @@ fn closed(rig: &Rig, reason: &str) -> u64 {
 }
 
 #[test]
-fn strict_port_admits_an_allowed_sidecar_peer_and_refuses_the_rest() {
-    let rig = rig("strict");
-    let strict = format!("{}:8080", rig.b.ip4);
-    let reply = s_client(&rig, &strict, Some("good"));
-    assert!(
-        reply.contains(&strict) && reply.contains("marker-7f3a"),
-        "allowed peer: {reply:?}"
+fn the_hbone_server_answers_200_400_401_503_as_a_raw_http2_client_sees_them() {
+    let rig = rig("answers");
+    let b4 = rig.b.ip4.to_string();
+    let strict = format!("{b4}:8080");
+    let strict6 = format!("[{}]:8080", rig.b.ip6);
+    let reply = hbone_as(&rig, Some("good"), "CONNECT", &[&strict, &strict]);
+    assert_eq!(
+        reply["server_identity"], "spiffe://cluster.local/ns/shop/sa/db",
+        "{reply}"
     );
+    for i in 0..2 {
+        assert_eq!(status(&reply, i), 200, "{reply}");
+        let body = reply["answers"][i]["body"].as_str().unwrap_or_default();
+        // The echo server names the address it was reached on, then echoes.
+        assert!(
+            body.contains(&strict) && body.contains("marker-7f3a"),
+            "{reply}"
+        );
+        assert_eq!(reply["answers"][i]["end"], "end", "{reply}");
+    }
     let opened = rig.sidecar.metric(
         "sidecar_connections_opened_total",
         &[
@@ -195,26 +241,75 @@ fn strict_port_admits_an_allowed_sidecar_peer_and_refuses_the_rest() {
             ("peer_identity", "spiffe://cluster.local/ns/shop/sa/cart"),
         ],
     );
-    assert_eq!(opened, 1.0);
-
-    for (who, reason) in [
-        (None, "handshake_failed"),
-        (Some("foreign"), "handshake_failed"),
-        (Some("expired"), "handshake_failed"),
-    ] {
-        let before = closed(&rig, reason);
-        let reply = s_client(&rig, &strict, who);
-        assert!(
-            !reply.contains(&strict) && !reply.contains("marker"),
-            "{who:?} reached the app: {reply:?}"
-        );
-        assert_eq!(closed(&rig, reason), before + 1, "{who:?}");
-    }
-    let reply = s_client(&rig, &strict, Some("outsider"));
-    assert!(
-        !reply.contains(&strict),
-        "outsider reached the app: {reply:?}"
+    assert_eq!(opened, 2.0, "one connection per stream");
+    // Two streams, one connection.
+    assert_eq!(
+        rig.sidecar.metric(
+            "sidecar_hbone_connections_opened_total",
+            &[("side", "server")]
+        ),
+        1.0
     );
+    // IPv6: the authority's family follows the connection's.
+    let reply = hbone_to(
+        &rig,
+        &format!("[{}]:15008", rig.b.ip6),
+        Some("good"),
+        "CONNECT",
+        &[&strict6],
+    );
+    assert_eq!(status(&reply, 0), 200, "{reply}");
+    assert!(
+        reply["answers"][0]["body"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("marker-7f3a")
+    );
+
+    // 400: not CONNECT; an authority that is not ip:port; one that is not the address
+    // the connection arrived on (another pod, or this pod's other family).
+    let a_target = format!("{}:8080", rig.a.ip4);
+    let reply = hbone_as(&rig, Some("good"), "GET", &[&format!("http://{strict}/")]);
+    assert_eq!(status(&reply, 0), 400, "{reply}");
+    let reply = hbone_as(
+        &rig,
+        Some("good"),
+        "CONNECT",
+        &["db.shop.svc:8080", &a_target, &strict6, &strict],
+    );
+    for i in 0..3 {
+        assert_eq!(status(&reply, i), 400, "stream {i}: {reply}");
+    }
+    assert_eq!(
+        status(&reply, 3),
+        200,
+        "a bad stream does not end the connection: {reply}"
+    );
+    assert_eq!(
+        rig.sidecar.metric(
+            "sidecar_hbone_streams_refused_total",
+            &[("side", "server"), ("status", "400")]
+        ),
+        4.0
+    );
+    // 503: nothing listens there; a port of the sidecar itself.
+    let reply = hbone_as(
+        &rig,
+        Some("good"),
+        "CONNECT",
+        &[
+            &format!("{b4}:8099"),
+            &format!("{b4}:15000"),
+            &format!("{b4}:15008"),
+        ],
+    );
+    for i in 0..3 {
+        assert_eq!(status(&reply, i), 503, "stream {i}: {reply}");
+    }
+    // 401: a workload of the trust domain that the allow-list does not name.
+    let reply = hbone_as(&rig, Some("outsider"), "CONNECT", &[&strict]);
+    assert_eq!(status(&reply, 0), 401, "{reply}");
+    assert!(!reply.to_string().contains("marker"), "{reply}");
     let denied = rig.sidecar.metric(
         "sidecar_connections_closed_total",
         &[
@@ -230,19 +325,37 @@ fn strict_port_admits_an_allowed_sidecar_peer_and_refuses_the_rest() {
         "the refusal names the peer"
     );
 
-    // TLS from a client with a good certificate but without our ALPN (not a sidecar:
-    // the application's own TLS, say) is refused on a strict port, offered h2 or none.
-    for alpn in [Some("h2"), None] {
+    // No certificate, another CA's, an expired one: no TLS session at all (in TLS
+    // 1.3 the client learns it at its first read).
+    for who in [None, Some("foreign"), Some("expired")] {
+        let before = closed(&rig, "handshake_failed");
+        let reply = hbone_as(&rig, who, "CONNECT", &[&strict]);
+        let error = reply["error"]
+            .as_str()
+            .or(reply["answers"][0]["error"].as_str());
+        assert!(
+            error.is_some_and(|e| e.contains("alert")),
+            "{who:?}: {reply}"
+        );
+        assert_eq!(closed(&rig, "handshake_failed"), before + 1, "{who:?}");
+    }
+}
+
+#[test]
+fn strict_ports_refuse_direct_connections_and_permissive_ports_pass_them() {
+    let rig = rig("direct");
+    let strict = format!("{}:8080", rig.b.ip4);
+    // TLS straight to the application port, with a good certificate, offering h2,
+    // nothing, or the old sidecar protocol: only HBONE gets in.
+    for alpn in [Some("h2"), None, Some("sidecar-mtls/1")] {
         let before = closed(&rig, "policy_denied");
         let reply = s_client_alpn(&rig, &strict, Some("good"), alpn);
         assert!(
             !reply.contains(&strict) && !reply.contains("marker"),
-            "TLS without our ALPN ({alpn:?}) reached the app: {reply:?}"
+            "direct TLS ({alpn:?}) reached the app: {reply:?}"
         );
         assert_eq!(closed(&rig, "policy_denied"), before + 1, "{alpn:?}");
     }
-
-    // Plaintext on a strict port is refused too.
     let before = closed(&rig, "policy_denied");
     let reply = plaintext(&rig, &strict);
     assert!(
@@ -251,56 +364,19 @@ fn strict_port_admits_an_allowed_sidecar_peer_and_refuses_the_rest() {
     );
     assert_eq!(closed(&rig, "policy_denied"), before + 1);
 
-    // IPv6 inbound mTLS.
-    let strict6 = format!("[{}]:8080", rig.b.ip6);
-    let reply = s_client(&rig, &strict6, Some("good"));
-    assert!(reply.contains("marker-7f3a"), "IPv6: {reply:?}");
-}
-
-#[test]
-fn permissive_port_takes_mtls_and_plaintext_and_drops_silent_clients() {
-    let rig = rig("permissive");
+    // A permissive port: plaintext as it is, and HBONE too.
     let port = format!("{}:8090", rig.b.ip4);
     let reply = plaintext(&rig, &port);
     assert!(
         reply.contains(&port) && reply.contains("marker-7f3a"),
         "plaintext: {reply:?}"
     );
-    let reply = s_client(&rig, &port, Some("good"));
-    assert!(
-        reply.contains(&port) && reply.contains("marker-7f3a"),
-        "mTLS: {reply:?}"
-    );
-
-    // A client that connects and says nothing is dropped after detect_timeout (1 s),
-    // and does not hold up others meanwhile.
-    let mut silent = rig
-        .a
-        .outsider("nc")
-        .args([&rig.b.ip4.to_string(), "8090"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .expect("nc");
-    // The silent client is in detection before the next one arrives.
-    sidecar_tests::tools::wait_until(Duration::from_secs(3), "silent client accepted", || {
-        rig.sidecar.metric("sidecar_inbound_unauthenticated", &[]) == 1.0
-    });
-    let started = Instant::now();
-    let reply = plaintext(&rig, &port);
-    assert!(reply.contains("marker-7f3a"), "{reply:?}");
-    assert!(started.elapsed() < Duration::from_secs(3));
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while closed(&rig, "timeout") == 0 {
-        assert!(Instant::now() < deadline, "silent client not dropped");
-        std::thread::sleep(Duration::from_millis(100));
-    }
-    let _ = silent.kill();
-    let _ = silent.wait();
+    let reply = hbone_as(&rig, Some("good"), "CONNECT", &[&port]);
+    assert_eq!(status(&reply, 0), 200, "{reply}");
 }
 
 #[test]
-fn two_sidecars_speak_mtls_on_the_wire() {
+fn two_sidecars_speak_hbone_on_the_wire_over_one_pooled_connection() {
     let mut net = Net::new("wire");
     let a = net.pod("a");
     let b = net.pod("b");
@@ -328,7 +404,7 @@ fn two_sidecars_speak_mtls_on_the_wire() {
     );
     let a_sidecar = Sidecar::start(&a, &a_config, Placement::InPodCgroup);
 
-    // Capture on the bridge between the pods.
+    // Capture everything between the pods on the bridge.
     let pcap = certs.0.join("wire.pcap");
     let mut tshark = Command::new("ip")
         .args([
@@ -339,7 +415,7 @@ fn two_sidecars_speak_mtls_on_the_wire() {
             "-i",
             "br0",
             "-f",
-            "tcp port 8080",
+            "tcp",
             "-w",
         ])
         .arg(&pcap)
@@ -356,27 +432,44 @@ fn two_sidecars_speak_mtls_on_the_wire() {
         // "Capturing on" comes a moment before packets are really captured.
         std::thread::sleep(Duration::from_secs(1));
     }
-    let out = a
-        .app("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{}:8080/marker-5c1e", b.ip4),
-        ])
-        .output()
-        .expect("curl");
-    let body = String::from_utf8_lossy(&out.stdout);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
+    // Five application connections, one after the other.
+    for i in 0..5 {
+        let out = a
+            .app("curl")
+            .args([
+                "-sS",
+                "--max-time",
+                "5",
+                &format!("http://{}:8080/marker-5c1e-{i}", b.ip4),
+            ])
+            .output()
+            .expect("curl");
+        let body = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        // B's application got it from B's sidecar.
+        assert!(
+            body.contains(&format!("served-by {}:8080 peer 127.0.0.6:", b.ip4)),
+            "{body}"
+        );
+    }
+    // The pool holds one connection to B, idle now, to B's identity.
+    let pool = a_sidecar.admin_json("/pool");
+    let tunnels = pool.as_array().expect("pool view");
+    assert_eq!(tunnels.len(), 1, "{pool}");
+    assert_eq!(
+        tunnels[0]["destination"],
+        format!("{}:15008", b.ip4),
+        "{pool}"
     );
-    // B's application got it from B's sidecar.
-    assert!(
-        body.contains(&format!("served-by {}:8080 peer 127.0.0.6:", b.ip4)),
-        "{body}"
+    assert_eq!(
+        tunnels[0]["peer_identity"],
+        "spiffe://cluster.local/ns/shop/sa/db"
     );
+    assert_eq!(tunnels[0]["streams"], 0, "{pool}");
     std::thread::sleep(Duration::from_millis(500));
     // SAFETY: plain kill(2) on our child; SIGINT makes tshark flush and exit.
     unsafe { libc::kill(tshark.id() as i32, libc::SIGINT) };
@@ -390,21 +483,38 @@ fn two_sidecars_speak_mtls_on_the_wire() {
     );
     let fields = |filter: &str, field: &str| {
         let out = Command::new("tshark")
-            .args(["-d", "tcp.port==8080,tls", "-r"])
+            .args(["-d", "tcp.port==15008,tls", "-r"])
             .arg(&pcap)
             .args(["-Y", filter, "-T", "fields", "-e", field])
             .output()
             .expect("tshark -r");
         String::from_utf8_lossy(&out.stdout).into_owned()
     };
+    // Every packet between the pods is on port 15008: nothing on the app's port.
+    let ports = fields("tcp", "tcp.dstport");
+    let ports: std::collections::BTreeSet<&str> = ports.lines().collect();
+    assert!(ports.contains("15008"), "{ports:?}");
+    assert!(
+        !ports.contains("8080"),
+        "application port on the wire: {ports:?}"
+    );
+    // One TCP connection (one SYN) carried the five.
+    let syns = fields("tcp.flags.syn == 1 && tcp.flags.ack == 0", "tcp.dstport");
+    assert_eq!(
+        syns.lines().collect::<Vec<_>>(),
+        ["15008"],
+        "SYNs: {syns:?}"
+    );
     let alpn = fields(
         "tls.handshake.type == 1",
         "tls.handshake.extensions_alpn_str",
     );
-    assert!(
-        alpn.contains("sidecar-mtls/1"),
-        "ClientHello ALPN: {alpn:?}"
+    assert_eq!(alpn.trim(), "h2", "ClientHello ALPN: {alpn:?}");
+    let sni = fields(
+        "tls.handshake.type == 1",
+        "tls.handshake.extensions_server_name",
     );
+    assert!(sni.trim().is_empty(), "no SNI, as ztunnel: {sni:?}");
     let version = fields(
         "tls.handshake.type == 2",
         "tls.handshake.extensions.supported_version",
@@ -430,7 +540,7 @@ fn two_sidecars_speak_mtls_on_the_wire() {
             "outbound",
             "spiffe://cluster.local/ns/shop/sa/db"
         ),
-        1.0
+        5.0
     );
     assert_eq!(
         seen(
@@ -438,34 +548,39 @@ fn two_sidecars_speak_mtls_on_the_wire() {
             "inbound",
             "spiffe://cluster.local/ns/shop/sa/cart"
         ),
+        5.0
+    );
+    let hbone = |sidecar: &Sidecar, name: &str, side: &str| sidecar.metric(name, &[("side", side)]);
+    assert_eq!(
+        hbone(
+            &a_sidecar,
+            "sidecar_hbone_connections_opened_total",
+            "client"
+        ),
         1.0
     );
-}
-
-/// Writes cert/key/bundle the way the kubelet updates a Secret volume: a new timestamped
-/// folder, then an atomic rename of `..data`; the visible names link through `..data`.
-fn kubelet_write(mount: &Path, generation: u32, from: &Path) {
-    let versioned = mount.join(format!("..2026_11_23_{generation}"));
-    std::fs::create_dir_all(&versioned).expect("dir");
-    for name in ["cert.pem", "key.pem", "bundle.pem"] {
-        std::fs::copy(from.join(name), versioned.join(name)).expect("copy");
-        // Readable by the proxy's UID, as a Secret volume's files are by default.
-        std::fs::set_permissions(
-            versioned.join(name),
-            std::os::unix::fs::PermissionsExt::from_mode(0o644),
-        )
-        .expect("chmod");
-    }
-    let tmp = mount.join("..data_tmp");
-    let _ = std::fs::remove_file(&tmp);
-    std::os::unix::fs::symlink(versioned.file_name().expect("name"), &tmp).expect("symlink");
-    std::fs::rename(&tmp, mount.join("..data")).expect("swap ..data");
-    for name in ["cert.pem", "key.pem", "bundle.pem"] {
-        let link = mount.join(name);
-        if std::fs::symlink_metadata(&link).is_err() {
-            std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("link");
-        }
-    }
+    assert_eq!(
+        hbone(&a_sidecar, "sidecar_hbone_streams_opened_total", "client"),
+        5.0
+    );
+    assert_eq!(hbone(&a_sidecar, "sidecar_hbone_streams", "client"), 0.0);
+    assert_eq!(
+        hbone(
+            &b_sidecar,
+            "sidecar_hbone_connections_opened_total",
+            "server"
+        ),
+        1.0
+    );
+    assert_eq!(
+        hbone(&b_sidecar, "sidecar_hbone_streams_opened_total", "server"),
+        5.0
+    );
+    // Only the first stream waited for a handshake.
+    assert_eq!(
+        a_sidecar.metric("sidecar_tls_handshake_duration_seconds_count", &[]),
+        1.0
+    );
 }
 
 fn serial_of(pem: &Path) -> String {
@@ -485,7 +600,7 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
     let certs = Certs::new("rotate");
     let mount = certs.0.join("b-mount");
     std::fs::create_dir_all(&mount).expect("mount");
-    kubelet_write(&mount, 1, &certs.workload("b"));
+    sidecar_tests::certs::kubelet_write(&mount, 1, &certs.workload("b"));
     let mut echo = b.app(&pod_tool_bin());
     echo.args(["echo", "--listen", &format!("{}:9500", b.ip4)]);
     let _echo = Background::start_ready(echo);
@@ -506,7 +621,7 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
     let presented = || {
         let mut cmd = a.outsider("sh");
         cmd.arg("-c").arg(format!(
-            "timeout 3 openssl s_client -connect {}:9500 -alpn {ALPN} -cert {c}/cert.pem -key {c}/key.pem </dev/null 2>/dev/null | openssl x509 -noout -serial",
+            "timeout 3 openssl s_client -connect {}:15008 -alpn h2 -cert {c}/cert.pem -key {c}/key.pem </dev/null 2>/dev/null | openssl x509 -noout -serial",
             b.ip4,
             c = a_dir.display()
         ));
@@ -547,7 +662,7 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    kubelet_write(&mount, 2, &next.join("b"));
+    sidecar_tests::certs::kubelet_write(&mount, 2, &next.join("b"));
     let second = serial_of(&next.join("b/cert.pem"));
     assert_ne!(first, second);
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -573,7 +688,7 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
     .expect("write");
     std::fs::copy(next.join("b/key.pem"), broken.join("key.pem")).expect("key");
     std::fs::copy(next.join("b/bundle.pem"), broken.join("bundle.pem")).expect("bundle");
-    kubelet_write(&mount, 3, &broken);
+    sidecar_tests::certs::kubelet_write(&mount, 3, &broken);
     std::thread::sleep(Duration::from_secs(1));
     assert_eq!(
         presented(),

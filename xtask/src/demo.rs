@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: three pods on a private bridge, each with its sidecar; an
-//! unmodified curl in the client pod's app cgroup talks to a server pod over mTLS, then
-//! to a service's virtual address balanced across both server pods. Prints what the
-//! kernel captured and what the proxy carried, then cleans up.
+//! unmodified curl in the client pod's app cgroup talks to a server pod over HBONE
+//! (HTTP/2 CONNECT over pooled mTLS), then to a service's virtual address balanced
+//! across both server pods. Prints what the kernel captured, the pool (several
+//! application connections on one mTLS connection) and what the proxy carried, then
+//! cleans up.
 
 use std::process::Command;
 
@@ -87,7 +89,7 @@ pub fn demo() -> Result<()> {
     };
 
     step(
-        "Starting the server pods' sidecars: inbound strict mTLS, only spiffe://cluster.local/ns/shop/*",
+        "Starting the server pods' sidecars: HBONE on :15008, strict (only HBONE gets in), only spiffe://cluster.local/ns/shop/*",
     );
     let server_config = format!(
         "{}inbound:\n  mode: strict\n  allow: ['spiffe://cluster.local/ns/shop/*']\n",
@@ -97,7 +99,7 @@ pub fn demo() -> Result<()> {
     let server2_sidecar = Sidecar::start(&server2, &server_config, Placement::InPodCgroup);
 
     step(
-        "Starting the client pod's sidecar (connect4/connect6/sock_ops on its cgroup; mTLS to the pod network)",
+        "Starting the client pod's sidecar (connect4/connect6/sock_ops on its cgroup; HBONE to the pod network)",
     );
     let client_config = format!(
         "{}mesh:\n  cidrs: [198.18.0.0/24, 'fd00:5c::/64']\n\
@@ -163,6 +165,20 @@ pub fn demo() -> Result<()> {
                 "  /services: {} endpoint {} health={} mtls={} attempts_ok={}",
                 s["name"], e["address"], e["health"], e["mtls"], e["attempts_ok"]
             );
+        }
+    }
+
+    step("The client sidecar's HBONE pool (GET /pool): one mTLS connection per server pod");
+    for t in sidecar.admin_json("/pool").as_array().into_iter().flatten() {
+        println!(
+            "  /pool: {} peer {} streams open {} idle {}s",
+            t["destination"], t["peer_identity"], t["streams"], t["idle_secs"]
+        );
+    }
+    let metrics = sidecar.metrics_text();
+    for line in metrics.lines().filter(|l| l.starts_with("sidecar_hbone_")) {
+        if line.contains("side=\"client\"") {
+            println!("  metric: {line}");
         }
     }
 

@@ -14,12 +14,14 @@ use serde::{Deserialize, Deserializer};
 
 mod env;
 mod error;
+mod mesh;
 mod services;
 #[cfg(test)]
 mod tests;
 mod validate;
 
 pub use error::ConfigError;
+pub use mesh::{HboneConfig, MeshConfig, MeshIdentityRule};
 pub use services::{
     DnsConfig, DnsTarget, EndpointConfig, HashKey, HealthCheckConfig, LbPolicy, LimitsConfig,
     OutboundConfig, OutboundPolicy, OutlierConfig, ServiceConfig,
@@ -83,31 +85,6 @@ impl Default for PinsConfig {
             dir: PathBuf::from("/sys/fs/bpf/sidecar"),
         }
     }
-}
-
-/// Outbound mTLS origination.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
-#[serde(default, deny_unknown_fields)]
-pub struct MeshConfig {
-    /// Destination networks whose pods run a sidecar (typically the pod CIDRs). The
-    /// server must present our ALPN and a certificate from the trust bundle, or the
-    /// connection fails: it is never sent in plaintext.
-    pub cidrs: Vec<IpNet>,
-    /// Which identities may serve which destination networks, checked on every
-    /// outbound mTLS handshake: the most specific rule whose network holds the
-    /// destination applies. A destination no rule covers must present an ID of the
-    /// local trust domain. A service's `server_identity` wins over these rules.
-    pub identities: Vec<MeshIdentityRule>,
-}
-
-/// Identities allowed to serve some destination networks.
-#[derive(Clone, Debug, Deserialize, PartialEq)]
-#[serde(deny_unknown_fields)]
-pub struct MeshIdentityRule {
-    /// The destination networks.
-    pub cidrs: Vec<IpNet>,
-    /// SPIFFE IDs, `spiffe://<td>/ns/<namespace>/*` or `spiffe://<td>/*`.
-    pub allow: Vec<crate::tls::IdentityMatcher>,
 }
 
 /// Where the workload identity lives (as a Secret or cert-manager's CSI driver mounts it).
@@ -302,14 +279,14 @@ pub struct InboundConfig {
     pub mode: Option<InboundMode>,
     /// Per-port modes.
     pub port_modes: std::collections::BTreeMap<u16, InboundMode>,
-    /// Peers allowed in over mTLS: SPIFFE IDs, `spiffe://<td>/ns/<namespace>/*` or
+    /// Peers allowed in over HBONE: SPIFFE IDs, `spiffe://<td>/ns/<namespace>/*` or
     /// `spiffe://<td>/*`. Empty: any workload of the local trust domain (never a
     /// federated one unless listed). Reloaded with the services section.
     pub allow: Vec<crate::tls::IdentityMatcher>,
-    /// How long a client may take to send its first bytes (or finish its handshake)
-    /// before a strict or permissive port gives up on it.
-    #[serde(deserialize_with = "duration")]
-    pub detect_timeout: Duration,
+    /// How long a client of the HBONE port may take to finish its mTLS and HTTP/2
+    /// handshakes before it is dropped.
+    #[serde(deserialize_with = "duration", alias = "detect_timeout")]
+    pub handshake_timeout: Duration,
     /// Connections at most in detection or handshake at once, per sidecar; more are
     /// reset at once (`sidecar_inbound_unauthenticated_refused_total`).
     pub max_unauthenticated: usize,
@@ -330,8 +307,8 @@ impl Default for InboundConfig {
             allow: Vec::new(),
             // Long enough for a client across a slow network, short enough that an idle
             // connection attempt does not hold a task for long.
-            detect_timeout: Duration::from_secs(5),
-            // Each costs a socket and a task of a few KiB for up to detect_timeout: at
+            handshake_timeout: Duration::from_secs(5),
+            // Each costs a socket and a task of a few KiB for up to handshake_timeout: at
             // most a few MiB, and far more handshakes than a pod completes at once.
             max_unauthenticated: 1024,
             max_unauthenticated_per_client: 128,
@@ -375,12 +352,13 @@ impl Default for HealthConfig {
 
 impl Config {
     /// The sidecar's own ports, which are never captured.
-    pub fn own_ports(&self) -> [u16; 4] {
+    pub fn own_ports(&self) -> [u16; 5] {
         [
             self.proxy.outbound_port,
             self.inbound.port,
             self.admin.address.port(),
             self.health.address.port(),
+            self.mesh.hbone.port,
         ]
     }
 

@@ -103,7 +103,7 @@ fn inbound_settings_are_checked() {
     let config = parse("inbound:\n  ports: [8080]\n  fail_closed: false\n").expect("valid");
     assert_eq!(config.inbound.ports, vec![8080]);
     assert!(!config.inbound.fail_closed);
-    assert_eq!(config.own_ports(), [15001, 15006, 15000, 15020]);
+    assert_eq!(config.own_ports(), [15001, 15006, 15000, 15020, 15008]);
 }
 
 #[test]

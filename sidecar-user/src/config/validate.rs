@@ -162,8 +162,25 @@ impl Config {
                 "must be greater than 0 (as must max_unauthenticated_per_client)",
             );
         }
-        if self.inbound.detect_timeout.is_zero() {
-            return invalid("inbound.detect_timeout", "must be greater than 0");
+        if self.inbound.handshake_timeout.is_zero() {
+            return invalid("inbound.handshake_timeout", "must be greater than 0");
+        }
+        let hbone = &self.mesh.hbone;
+        if hbone.max_streams_per_connection == 0
+            || hbone.max_inbound_streams_per_connection == 0
+            || hbone.max_connections_per_destination == 0
+        {
+            return invalid(
+                "mesh.hbone",
+                "max_streams_per_connection, max_inbound_streams_per_connection and \
+                 max_connections_per_destination must be greater than 0",
+            );
+        }
+        if hbone.keepalive_interval.is_zero() || hbone.keepalive_timeout.is_zero() {
+            return invalid(
+                "mesh.hbone.keepalive_interval",
+                "must be greater than 0 (as must keepalive_timeout)",
+            );
         }
         if !self.admin.address.ip().is_loopback() {
             return invalid(
@@ -184,6 +201,7 @@ impl Config {
             ("inbound.port", self.inbound.port),
             ("admin.address", self.admin.address.port()),
             ("health.address", self.health.address.port()),
+            ("mesh.hbone.port", self.mesh.hbone.port),
         ];
         for (i, (field, port)) in ports.iter().enumerate() {
             if let Some((other, _)) = ports[..i].iter().find(|(_, p)| p == port) {

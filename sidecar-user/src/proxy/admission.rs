@@ -1,73 +1,35 @@
-//! Inbound policy: per port, `disabled` passes bytes through, `permissive` terminates
-//! mTLS from sidecars and passes anything else through, `strict` accepts only mTLS from
-//! a sidecar whose SPIFFE ID the allow-list admits. A refused peer is reset and
-//! nothing reaches the application.
+//! Inbound policy for connections that arrive on application ports, around the HBONE
+//! port: per port, `disabled` and `permissive` pass them through (plaintext, or the
+//! application's own TLS), `strict` refuses them (reset before anything reaches the
+//! application): on a strict port only streams through HBONE, from a peer that proved
+//! its identity, get in.
 
-use std::{collections::BTreeMap, sync::Arc, time::Duration};
-
-use tokio::net::TcpStream;
-use tokio_rustls::TlsAcceptor;
+use std::collections::BTreeMap;
 
 use crate::{
     config::{Config, InboundMode},
-    mesh::{
-        peer_policy::PeerPolicy,
-        server::{HandshakeError, handshake},
-    },
-    proxy::{
-        CloseReason,
-        conn::Downstream,
-        detect::{Detected, detect},
-    },
-    tls::SpiffeId,
+    proxy::CloseReason,
 };
 
 /// What inbound connections must be, per port.
 pub struct InboundPolicy {
     default_mode: InboundMode,
     port_modes: BTreeMap<u16, InboundMode>,
-    /// Who may connect (`inbound.allow`, live).
-    peers: Arc<PeerPolicy>,
-    detect_timeout: Duration,
-    acceptor: Option<TlsAcceptor>,
 }
 
-/// Why an inbound connection was refused.
+/// Why a direct inbound connection was refused.
 #[derive(Debug, thiserror::Error)]
 pub enum Refusal {
-    /// A strict port got something other than mTLS from a sidecar.
-    #[error("strict port: the client did not start sidecar mTLS ({0:?})")]
-    NotMtls(Detected),
-    /// The client sent nothing (or not enough) in time.
-    #[error("no ClientHello or bytes within {0:?}")]
-    Silent(Duration),
-    /// The client closed before sending anything.
-    #[error("the client closed before sending anything")]
-    Closed,
-    /// The TLS handshake failed (bad, expired or missing certificate, ...).
-    #[error("mTLS handshake failed: {0}")]
-    Handshake(String),
-    /// The peer's identity is not on the allow-list.
-    #[error("peer {0} is not allowed by inbound.allow (empty: the local trust domain only)")]
-    NotAllowed(SpiffeId),
+    /// A strict port takes connections only through HBONE.
+    #[error("strict port: only connections through HBONE (port {0}) get in")]
+    NotMesh(u16),
 }
 
 impl Refusal {
     /// The close reason recorded in metrics.
     pub fn reason(&self) -> CloseReason {
         match self {
-            Refusal::NotMtls(_) | Refusal::NotAllowed(_) => CloseReason::PolicyDenied,
-            Refusal::Silent(_) => CloseReason::Timeout,
-            Refusal::Closed => CloseReason::Normal,
-            Refusal::Handshake(_) => CloseReason::HandshakeFailed,
-        }
-    }
-
-    /// The peer's identity, when the handshake got that far.
-    pub fn identity(&self) -> Option<&SpiffeId> {
-        match self {
-            Refusal::NotAllowed(id) => Some(id),
-            _ => None,
+            Refusal::NotMesh(_) => CloseReason::PolicyDenied,
         }
     }
 }
@@ -75,15 +37,11 @@ impl Refusal {
 // === impl InboundPolicy ===
 
 impl InboundPolicy {
-    /// The policy of `config`; `acceptor` terminates mTLS (needed unless every port is
-    /// `disabled`, which config validation guarantees); `peers` says who may connect.
-    pub fn new(config: &Config, acceptor: Option<TlsAcceptor>, peers: Arc<PeerPolicy>) -> Self {
+    /// The policy of `config`.
+    pub fn new(config: &Config) -> Self {
         Self {
             default_mode: config.inbound_default_mode(),
             port_modes: config.inbound.port_modes.clone(),
-            peers,
-            detect_timeout: config.inbound.detect_timeout,
-            acceptor,
         }
     }
 
@@ -95,51 +53,12 @@ impl InboundPolicy {
             .unwrap_or(self.default_mode)
     }
 
-    /// Whether connections to local `port` go through detection and a handshake
-    /// before they are relayed (strict and permissive ports, with an identity).
-    pub fn authenticates(&self, port: u16) -> bool {
-        self.acceptor.is_some() && self.mode(port) != InboundMode::Disabled
-    }
-
-    /// Applies the port's mode to a new connection. On refusal the socket comes back
-    /// with the reason (when it still exists), so the caller can reset it.
-    pub async fn admit(
-        &self,
-        port: u16,
-        client: TcpStream,
-    ) -> Result<Downstream, (Refusal, Option<TcpStream>)> {
-        let mode = self.mode(port);
-        let acceptor = match (&self.acceptor, mode) {
-            (Some(acceptor), InboundMode::Strict | InboundMode::Permissive) => acceptor,
-            _ => return Ok(Downstream::Plain(client)),
-        };
-        let detected = match detect(&client, self.detect_timeout).await {
-            Ok(d) => d,
-            Err(e) => return Err((Refusal::Handshake(e.to_string()), Some(client))),
-        };
-        match detected {
-            Detected::SidecarTls => {}
-            Detected::Plaintext | Detected::OtherTls if mode == InboundMode::Permissive => {
-                return Ok(Downstream::Plain(client));
-            }
-            Detected::Plaintext | Detected::OtherTls => {
-                return Err((Refusal::NotMtls(detected), Some(client)));
-            }
-            Detected::TimedOut => return Err((Refusal::Silent(self.detect_timeout), Some(client))),
-            Detected::Closed => return Err((Refusal::Closed, Some(client))),
-        }
-        // The handshake gets the same budget: a client that stalls mid-handshake must
-        // not hold a task forever.
-        match handshake(acceptor, client, self.detect_timeout, &self.peers).await {
-            Ok((tls, peer)) => Ok(Downstream::Mtls(tls, peer)),
-            Err((error, io)) => Err((
-                match error {
-                    HandshakeError::Failed(reason) => Refusal::Handshake(reason),
-                    HandshakeError::Timeout(budget) => Refusal::Silent(budget),
-                    HandshakeError::NotAllowed(id) => Refusal::NotAllowed(id),
-                },
-                io,
-            )),
+    /// Applies the mode of local `port` to a connection that arrived there directly
+    /// (not through HBONE).
+    pub fn admit_direct(&self, port: u16, hbone_port: u16) -> Result<(), Refusal> {
+        match self.mode(port) {
+            InboundMode::Strict => Err(Refusal::NotMesh(hbone_port)),
+            InboundMode::Permissive | InboundMode::Disabled => Ok(()),
         }
     }
 }
@@ -147,8 +66,9 @@ impl InboundPolicy {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::{mesh::peer_policy::PeerPolicy, tls::SpiffeId};
 
-    fn policy(allow: &str) -> Arc<PeerPolicy> {
+    fn policy(allow: &str) -> std::sync::Arc<PeerPolicy> {
         let config = Config::from_yaml(&format!("inbound:\n  allow: {allow}\n"), "t", Vec::new())
             .expect("config");
         PeerPolicy::new(&config, "td")
@@ -164,5 +84,16 @@ mod tests {
         let listed = policy("['spiffe://partner/*']");
         assert!(listed.allows_client(&federated));
         assert!(!listed.allows_client(&local));
+    }
+
+    #[test]
+    fn strict_ports_refuse_direct_connections_and_the_others_pass_them() {
+        let policy = InboundPolicy {
+            default_mode: InboundMode::Permissive,
+            port_modes: [(8443, InboundMode::Strict), (9000, InboundMode::Disabled)].into(),
+        };
+        assert!(policy.admit_direct(8443, 15008).is_err());
+        assert!(policy.admit_direct(9000, 15008).is_ok());
+        assert!(policy.admit_direct(8080, 15008).is_ok());
     }
 }

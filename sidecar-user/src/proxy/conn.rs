@@ -6,12 +6,9 @@
 //! [`crate::proxy::outbound`] and [`crate::proxy::inbound`] decide where a connection
 //! goes and connect there; everything after the connect is here.
 
-use std::{future::Future, net::SocketAddr, os::fd::AsRawFd, sync::Arc, time::Duration};
+use std::{future::Future, net::SocketAddr, sync::Arc, time::Duration};
 
-use tokio::{
-    io::AsyncWriteExt,
-    net::{TcpListener, TcpStream},
-};
+use tokio::net::{TcpListener, TcpStream};
 use tracing::{Instrument, debug, info_span, warn};
 
 use crate::{
@@ -19,6 +16,7 @@ use crate::{
     ebpf::KernelMaps,
     mesh::{
         MeshConnector, MeshTarget, PeerIdentity,
+        hbone::H2Stream,
         peer_policy::{Admission as PeerAdmission, PeerPolicy},
     },
     proxy::{
@@ -36,7 +34,7 @@ use crate::{
         upstream::{self, Upstream, UpstreamError},
     },
     service::{Admission, EndpointLease, Overflow, Services},
-    tls::{IdentityMatcher, read_ahead::ReadAhead},
+    tls::IdentityMatcher,
 };
 
 /// What every connection task shares.
@@ -53,8 +51,12 @@ pub struct Inputs {
     pub metrics: Arc<ProxyMetrics>,
     /// Open connections, for `/connections`.
     pub connections: Arc<ConnTable>,
-    /// What inbound ports accept.
+    /// What inbound ports accept directly.
     pub inbound: InboundPolicy,
+    /// The HBONE port (ours, and every peer's).
+    pub hbone_port: u16,
+    /// Budget for an inbound HBONE client's handshakes.
+    pub handshake_timeout: Duration,
     /// Outbound destinations reached over mTLS, when an identity is configured.
     pub mesh: Option<Mesh>,
     /// Services (virtual addresses) and the outbound traffic policy.
@@ -64,17 +66,17 @@ pub struct Inputs {
     pub pod: PodAddrs,
     /// Keepalive and user timeout of sockets to and from other hosts.
     pub dead_peer: DeadPeer,
-    /// Bounds inbound connections still in detection or handshake.
+    /// Bounds inbound HBONE connections still in their handshakes.
     pub unauthenticated: Arc<Gate>,
     /// The live identity rules, when an identity is configured.
     pub peers: Option<Arc<PeerPolicy>>,
 }
 
-/// Where outbound connections originate mTLS.
+/// Where outbound connections go over HBONE.
 pub struct Mesh {
     /// Destinations that have a sidecar.
     pub cidrs: Vec<ipnet::IpNet>,
-    /// Originates mTLS and checks the server's identity.
+    /// Opens HBONE streams and checks the server's identity.
     pub client: MeshConnector,
 }
 
@@ -85,24 +87,31 @@ impl Mesh {
     }
 }
 
-/// The accepted side of a connection: a plain socket, or mTLS terminated over one
-/// from a peer sidecar that proved its identity.
+/// The accepted side of a connection: a plain socket, or an HBONE stream from a peer
+/// that proved its identity.
 pub enum Downstream {
     /// Bytes pass as they are.
     Plain(TcpStream),
-    /// mTLS from a client sidecar.
-    Mtls(
-        Box<tokio_rustls::server::TlsStream<ReadAhead>>,
-        PeerIdentity,
-    ),
+    /// A stream from a client sidecar (or ztunnel).
+    Hbone(Box<H2Stream>, PeerIdentity),
 }
 
 impl Downstream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// Resets this connection: a TCP reset, or a stream reset.
+    pub fn reset(&mut self) {
         match self {
-            Downstream::Plain(tcp) => tcp,
-            Downstream::Mtls(tls, _) => tls.get_ref().0.tcp(),
+            Downstream::Plain(tcp) => {
+                let _ = tcp.set_zero_linger();
+            }
+            Downstream::Hbone(stream, _) => stream.reset(),
+        }
+    }
+
+    /// The client's proven identity.
+    fn peer(&self) -> Option<&PeerIdentity> {
+        match self {
+            Downstream::Plain(_) => None,
+            Downstream::Hbone(_, peer) => Some(peer),
         }
     }
 }
@@ -216,13 +225,7 @@ pub async fn accept_loop<F, Fut>(
         let _ = stream.set_nodelay(true);
         let client = ClientAddr(unmap(peer));
         let span = info_span!("conn", direction = direction.as_str(), %client);
-        let conn = Conn {
-            recorder: ConnRecorder::start(&inputs.metrics, direction),
-            inputs: inputs.clone(),
-            direction,
-            client,
-            drain: drain.clone(),
-        };
+        let conn = Conn::start(inputs.clone(), direction, client, drain.clone());
         drain.spawn(handle(conn, stream).instrument(span));
     }
 }
@@ -238,6 +241,35 @@ enum Ended {
 }
 
 impl Conn {
+    /// A connection just accepted (or a stream just opened): its metrics start now.
+    pub fn start(
+        inputs: Arc<Inputs>,
+        direction: Direction,
+        client: ClientAddr,
+        drain: DrainWatcher,
+    ) -> Self {
+        Self {
+            recorder: ConnRecorder::start(&inputs.metrics, direction),
+            inputs,
+            direction,
+            client,
+            drain,
+        }
+    }
+
+    /// Records a connection refused before it had a downstream to carry: by `peer`'s
+    /// identity (when proven), with `error`'s reason.
+    pub fn refused(
+        mut self,
+        peer: Option<&PeerIdentity>,
+        error: &dyn std::fmt::Display,
+        reason: CloseReason,
+    ) {
+        self.recorder.label_refused(peer.map(|p| &p.id));
+        self.recorder.set_reason(reason);
+        warn!(%error, "refusing connection");
+    }
+
     /// Connects straight to `dst`, not to a service: the application inbound, a
     /// passthrough destination outbound (over the mesh protocol when `mesh` says so).
     pub async fn connect_direct(
@@ -250,7 +282,9 @@ impl Conn {
         let started = std::time::Instant::now();
         // Outbound sockets go to other hosts: dead ones must be noticed.
         let dead_peer = (self.direction == Direction::Outbound).then_some(&inputs.dead_peer);
-        let (up, server) = upstream::open(dst.0, self.direction, deadline, mesh, dead_peer).await?;
+        let client = Some(inputs.pod.app_addr(self.client.0, dst.0));
+        let (up, server) =
+            upstream::open(dst.0, self.direction, deadline, mesh, dead_peer, client).await?;
         let labels = ServiceLabels {
             direction: self.direction,
             service: PASSTHROUGH.into(),
@@ -278,15 +312,12 @@ impl Conn {
         mut down: Downstream,
         mut connected: Result<Connected, ConnError>,
     ) -> impl Future<Output = ()> + Send {
-        let client = match &down {
-            Downstream::Mtls(_, peer) => Some(peer.id.clone()),
-            Downstream::Plain(_) => None,
-        };
+        let client = down.peer().map(|peer| peer.id.clone());
         // The peer identity is the client's inbound and the server's outbound.
-        let peer = match (&down, &connected) {
-            (Downstream::Mtls(_, peer), _) => Some(peer),
-            (Downstream::Plain(_), Ok(c)) => c.server.as_ref(),
-            (Downstream::Plain(_), Err(_)) => None,
+        let peer = match (down.peer(), &connected) {
+            (Some(peer), _) => Some(peer),
+            (None, Ok(c)) => c.server.as_ref(),
+            (None, Err(_)) => None,
         };
         self.recorder.label(peer);
         let identity = peer.map(|p| p.id.to_string());
@@ -306,13 +337,9 @@ impl Conn {
                 Err(error) => {
                     warn!(%error, "refusing connection");
                     self.recorder.set_reason(error.reason());
-                    if let Downstream::Mtls(tls, _) = &mut down {
-                        let _ = tls.shutdown().await;
-                    } else {
-                        // Reset rather than FIN: the app sees a refused/reset
-                        // connection, as it would have without the proxy.
-                        let _ = down.tcp().set_zero_linger();
-                    }
+                    // Reset rather than FIN: the app sees a refused/reset connection,
+                    // as it would have without the proxy.
+                    down.reset();
                     return;
                 }
             };
@@ -327,7 +354,7 @@ impl Conn {
                 tls: identity.is_some(),
                 started: std::time::Instant::now(),
                 transfer: self.recorder.transfer.clone(),
-                upstream_fd: connected.up.tcp().as_raw_fd(),
+                upstream_fd: connected.up.own_fd(),
             });
             let transfer = self.recorder.transfer.clone();
             let totals = self.recorder.totals();
@@ -353,8 +380,8 @@ impl Conn {
             ) {
                 // Pass a reset on to the other side, so neither end waits on a dead
                 // peer.
-                let _ = down.tcp().set_zero_linger();
-                let _ = connected.up.tcp().set_zero_linger();
+                down.reset();
+                connected.up.reset();
             }
             let sent = transfer.sent.load(std::sync::atomic::Ordering::Relaxed);
             let received = transfer.received.load(std::sync::atomic::Ordering::Relaxed);
@@ -408,11 +435,13 @@ async fn copy_between(
     use copy::copy_bidirectional as copy;
     match (down, up) {
         (Downstream::Plain(d), Upstream::Plain(u)) => copy(d, u, idle, transfer, totals).await,
-        (Downstream::Plain(d), Upstream::Tls(u)) => copy(d, &mut **u, idle, transfer, totals).await,
-        (Downstream::Mtls(d, _), Upstream::Plain(u)) => {
+        (Downstream::Plain(d), Upstream::Hbone(u)) => {
+            copy(d, &mut **u, idle, transfer, totals).await
+        }
+        (Downstream::Hbone(d, _), Upstream::Plain(u)) => {
             copy(&mut **d, u, idle, transfer, totals).await
         }
-        (Downstream::Mtls(d, _), Upstream::Tls(u)) => {
+        (Downstream::Hbone(d, _), Upstream::Hbone(u)) => {
             copy(&mut **d, &mut **u, idle, transfer, totals).await
         }
     }

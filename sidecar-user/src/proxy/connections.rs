@@ -53,8 +53,9 @@ pub struct Entry {
     pub started: Instant,
     /// Live byte counts.
     pub transfer: Arc<Transfer>,
-    /// The upstream socket, for `TCP_INFO`. Removed from the table before it closes.
-    pub upstream_fd: RawFd,
+    /// The upstream socket, for `TCP_INFO`, when the connection has one of its own
+    /// (not an HBONE stream). Removed from the table before it closes.
+    pub upstream_fd: Option<RawFd>,
 }
 
 /// Removes its connection from the table when dropped.
@@ -97,7 +98,7 @@ impl ConnTable {
     /// Adds `entry`; it stays until the returned registration is dropped.
     pub fn register(self: &Arc<Self>, entry: Entry) -> Registration {
         let id = self.next_id.fetch_add(1, Relaxed) + 1;
-        let fd = Mutex::new(Some(entry.upstream_fd));
+        let fd = Mutex::new(entry.upstream_fd);
         self.lock().insert(id, Arc::new(Slot { entry, fd }));
         Registration {
             table: self.clone(),
@@ -223,7 +224,7 @@ mod tests {
             tls: false,
             started: Instant::now(),
             transfer,
-            upstream_fd: stream.as_raw_fd(),
+            upstream_fd: Some(stream.as_raw_fd()),
         });
         let views = table.snapshot();
         assert_eq!(views.len(), 1);

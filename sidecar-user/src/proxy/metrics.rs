@@ -199,7 +199,7 @@ impl ConnRecorder {
     /// handshake time is observed too.
     pub fn label(&mut self, peer: Option<&PeerIdentity>) {
         if self.labelled.is_none() {
-            let handshake = peer.map(|p| p.handshake);
+            let handshake = peer.and_then(|p| p.handshake);
             self.open_with(peer.map(|p| &p.id), handshake);
         }
     }
@@ -318,7 +318,7 @@ mod tests {
         let proxy = ProxyMetrics::register(&mut metrics, 10, 10);
         let peer = PeerIdentity {
             id: "spiffe://cluster.local/ns/a/sa/b".parse().expect("id"),
-            handshake: std::time::Duration::from_millis(3),
+            handshake: Some(std::time::Duration::from_millis(3)),
         };
         {
             let mut r = ConnRecorder::start(&proxy, Direction::Inbound);

@@ -2,11 +2,13 @@
 //! inbound to it), recover where it was going, connect there, copy bytes both ways.
 //!
 //! One outbound connection: [`outbound`] (accept, original destination, route) →
-//! [`balance`] (a service's endpoint, retries) or [`upstream`] (connect, the mesh
-//! protocol's client half) → [`conn`] (metrics guard, connection table, [`copy`],
-//! close reason). One inbound mTLS connection: [`inbound`] (accept, the cap on
-//! [`unauthenticated`] connections) → [`admission`] ([`detect`], the mesh protocol's
-//! server half) → [`upstream`] (delivery to the app) → [`conn`].
+//! [`balance`] (a service's endpoint, retries) or [`upstream`] (connect, or an HBONE
+//! stream through the mesh protocol's client half) → [`conn`] (metrics guard,
+//! connection table, [`copy`], close reason). One inbound HBONE stream: [`tunnel`]
+//! (accept on port 15008, the cap on [`unauthenticated`] connections, the handshakes,
+//! each stream's checks) → [`inbound`] (delivery to the app through [`upstream`]) →
+//! [`conn`]. A direct inbound connection: [`inbound`] → [`admission`] (the port's
+//! mode) → delivery → [`conn`].
 
 pub mod addr;
 pub mod admission;
@@ -14,7 +16,6 @@ pub mod balance;
 pub mod conn;
 pub mod connections;
 pub mod copy;
-pub mod detect;
 pub mod inbound;
 pub mod labels;
 pub mod listener;
@@ -25,6 +26,7 @@ pub mod socket_opts;
 pub mod splice;
 #[cfg(test)]
 pub(crate) mod test_support;
+pub mod tunnel;
 pub mod unauthenticated;
 pub mod upstream;
 

@@ -1,29 +1,27 @@
-//! Opening the upstream side of a connection: plain TCP, or TCP then the mesh
+//! Opening the upstream side of a connection: plain TCP, or a stream over the mesh
 //! protocol's client half ([`crate::mesh::client`]) to a peer sidecar.
 
-use std::{io, net::SocketAddr, time::Duration};
+use std::{io, net::SocketAddr, os::fd::AsRawFd, time::Duration};
 
 use tokio::{
     net::{TcpSocket, TcpStream},
     time::Instant,
 };
-use tokio_rustls::client::TlsStream;
 
 use crate::{
-    mesh::{MeshError, MeshTarget, PeerIdentity, client},
+    mesh::{MeshError, MeshTarget, PeerIdentity, client, hbone::H2Stream},
     proxy::{
         CloseReason, Direction,
         socket_opts::{self, DeadPeer},
     },
-    tls::read_ahead::ReadAhead,
 };
 
-/// The connected side: a plain socket, or mTLS originated over one.
+/// The connected side: a plain socket, or an HBONE stream to a peer sidecar.
 pub enum Upstream {
     /// Plain TCP.
     Plain(TcpStream),
-    /// mTLS to a sidecar.
-    Tls(Box<TlsStream<ReadAhead>>),
+    /// A stream on a pooled HBONE connection.
+    Hbone(Box<H2Stream>),
 }
 
 /// Why an upstream could not be opened. Each names the address.
@@ -43,11 +41,22 @@ pub enum UpstreamError {
 // === impl Upstream ===
 
 impl Upstream {
-    /// The TCP socket underneath.
-    pub fn tcp(&self) -> &TcpStream {
+    /// The socket of this connection alone, when it has one (an HBONE stream shares
+    /// its connection's).
+    pub fn own_fd(&self) -> Option<std::os::fd::RawFd> {
         match self {
-            Upstream::Plain(tcp) => tcp,
-            Upstream::Tls(tls) => tls.get_ref().0.tcp(),
+            Upstream::Plain(tcp) => Some(tcp.as_raw_fd()),
+            Upstream::Hbone(_) => None,
+        }
+    }
+
+    /// Resets this connection: a TCP reset, or a stream reset.
+    pub fn reset(&mut self) {
+        match self {
+            Upstream::Plain(tcp) => {
+                let _ = tcp.set_zero_linger();
+            }
+            Upstream::Hbone(stream) => stream.reset(),
         }
     }
 }
@@ -59,17 +68,24 @@ impl UpstreamError {
     pub fn reason(&self) -> CloseReason {
         match self {
             UpstreamError::Timeout(..) => CloseReason::Timeout,
-            UpstreamError::Connect(..) | UpstreamError::Mesh(MeshError::AppRefused(_)) => {
+            UpstreamError::Connect(..)
+            | UpstreamError::Mesh(MeshError::AppRefused(_) | MeshError::Connect(..)) => {
                 CloseReason::Refused
             }
-            UpstreamError::Mesh(MeshError::Tls(..)) => CloseReason::HandshakeFailed,
+            UpstreamError::Mesh(MeshError::Tls(..) | MeshError::Protocol(..)) => {
+                CloseReason::HandshakeFailed
+            }
+            UpstreamError::Mesh(MeshError::Denied(_) | MeshError::Rejected(..)) => {
+                CloseReason::PolicyDenied
+            }
             UpstreamError::Mesh(MeshError::WrongIdentity { .. }) => CloseReason::IdentityMismatch,
         }
     }
 }
 
-/// Connects to `dst` before `deadline`, over mTLS when `mesh` says so. Outbound
-/// sockets get `dead_peer`'s keepalive and user timeout (when given). Inbound, the
+/// Connects to `dst` before `deadline`, over HBONE when `mesh` says so (`client`, the
+/// application's address, is sent along). Outbound sockets get `dead_peer`'s
+/// keepalive and user timeout (when given); HBONE connections PING instead. Inbound, the
 /// delivery to the application comes from [`DELIVERY_SOURCE_V4`] (IPv4) or the pod
 /// IP itself (IPv6), which `sk_lookup` never steers back into the proxy.
 pub async fn open(
@@ -78,8 +94,16 @@ pub async fn open(
     deadline: Instant,
     mesh: Option<MeshTarget<'_>>,
     dead_peer: Option<&DeadPeer>,
+    client: Option<SocketAddr>,
 ) -> Result<(Upstream, Option<PeerIdentity>), UpstreamError> {
     let budget = deadline.saturating_duration_since(Instant::now());
+    if let Some(mesh) = mesh {
+        return match tokio::time::timeout_at(deadline, client::connect(dst, mesh, client)).await {
+            Ok(Ok((stream, server))) => Ok((Upstream::Hbone(Box::new(stream)), Some(server))),
+            Ok(Err(e)) => Err(e.into()),
+            Err(_) => Err(UpstreamError::Timeout(dst, budget)),
+        };
+    }
     let tcp = match tokio::time::timeout_at(deadline, tcp_connect(dst, direction)).await {
         Ok(Ok(tcp)) => tcp,
         Ok(Err(e)) => return Err(UpstreamError::Connect(dst, e)),
@@ -88,27 +112,12 @@ pub async fn open(
     if let Some(dead_peer) = dead_peer {
         dead_peer.apply(&tcp);
     }
-    let Some(mesh) = mesh else {
-        return Ok((Upstream::Plain(tcp), None));
-    };
-    let started = std::time::Instant::now();
-    match tokio::time::timeout_at(deadline, client::handshake(dst, tcp, mesh)).await {
-        Ok(Ok((tls, id))) => {
-            let server = PeerIdentity {
-                id,
-                handshake: started.elapsed(),
-            };
-            Ok((Upstream::Tls(Box::new(tls)), Some(server)))
-        }
-        Ok(Err(e)) => Err(e.into()),
-        Err(_) => Err(UpstreamError::Timeout(dst, budget)),
-    }
+    Ok((Upstream::Plain(tcp), None))
 }
 
 async fn tcp_connect(dst: SocketAddr, direction: Direction) -> io::Result<TcpStream> {
     let stream = connect_from(dst, direction).await?;
-    // Before the handshake: small TLS records (Finished, the status byte) must not
-    // wait for a delayed ACK.
+    // Small messages must not wait for a delayed ACK.
     stream.set_nodelay(true)?;
     Ok(stream)
 }

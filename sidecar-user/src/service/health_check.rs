@@ -1,6 +1,6 @@
 //! Active health checks: every `interval`, a connect to each endpoint of the service
-//! (for a meshed service, the full mTLS handshake and the peer's status byte, since a
-//! sidecar always accepts). A streak of failures marks the endpoint unhealthy, a
+//! (for a meshed service, an HBONE stream, answered 200 only once the peer's
+//! application took the connection, since a sidecar always accepts). A streak of failures marks the endpoint unhealthy, a
 //! streak of passes healthy again.
 
 use std::{net::SocketAddr, sync::Arc};
@@ -76,21 +76,21 @@ pub async fn run(
     }
 }
 
-/// One check: a TCP connect to `addr`, then (meshed) the mesh protocol up to the peer
-/// sidecar's status byte, all before `deadline`.
+/// One check before `deadline`: a TCP connect to `addr`, or (meshed) an HBONE stream
+/// to it, up to the peer's answer.
 async fn probe(
     addr: SocketAddr,
     deadline: Instant,
     mesh: Option<MeshTarget<'_>>,
 ) -> Result<(), ProbeError> {
     let check = async {
-        let tcp = TcpStream::connect(addr)
-            .await
-            .map_err(ProbeError::Connect)?;
-        if let Some(mesh) = mesh {
-            // Small records (Finished, the status byte) must not wait for a delayed ACK.
-            tcp.set_nodelay(true).map_err(ProbeError::Connect)?;
-            client::handshake(addr, tcp, mesh).await?;
+        match mesh {
+            Some(mesh) => drop(client::connect(addr, mesh, None).await?),
+            None => drop(
+                TcpStream::connect(addr)
+                    .await
+                    .map_err(ProbeError::Connect)?,
+            ),
         }
         Ok(())
     };

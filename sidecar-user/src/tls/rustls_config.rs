@@ -1,4 +1,4 @@
-//! rustls configurations for mTLS between sidecars: TLS 1.3 only, our ALPN, the current
+//! rustls configurations for mTLS between sidecars: TLS 1.3 only, HBONE's ALPN (`h2`), the current
 //! identity presented on every handshake (so rotation applies to new handshakes), and
 //! peers verified against the current trust bundle by chain and SPIFFE ID rather than
 //! DNS name. Which identities may connect is decided after the handshake, from
@@ -65,6 +65,8 @@ pub fn client_config(
         .with_custom_certificate_verifier(verifier)
         .with_client_cert_resolver(Arc::new(CurrentIdentity(store.clone())));
     config.alpn_protocols = vec![alpn.to_vec()];
+    // Peers are named by SPIFFE ID, not DNS: no SNI (as ztunnel sends none).
+    config.enable_sni = false;
     config.resumption =
         rustls::client::Resumption::store(super::resumption::client_sessions(store));
     Ok(Arc::new(config))

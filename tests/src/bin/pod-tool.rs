@@ -102,9 +102,9 @@ enum Cmd {
         #[arg(long)]
         seconds: f64,
     },
-    /// `count` mTLS connections to `to`, each with its own SPIFFE identity
-    /// (spiffe://cluster.local/ns/flood/sa/id-N) issued from the CA in `ca`; each
-    /// sends one echo byte and waits for it.
+    /// `count` HBONE connections to `to`'s port 15008, each with its own SPIFFE
+    /// identity (spiffe://cluster.local/ns/flood/sa/id-N) issued from the CA in `ca`;
+    /// each opens one stream to `to`, sends one echo byte and waits for it.
     Identities {
         #[arg(long)]
         to: SocketAddr,
@@ -120,7 +120,7 @@ enum Cmd {
         to: SocketAddr,
     },
     /// A slow-loris flood: `count` connections to `to`, each sending nothing (even
-    /// ones) or the first half of a TLS ClientHello offering the sidecar ALPN (odd
+    /// ones) or the first half of a TLS ClientHello offering HBONE's ALPN (odd
     /// ones), then stalling. Prints `connected` once all connects are done, holds them
     /// `hold_ms`, and prints how many the server closed meanwhile.
     Stall {
@@ -128,6 +128,34 @@ enum Cmd {
         to: SocketAddr,
         #[arg(long)]
         count: usize,
+        #[arg(long)]
+        hold_ms: u64,
+    },
+    /// A raw HBONE client: mTLS to `to` (a peer's port 15008) with the certificate
+    /// in `cert` (or none), then one stream per `--authority`, in order, on the same
+    /// connection: `method authority`, and on 200 `payload` then END_STREAM. Prints
+    /// the server's identity and each answer (status, what came back, how it ended).
+    Hbone {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        cert: Option<std::path::PathBuf>,
+        #[arg(long = "authority", required = true)]
+        authorities: Vec<String>,
+        #[arg(long, default_value = "CONNECT")]
+        method: String,
+        #[arg(long, default_value = "Hmarker-7f3a")]
+        payload: String,
+        #[arg(long, default_value_t = 3000)]
+        read_ms: u64,
+    },
+    /// A reader that never reads: one echo connection (stream mode) to `to` that
+    /// writes until its writes stall for two seconds (every window and buffer on the
+    /// way is full), prints `connected`, holds `hold_ms` without reading, and prints
+    /// how much it wrote.
+    Stuck {
+        #[arg(long)]
+        to: SocketAddr,
         #[arg(long)]
         hold_ms: u64,
     },
@@ -176,6 +204,15 @@ fn main() -> Result<()> {
             } => slow(to, streams, bytes, seconds).await,
             Cmd::Identities { to, ca, count } => identities(to, &ca, count).await,
             Cmd::Udp { to } => udp(to).await,
+            Cmd::Stuck { to, hold_ms } => stuck(to, hold_ms).await,
+            Cmd::Hbone {
+                to,
+                cert,
+                authorities,
+                method,
+                payload,
+                read_ms,
+            } => hbone(to, cert, authorities, method, payload, read_ms).await,
             Cmd::Enrol { to } => enrol(to).await,
             Cmd::Stall { to, count, hold_ms } => stall(to, count, hold_ms).await,
         }
@@ -290,14 +327,14 @@ async fn echo_once(s: &mut TcpStream, byte: u8) -> Result<()> {
     Ok(())
 }
 
-/// The first half of a real ClientHello offering `sidecar-mtls/1`.
+/// The first half of a real ClientHello offering `h2`, as an HBONE client's.
 fn half_client_hello() -> Result<Vec<u8>> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_protocol_versions(&[&rustls::version::TLS13])?
         .with_root_certificates(rustls::RootCertStore::empty())
         .with_no_client_auth();
-    config.alpn_protocols = vec![b"sidecar-mtls/1".to_vec()];
+    config.alpn_protocols = vec![b"h2".to_vec()];
     let name = rustls::pki_types::ServerName::try_from("stall.invalid")?.to_owned();
     let mut conn = rustls::ClientConnection::new(Arc::new(config), name)?;
     let mut hello = Vec::new();
@@ -697,27 +734,27 @@ async fn identities(to: SocketAddr, ca_dir: &std::path::Path, count: usize) -> R
         let mut config = rustls::ClientConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13])?
             .dangerous()
-            .with_custom_certificate_verifier(Arc::new(AnyServer(provider.clone())))
+            .with_custom_certificate_verifier(Arc::new(sidecar_tests::hbone::AnyServer(
+                provider.clone(),
+            )))
             .with_client_auth_cert(chain, key_der)?;
-        config.alpn_protocols = vec![b"sidecar-mtls/1".to_vec()];
-        let connector = tokio_rustls::TlsConnector::from(Arc::new(config));
+        config.alpn_protocols = vec![b"h2".to_vec()];
+        config.enable_sni = false;
+        let config = Arc::new(config);
         let permit = limit.clone().acquire_owned().await?;
         tasks.push(tokio::spawn(async move {
             let result = async {
-                let tcp = TcpStream::connect(to).await?;
-                let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
-                let mut tls = connector.connect(name, tcp).await?;
-                // A server sidecar first says whether its app took the connection.
-                let mut status = [0u8; 1];
-                tls.read_exact(&mut status).await?;
-                anyhow::ensure!(status == [0], "status byte {status:?}: app refused");
-                let mut header = [0u8; HEADER];
-                tls.read_exact(&mut header).await?;
-                tls.write_all(b"Sx").await?;
-                let mut back = [0u8; 1];
-                tls.read_exact(&mut back).await?;
-                anyhow::ensure!(&back == b"x", "bad echo");
-                Ok::<_, anyhow::Error>(())
+                let hbone = SocketAddr::new(to.ip(), 15008);
+                let client = sidecar_tests::hbone::Client::connect(hbone, config).await?;
+                let answer = client
+                    .request(
+                        "CONNECT",
+                        &to.to_string(),
+                        b"Hx-echo",
+                        Duration::from_secs(5),
+                    )
+                    .await?;
+                sidecar_tests::hbone::expect_echo(&answer, "x-echo")
             }
             .await;
             drop(permit);
@@ -741,40 +778,62 @@ async fn identities(to: SocketAddr, ca_dir: &std::path::Path, count: usize) -> R
     Ok(())
 }
 
-/// The flood client checks nothing about the server: it only tests the server side.
-#[derive(Debug)]
-struct AnyServer(Arc<rustls::crypto::CryptoProvider>);
+async fn hbone(
+    to: SocketAddr,
+    cert: Option<std::path::PathBuf>,
+    authorities: Vec<String>,
+    method: String,
+    payload: String,
+    read_ms: u64,
+) -> Result<()> {
+    use sidecar_tests::hbone::{Client, tls_config};
+    let config = Arc::new(tls_config(cert.as_deref())?);
+    let client = match Client::connect(to, config).await {
+        Ok(client) => client,
+        Err(e) => {
+            println!("{}", serde_json::json!({"error": format!("{e:#}")}));
+            return Ok(());
+        }
+    };
+    let mut answers = Vec::new();
+    for authority in &authorities {
+        let answer = client
+            .request(
+                &method,
+                authority,
+                payload.as_bytes(),
+                Duration::from_millis(read_ms),
+            )
+            .await;
+        answers.push(match answer {
+            Ok(answer) => serde_json::to_value(answer)?,
+            Err(e) => serde_json::json!({"error": format!("{e:#}")}),
+        });
+    }
+    println!(
+        "{}",
+        serde_json::json!({"server_identity": client.server_identity, "answers": answers})
+    );
+    Ok(())
+}
 
-impl rustls::client::danger::ServerCertVerifier for AnyServer {
-    fn verify_server_cert(
-        &self,
-        _: &rustls::pki_types::CertificateDer<'_>,
-        _: &[rustls::pki_types::CertificateDer<'_>],
-        _: &rustls::pki_types::ServerName<'_>,
-        _: &[u8],
-        _: rustls::pki_types::UnixTime,
-    ) -> Result<rustls::client::danger::ServerCertVerified, rustls::Error> {
-        Ok(rustls::client::danger::ServerCertVerified::assertion())
+async fn stuck(to: SocketAddr, hold_ms: u64) -> Result<()> {
+    let mut s = TcpStream::connect(to).await?;
+    s.write_all(b"S").await?;
+    let chunk = vec![b'z'; 64 * 1024];
+    let mut written = 0usize;
+    // Bounded: a proxy that buffered without limit would be caught here too.
+    while written < 1024 * 1024 * 1024 {
+        match tokio::time::timeout(Duration::from_secs(2), s.write(&chunk)).await {
+            Ok(Ok(n)) => written += n,
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => break,
+        }
     }
-    fn verify_tls12_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls12_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn verify_tls13_signature(
-        &self,
-        m: &[u8],
-        c: &rustls::pki_types::CertificateDer<'_>,
-        d: &rustls::DigitallySignedStruct,
-    ) -> Result<rustls::client::danger::HandshakeSignatureValid, rustls::Error> {
-        rustls::crypto::verify_tls13_signature(m, c, d, &self.0.signature_verification_algorithms)
-    }
-    fn supported_verify_schemes(&self) -> Vec<rustls::SignatureScheme> {
-        self.0.signature_verification_algorithms.supported_schemes()
-    }
+    println!("connected");
+    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    println!("{}", serde_json::json!({"written": written}));
+    Ok(())
 }
 
 async fn udp(to: SocketAddr) -> Result<()> {

@@ -30,7 +30,10 @@ use tokio::{
     time::Instant,
 };
 
-use crate::proxy::splice::Pipe;
+use crate::{
+    mesh::hbone::stream::{H2Reader, H2Stream, H2Writer},
+    proxy::splice::Pipe,
+};
 
 mod tls_read;
 
@@ -116,6 +119,7 @@ impl Halves for TcpStream {
 }
 
 /// Streams that are not plain sockets: split with `tokio::io::split`.
+#[cfg(test)]
 macro_rules! opaque_halves {
     ($($ty:ty),*) => {$(
         impl<IO: AsyncRead + AsyncWrite + Unpin + Send> Halves for $ty {
@@ -128,12 +132,29 @@ macro_rules! opaque_halves {
     )*};
 }
 
-opaque_halves!(
-    tokio_rustls::client::TlsStream<IO>,
-    tokio_rustls::server::TlsStream<IO>
-);
 #[cfg(test)]
 opaque_halves!(tokio::io::BufWriter<IO>);
+
+/// An HBONE stream splits into its HTTP/2 halves without a lock.
+impl Halves for H2Stream {
+    type Read<'a> = &'a mut H2Reader;
+    type Write<'a> = &'a mut H2Writer;
+    fn halves(&mut self) -> (&mut H2Reader, &mut H2Writer) {
+        (&mut self.read, &mut self.write)
+    }
+}
+
+impl ReadTcp for &mut H2Reader {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
+
+impl WriteTcp for &mut H2Writer {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+}
 
 /// Copies until both directions are closed, one fails, or `idle` passes with no bytes.
 pub async fn copy_bidirectional<C: Halves, U: Halves>(

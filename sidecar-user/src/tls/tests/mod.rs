@@ -11,7 +11,7 @@ use super::{
     dev_ca::{DevCa, KeyType, Validity},
     rustls_config::{client_config, peer_identity, provider, server_config},
 };
-use crate::mesh::ALPN;
+use crate::mesh::hbone::ALPN;
 
 mod resumption;
 

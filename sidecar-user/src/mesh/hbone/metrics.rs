@@ -1,0 +1,132 @@
+//! HBONE metrics, both sides: connections (pooled outbound, accepted inbound), the
+//! streams they carry, and streams refused with the HTTP status that refused them.
+
+use prometheus_client::{
+    encoding::EncodeLabelSet,
+    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    registry::Registry,
+};
+
+/// Which side of a tunnel.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub enum Side {
+    /// Pooled connections this sidecar opened.
+    Client,
+    /// Connections other sidecars (or ztunnels) opened to us.
+    Server,
+}
+
+impl Side {
+    fn as_str(self) -> &'static str {
+        match self {
+            Side::Client => "client",
+            Side::Server => "server",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SideLabels {
+    side: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct RefusedLabels {
+    side: &'static str,
+    status: u16,
+}
+
+/// The HBONE counters and gauges.
+#[derive(Debug, Default)]
+pub struct HboneMetrics {
+    connections: Family<SideLabels, Gauge>,
+    connections_opened: Family<SideLabels, Counter>,
+    streams: Family<SideLabels, Gauge>,
+    streams_opened: Family<SideLabels, Counter>,
+    streams_refused: Family<RefusedLabels, Counter>,
+}
+
+impl HboneMetrics {
+    /// Registers the families in `registry`, every side declared at zero.
+    pub fn register(&self, registry: &mut Registry) {
+        registry.register(
+            "hbone_connections",
+            "HBONE mTLS connections open now, by side (client: pooled by us)",
+            self.connections.clone(),
+        );
+        registry.register(
+            "hbone_connections_opened",
+            "HBONE mTLS connections opened, by side",
+            self.connections_opened.clone(),
+        );
+        registry.register(
+            "hbone_streams",
+            "HBONE streams (application connections) open now, by side",
+            self.streams.clone(),
+        );
+        registry.register(
+            "hbone_streams_opened",
+            "HBONE streams opened, by side",
+            self.streams_opened.clone(),
+        );
+        registry.register(
+            "hbone_streams_refused",
+            "HBONE streams refused, by side and HTTP status (400 bad request, 401 peer not \
+             allowed, 503 application refused)",
+            self.streams_refused.clone(),
+        );
+        for side in [Side::Client, Side::Server] {
+            let labels = SideLabels {
+                side: side.as_str(),
+            };
+            let _ = self.connections.get_or_create(&labels);
+            let _ = self.connections_opened.get_or_create(&labels);
+            let _ = self.streams.get_or_create(&labels);
+            let _ = self.streams_opened.get_or_create(&labels);
+        }
+    }
+
+    /// A connection opened; the returned gauge handle is decremented by the caller
+    /// (through [`HboneMetrics::connection_closed`]) when it closes.
+    pub fn connection_opened(&self, side: Side) {
+        let labels = SideLabels {
+            side: side.as_str(),
+        };
+        self.connections.get_or_create(&labels).inc();
+        self.connections_opened.get_or_create(&labels).inc();
+    }
+
+    /// A connection closed.
+    pub fn connection_closed(&self, side: Side) {
+        let labels = SideLabels {
+            side: side.as_str(),
+        };
+        self.connections.get_or_create(&labels).dec();
+    }
+
+    /// A stream opened; [`HboneMetrics::stream_closed`] follows.
+    pub fn stream_opened(&self, side: Side) {
+        let labels = SideLabels {
+            side: side.as_str(),
+        };
+        self.streams.get_or_create(&labels).inc();
+        self.streams_opened.get_or_create(&labels).inc();
+    }
+
+    /// A stream closed.
+    pub fn stream_closed(&self, side: Side) {
+        let labels = SideLabels {
+            side: side.as_str(),
+        };
+        self.streams.get_or_create(&labels).dec();
+    }
+
+    /// A stream refused with `status`.
+    pub fn stream_refused(&self, side: Side, status: u16) {
+        let labels = RefusedLabels {
+            side: side.as_str(),
+            status,
+        };
+        self.streams_refused.get_or_create(&labels).inc();
+    }
+}

@@ -1,0 +1,451 @@
+//! The client side of HBONE: pooled mTLS connections to peers' HBONE ports, and the
+//! `CONNECT` streams opened on them.
+//!
+//! A connection is keyed by the destination (pod IP and HBONE port) and the serial of
+//! our certificate when it was made, so after a rotation new streams go over new
+//! connections with the new certificate, while the old ones finish their streams and
+//! close once idle. A connection takes new streams while it has fewer than the
+//! streams limit (ours, or the server's when lower) and neither certificate has
+//! expired; past that a new one is opened, up to the per-destination cap, after
+//! which streams share the least loaded one. A connection that fails (an error, a
+//! GOAWAY, a PING unanswered) leaves the pool at once and is never reused; one idle
+//! for `idle_timeout` is closed.
+//!
+//! Which identity the server must have is checked per stream, against the identity
+//! the connection's handshake proved, before anything is sent: one connection serves
+//! every service whose endpoint is that pod, each with its own expectation.
+
+use std::{
+    collections::HashMap,
+    net::SocketAddr,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
+    },
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use h2::client::SendRequest;
+use serde::Serialize;
+use tokio::{net::TcpStream, sync::Notify};
+use tokio_rustls::TlsConnector;
+use tracing::{debug, warn};
+
+use super::{
+    ALPN, Settings, keepalive,
+    metrics::{HboneMetrics, Side},
+};
+use crate::{
+    mesh::MeshError,
+    tls::{
+        IdentityStore, SpiffeId,
+        certs::check_validity,
+        read_ahead::ReadAhead,
+        rustls_config::{peer_identity, resumed_with_expired_certificate},
+    },
+};
+
+/// Pooled HBONE connections.
+pub struct Pool {
+    tls: TlsConnector,
+    store: Arc<IdentityStore>,
+    settings: Settings,
+    metrics: Arc<HboneMetrics>,
+    tunnels: Mutex<HashMap<Key, Vec<Arc<Tunnel>>>>,
+    /// One opener per key at a time: a burst of connects to a new destination waits
+    /// for one handshake instead of making one each.
+    opening: Mutex<HashMap<Key, Arc<tokio::sync::Mutex<()>>>>,
+    next_id: AtomicU64,
+}
+
+/// What a pooled connection is shared by.
+#[derive(Clone, Debug, Hash, PartialEq, Eq)]
+struct Key {
+    /// The peer's HBONE address.
+    dst: SocketAddr,
+    /// Serial of our certificate.
+    local: String,
+}
+
+/// One pooled mTLS connection.
+pub struct Tunnel {
+    id: u64,
+    key: Key,
+    /// The server's proven identity.
+    pub peer: SpiffeId,
+    opened: Instant,
+    handshake: Duration,
+    /// Unix seconds at which our or the peer's certificate expires.
+    not_after: i64,
+    /// Taken (and dropped) when the connection leaves the pool: with no handle left
+    /// and no stream open, HTTP/2 closes the connection.
+    send: Mutex<Option<SendRequest<Bytes>>>,
+    streams: AtomicUsize,
+    /// Milliseconds after `opened` when the last stream closed.
+    idle_since: AtomicU64,
+    /// Out of the pool: takes no new stream.
+    retired: AtomicBool,
+    /// Wakes the idle watcher when the last stream closes.
+    idle: Notify,
+}
+
+/// A stream's claim on its tunnel, released when the stream is dropped.
+struct Slot {
+    tunnel: Arc<Tunnel>,
+    metrics: Arc<HboneMetrics>,
+}
+
+/// A tunnel as `GET /pool` shows it.
+#[derive(Debug, Serialize)]
+pub struct TunnelView {
+    /// Process-unique id.
+    pub id: u64,
+    /// The peer's HBONE address.
+    pub destination: SocketAddr,
+    /// The identity the server proved.
+    pub peer_identity: String,
+    /// Serial of the certificate we presented.
+    pub local_serial: String,
+    /// Streams open on it now.
+    pub streams: usize,
+    /// Seconds since it was opened.
+    pub age_secs: u64,
+    /// Seconds since its last stream closed (0 while streams are open).
+    pub idle_secs: u64,
+    /// Seconds until a certificate on it expires.
+    pub expires_in_secs: i64,
+    /// Out of the pool, finishing its streams.
+    pub retired: bool,
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.metrics.stream_closed(Side::Client);
+        if self.tunnel.streams.fetch_sub(1, Relaxed) == 1 {
+            let ms = self.tunnel.opened.elapsed().as_millis() as u64;
+            self.tunnel.idle_since.store(ms, Relaxed);
+            self.tunnel.idle.notify_one();
+        }
+    }
+}
+
+fn now_unix() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
+}
+
+impl Tunnel {
+    fn usable(&self, max_streams: usize) -> bool {
+        !self.retired.load(Relaxed)
+            && self.streams.load(Relaxed) < max_streams
+            && now_unix() < self.not_after
+    }
+
+    /// Resolves when the tunnel should leave the pool: idle for `idle`, or a
+    /// certificate on it expired.
+    async fn retire_when_done(&self, idle: Duration) {
+        let expires = Instant::now()
+            + Duration::from_secs(self.not_after.saturating_sub(now_unix()).max(0) as u64);
+        loop {
+            let notified = self.idle.notified();
+            let deadline = if self.streams.load(Relaxed) == 0 {
+                let since = Duration::from_millis(self.idle_since.load(Relaxed));
+                (self.opened + since + idle).min(expires)
+            } else {
+                expires
+            };
+            let now = Instant::now();
+            if now >= expires || (self.streams.load(Relaxed) == 0 && now >= deadline) {
+                return;
+            }
+            tokio::select! {
+                () = tokio::time::sleep_until(deadline.into()) => {}
+                () = notified => {}
+            }
+        }
+    }
+}
+
+impl Pool {
+    /// An empty pool that originates mTLS with `tls` (the current identity of `store`).
+    pub fn new(
+        tls: TlsConnector,
+        store: Arc<IdentityStore>,
+        settings: Settings,
+        metrics: Arc<HboneMetrics>,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            tls,
+            store,
+            settings,
+            metrics,
+            tunnels: Mutex::default(),
+            opening: Mutex::default(),
+            next_id: AtomicU64::new(0),
+        })
+    }
+
+    /// The settings.
+    pub fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// The metrics.
+    pub fn metrics(&self) -> &Arc<HboneMetrics> {
+        &self.metrics
+    }
+
+    /// A connection to `ip`'s HBONE port with room for one more stream (opened if
+    /// needed), the stream slot taken, and whether this call opened it.
+    pub async fn checkout(
+        self: &Arc<Self>,
+        ip: std::net::IpAddr,
+    ) -> Result<(Arc<Tunnel>, SendRequest<Bytes>, Box<dyn Send + Sync>, bool), MeshError> {
+        let key = Key {
+            dst: SocketAddr::new(ip, self.settings.port),
+            local: self.store.current().serial.clone(),
+        };
+        if let Some(found) = self.take_slot(&key, false) {
+            return Ok(self.claimed(found, false));
+        }
+        let opener = {
+            let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+            opening.entry(key.clone()).or_default().clone()
+        };
+        let _opening = opener.lock().await;
+        // Another task may have opened one meanwhile.
+        if let Some(found) = self.take_slot(&key, false) {
+            return Ok(self.claimed(found, false));
+        }
+        let full = {
+            let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+            tunnels.get(&key).map_or(0, Vec::len) >= self.settings.max_connections
+        };
+        if full {
+            // At the cap: share the least loaded; HTTP/2 queues the stream until the
+            // server takes it.
+            if let Some(found) = self.take_slot(&key, true) {
+                return Ok(self.claimed(found, false));
+            }
+        }
+        let tunnel = self.open(key.clone()).await?;
+        let send = tunnel
+            .send
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
+        let Some(send) = send else {
+            return Err(MeshError::Protocol(
+                key.dst,
+                "connection closed at once".into(),
+            ));
+        };
+        tunnel.streams.fetch_add(1, Relaxed);
+        self.tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .entry(key)
+            .or_default()
+            .push(tunnel.clone());
+        Ok(self.claimed((tunnel, send), true))
+    }
+
+    fn claimed(
+        &self,
+        (tunnel, send): (Arc<Tunnel>, SendRequest<Bytes>),
+        opened: bool,
+    ) -> (Arc<Tunnel>, SendRequest<Bytes>, Box<dyn Send + Sync>, bool) {
+        self.metrics.stream_opened(Side::Client);
+        let slot = Box::new(Slot {
+            tunnel: tunnel.clone(),
+            metrics: self.metrics.clone(),
+        });
+        (tunnel, send, slot, opened)
+    }
+
+    /// Takes a stream slot on a usable tunnel of `key` (`any`: the least loaded one,
+    /// over its limit).
+    fn take_slot(&self, key: &Key, any: bool) -> Option<(Arc<Tunnel>, SendRequest<Bytes>)> {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let list = tunnels.get(key)?;
+        let pick = if any {
+            list.iter()
+                .filter(|t| !t.retired.load(Relaxed) && now_unix() < t.not_after)
+                .min_by_key(|t| t.streams.load(Relaxed))
+        } else {
+            list.iter().find(|t| {
+                let send = t.send.lock().unwrap_or_else(|p| p.into_inner());
+                let max = send
+                    .as_ref()
+                    .map_or(0, |s| s.current_max_send_streams())
+                    .min(self.settings.max_streams);
+                t.usable(max)
+            })
+        }?;
+        let send = pick
+            .send
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()?;
+        pick.streams.fetch_add(1, Relaxed);
+        Some((pick.clone(), send))
+    }
+
+    /// Removes `tunnel` from the pool: it takes no new stream and closes once its
+    /// streams end.
+    pub fn retire(&self, tunnel: &Arc<Tunnel>) {
+        if tunnel.retired.swap(true, Relaxed) {
+            return;
+        }
+        let mut tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(list) = tunnels.get_mut(&tunnel.key) {
+            list.retain(|t| !Arc::ptr_eq(t, tunnel));
+            if list.is_empty() {
+                tunnels.remove(&tunnel.key);
+                self.opening
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .remove(&tunnel.key);
+            }
+        }
+        drop(tunnels);
+        tunnel.send.lock().unwrap_or_else(|p| p.into_inner()).take();
+    }
+
+    /// TCP, mTLS and the HTTP/2 handshake to `key.dst`; the connection's task runs
+    /// it until it fails, goes idle or a certificate expires.
+    async fn open(self: &Arc<Self>, key: Key) -> Result<Arc<Tunnel>, MeshError> {
+        let started = Instant::now();
+        let dst = key.dst;
+        let tcp = TcpStream::connect(dst)
+            .await
+            .map_err(|e| MeshError::Connect(dst, e))?;
+        // Small records (handshake, SETTINGS, headers) must not wait for delayed ACKs.
+        tcp.set_nodelay(true)
+            .map_err(|e| MeshError::Connect(dst, e))?;
+        let local = self.store.current();
+        let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
+        let tls = self
+            .tls
+            .connect(name, ReadAhead::new(tcp))
+            .await
+            .map_err(|e| MeshError::Tls(dst, e.to_string()))?;
+        let (_, conn) = tls.get_ref();
+        if conn.alpn_protocol() != Some(ALPN) {
+            return Err(MeshError::Tls(
+                dst,
+                "the server did not negotiate h2: not an HBONE server".into(),
+            ));
+        }
+        let Some(peer) = peer_identity(conn) else {
+            return Err(MeshError::Tls(
+                dst,
+                "the server certificate has no SPIFFE ID".into(),
+            ));
+        };
+        if let Some(reason) = resumed_with_expired_certificate(conn) {
+            return Err(MeshError::Tls(dst, reason));
+        }
+        let peer_not_after = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| check_validity(leaf, now_unix()).ok())
+            .unwrap_or(0);
+        let (send, mut connection) = self
+            .settings
+            .client()
+            .handshake::<_, Bytes>(tls)
+            .await
+            .map_err(|e| MeshError::Protocol(dst, e.to_string()))?;
+        let tunnel = Arc::new(Tunnel {
+            id: self.next_id.fetch_add(1, Relaxed) + 1,
+            key,
+            peer,
+            opened: started,
+            handshake: started.elapsed(),
+            not_after: peer_not_after.min(local.not_after),
+            send: Mutex::new(Some(send)),
+            streams: AtomicUsize::new(0),
+            idle_since: AtomicU64::new(0),
+            retired: AtomicBool::new(false),
+            idle: Notify::new(),
+        });
+        self.metrics.connection_opened(Side::Client);
+        debug!(%dst, peer = %tunnel.peer, id = tunnel.id, "HBONE connection opened");
+        let ping = connection.ping_pong();
+        let (pool, driven) = (self.clone(), tunnel.clone());
+        tokio::spawn(async move {
+            let settings = &pool.settings;
+            let keepalive = keepalive(
+                ping,
+                settings.keepalive_interval,
+                settings.keepalive_timeout,
+            );
+            let retire = driven.retire_when_done(settings.idle_timeout);
+            tokio::pin!(keepalive, retire);
+            let mut retired = false;
+            loop {
+                tokio::select! {
+                    result = &mut connection => {
+                        if let Err(error) = result {
+                            debug!(dst = %driven.key.dst, %error, "HBONE connection ended");
+                        }
+                        break;
+                    }
+                    () = &mut keepalive => {
+                        warn!(dst = %driven.key.dst, timeout = ?settings.keepalive_timeout, "HBONE connection closed: PING unanswered");
+                        break;
+                    }
+                    () = &mut retire, if !retired => {
+                        retired = true;
+                        pool.retire(&driven);
+                    }
+                }
+            }
+            pool.retire(&driven);
+            pool.metrics.connection_closed(Side::Client);
+        });
+        Ok(tunnel)
+    }
+
+    /// Every pooled connection, oldest first.
+    pub fn view(&self) -> Vec<TunnelView> {
+        let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
+        let now = now_unix();
+        let mut views: Vec<TunnelView> = tunnels
+            .values()
+            .flatten()
+            .map(|t| {
+                let streams = t.streams.load(Relaxed);
+                let idle_secs = if streams == 0 {
+                    let since = Duration::from_millis(t.idle_since.load(Relaxed));
+                    t.opened.elapsed().saturating_sub(since).as_secs()
+                } else {
+                    0
+                };
+                TunnelView {
+                    id: t.id,
+                    destination: t.key.dst,
+                    peer_identity: t.peer.to_string(),
+                    local_serial: t.key.local.clone(),
+                    streams,
+                    age_secs: t.opened.elapsed().as_secs(),
+                    idle_secs,
+                    expires_in_secs: t.not_after - now,
+                    retired: t.retired.load(Relaxed),
+                }
+            })
+            .collect();
+        views.sort_by_key(|v| v.id);
+        views
+    }
+}
+
+impl Tunnel {
+    /// How long the handshake that opened it took.
+    pub fn handshake(&self) -> Duration {
+        self.handshake
+    }
+}

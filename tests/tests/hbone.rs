@@ -1,0 +1,353 @@
+//! HBONE between two sidecars under the conditions a pool meets in a cluster: a slow
+//! reader sharing a connection with busy streams (HTTP/2 flow control per stream),
+//! idle expiry, a client certificate rotated under open streams, and a server sidecar
+//! killed under load (fail closed; the broken connection is never reused).
+
+use std::{path::Path, process::Command, time::Duration};
+
+use sidecar_tests::{
+    Certs, Net, Placement, Pod, Sidecar,
+    certs::kubelet_write,
+    tools::{InFlight, echo_server, pod_tool_bin, run_json, wait_until},
+};
+
+/// B serves an echo on 8080 behind a strict sidecar; A's sidecar meshes B's network
+/// with `a_extra` config.
+struct Pair {
+    a: Pod,
+    b: Pod,
+    a_sidecar: Sidecar,
+    b_sidecar: Sidecar,
+    dst: String,
+    certs: Certs,
+    _echo: sidecar_tests::tools::Background,
+    _net: Net,
+}
+
+fn pair(tag: &str, a_identity: Option<String>, a_extra: &str) -> Pair {
+    let mut net = Net::new(tag);
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let certs = Certs::new(tag, &["b=shop/db", "good=shop/web"]);
+    let (echo, dst) = echo_server(&b, 8080);
+    let b_sidecar = Sidecar::start(
+        &b,
+        &format!("{}inbound:\n  mode: strict\n", certs.identity("b")),
+        Placement::InPodCgroup,
+    );
+    let identity = a_identity.unwrap_or_else(|| certs.identity("good"));
+    let a_sidecar = Sidecar::start(
+        &a,
+        &format!("{identity}mesh:\n  cidrs: [198.18.0.0/24]\n{a_extra}"),
+        Placement::InPodCgroup,
+    );
+    Pair {
+        a,
+        b,
+        a_sidecar,
+        b_sidecar,
+        dst,
+        certs,
+        _echo: echo,
+        _net: net,
+    }
+}
+
+/// `count` echo connections from A's app, `concurrency` at a time, within `limit_s`.
+fn tally(pod: &Pod, to: &str, count: usize, concurrency: usize, limit_s: u32) -> serde_json::Value {
+    let mut cmd = pod.app("timeout");
+    cmd.arg(limit_s.to_string())
+        .arg(pod_tool_bin())
+        .args(["tally", "--to", to, "--count", &count.to_string()])
+        .args(["--concurrency", &concurrency.to_string()]);
+    run_json(cmd)
+}
+
+fn client_metric(sidecar: &Sidecar, name: &str) -> f64 {
+    sidecar.metric(name, &[("side", "client")])
+}
+
+#[test]
+fn a_slow_reader_does_not_stall_the_other_streams_of_its_connection() {
+    let p = pair("hbone-slow", None, "");
+    // One application connection that writes and never reads: its stream's window
+    // (4 MiB) fills, and everything behind it.
+    let mut stuck = p.a.app(&pod_tool_bin());
+    stuck.args(["stuck", "--to", &p.dst, "--hold-ms", "15000"]);
+    let stuck = InFlight::start(stuck);
+    let pool = p.a_sidecar.admin_json("/pool");
+    assert_eq!(pool.as_array().map(Vec::len), Some(1), "{pool}");
+    assert_eq!(pool[0]["streams"], 1, "{pool}");
+    // Meanwhile 40 echo connections over the same connection, two of them moving
+    // 4 MiB each way, finish promptly and byte-exact.
+    let mut busy = p.a.app("timeout");
+    busy.arg("20")
+        .arg(pod_tool_bin())
+        .args(["clients", "--to", &p.dst, "--connections", "40"]);
+    let busy = run_json(busy);
+    assert_eq!(busy["ok"], 40, "{busy}");
+    assert_eq!(busy["big"], 2, "{busy}");
+    assert_eq!(
+        client_metric(&p.a_sidecar, "sidecar_hbone_connections_opened_total"),
+        1.0,
+        "all on the stuck stream's connection"
+    );
+    let summary = stuck.finish();
+    let written = summary["written"].as_u64().expect("written");
+    eprintln!("stuck connection wrote {written} bytes");
+    // It did fill its stream's window (more than 4 MiB left the app), and the
+    // proxies buffered only a bounded amount for it (no unbounded queue).
+    assert!(
+        written > 4 << 20 && written < 64 << 20,
+        "the stuck connection wrote {written} bytes"
+    );
+}
+
+#[test]
+fn an_idle_pooled_connection_closes_and_an_open_stream_keeps_it() {
+    let p = pair("hbone-idle", None, "  hbone:\n    idle_timeout: 1s\n");
+    // A stream open longer than the idle timeout keeps its connection.
+    let mut slow = p.a.app(&pod_tool_bin());
+    slow.args(["slow", "--to", &p.dst, "--bytes", "3000", "--seconds", "3"]);
+    let slow = InFlight::start(slow);
+    std::thread::sleep(Duration::from_secs(2));
+    let pool = p.a_sidecar.admin_json("/pool");
+    assert_eq!(pool.as_array().map(Vec::len), Some(1), "{pool}");
+    assert_eq!(pool[0]["streams"], 1, "{pool}");
+    assert_eq!(slow.finish()["ok"], 1);
+    // Idle, it leaves the pool and closes on both sides.
+    wait_until(Duration::from_secs(5), "the idle connection closes", || {
+        p.a_sidecar
+            .admin_json("/pool")
+            .as_array()
+            .is_some_and(Vec::is_empty)
+            && client_metric(&p.a_sidecar, "sidecar_hbone_connections") == 0.0
+            && p.b_sidecar
+                .metric("sidecar_hbone_connections", &[("side", "server")])
+                == 0.0
+    });
+    // The next application connection opens a new one.
+    assert_eq!(tally(&p.a, &p.dst, 1, 1, 10)["ok"], 1);
+    assert_eq!(
+        client_metric(&p.a_sidecar, "sidecar_hbone_connections_opened_total"),
+        2.0
+    );
+}
+
+/// The serial `sidecar certs` wrote in `pem`, as the sidecar shows it.
+fn serial_of(pem: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(pem)
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    text.trim()
+        .trim_start_matches("serial=")
+        .trim_start_matches('0')
+        .to_string()
+}
+
+#[test]
+fn a_rotated_client_certificate_takes_new_streams_while_open_ones_finish() {
+    let tag = "hbone-rotate";
+    let mount = std::env::temp_dir().join(format!("sidecar-{tag}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&mount);
+    std::fs::create_dir_all(&mount).expect("mount");
+    let identity = format!(
+        "identity:\n  cert: {m}/cert.pem\n  key: {m}/key.pem\n  bundle: {m}/bundle.pem\n  reload_interval: 200ms\n",
+        m = mount.display()
+    );
+    let p = {
+        let mut net = Net::new(tag);
+        let a = net.pod("a");
+        let b = net.pod("b");
+        let certs = Certs::new(tag, &["b=shop/db", "good=shop/web"]);
+        // A's certificate lives in a Secret-like mount the kubelet rotates.
+        kubelet_write(&mount, 1, &certs.dir().join("good"));
+        let (echo, dst) = echo_server(&b, 8080);
+        let b_sidecar = Sidecar::start(
+            &b,
+            &format!("{}inbound:\n  mode: strict\n", certs.identity("b")),
+            Placement::InPodCgroup,
+        );
+        let a_sidecar = Sidecar::start(
+            &a,
+            &format!("{identity}mesh:\n  cidrs: [198.18.0.0/24]\n  hbone:\n    idle_timeout: 2s\n"),
+            Placement::InPodCgroup,
+        );
+        Pair {
+            a,
+            b,
+            a_sidecar,
+            b_sidecar,
+            dst,
+            certs,
+            _echo: echo,
+            _net: net,
+        }
+    };
+    let first = serial_of(&p.certs.dir().join("good/cert.pem"));
+    // 20 long-lived connections on the first pooled connection.
+    let mut slow = p.a.app(&pod_tool_bin());
+    slow.args([
+        "slow",
+        "--to",
+        &p.dst,
+        "--streams",
+        "20",
+        "--bytes",
+        "20000",
+        "--seconds",
+        "5",
+    ]);
+    let slow = InFlight::start(slow);
+    let pool = p.a_sidecar.admin_json("/pool");
+    assert_eq!(
+        pool[0]["local_serial"]
+            .as_str()
+            .map(|s| s.trim_start_matches('0')),
+        Some(first.as_str()),
+        "{pool}"
+    );
+
+    // Rotate A: a new certificate from the same CA.
+    let next = p.certs.dir().join("next");
+    let out = Command::new(sidecar_tests::tools::sidecar_bin())
+        .args(["certs", "--out"])
+        .arg(&next)
+        .arg("--ca")
+        .arg(p.certs.dir())
+        .args(["--workload", "good=shop/web"])
+        .output()
+        .expect("sidecar certs --ca");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    kubelet_write(&mount, 2, &next.join("good"));
+    let second = serial_of(&next.join("good/cert.pem"));
+    assert_ne!(first, second);
+    // New application connections go over a new pooled connection with the new
+    // certificate, while the old one still carries its 20 streams.
+    wait_until(
+        Duration::from_secs(5),
+        "a pooled connection with the new certificate",
+        || {
+            assert_eq!(tally(&p.a, &p.dst, 1, 1, 10)["ok"], 1);
+            let pool = p.a_sidecar.admin_json("/pool");
+            pool.as_array().into_iter().flatten().any(|t| {
+                t["local_serial"]
+                    .as_str()
+                    .map(|s| s.trim_start_matches('0'))
+                    == Some(second.as_str())
+            })
+        },
+    );
+    let pool = p.a_sidecar.admin_json("/pool");
+    let old = pool
+        .as_array()
+        .into_iter()
+        .flatten()
+        .find(|t| {
+            t["local_serial"]
+                .as_str()
+                .map(|s| s.trim_start_matches('0'))
+                == Some(first.as_str())
+        })
+        .unwrap_or_else(|| panic!("the old connection is gone: {pool}"));
+    assert_eq!(old["streams"], 20, "{pool}");
+    assert_eq!(
+        slow.finish()["ok"],
+        20,
+        "every open stream survived the rotation"
+    );
+    // Its streams done, the old connection idles out; only the new one is left.
+    wait_until(Duration::from_secs(6), "the old connection closes", || {
+        let pool = p.a_sidecar.admin_json("/pool");
+        pool.as_array().is_some_and(|ts| {
+            ts.iter().all(|t| {
+                t["local_serial"]
+                    .as_str()
+                    .map(|s| s.trim_start_matches('0'))
+                    != Some(first.as_str())
+            })
+        })
+    });
+    // B saw both certificates' connections from the same identity.
+    assert_eq!(
+        p.b_sidecar.metric(
+            "sidecar_hbone_connections_opened_total",
+            &[("side", "server")]
+        ),
+        2.0
+    );
+    let _ = std::fs::remove_dir_all(&mount);
+}
+
+#[test]
+fn a_killed_server_sidecar_fails_closed_and_its_broken_connection_is_never_reused() {
+    let p = pair("hbone-kill", None, "");
+    // About 2 s of connections, one every 10 ms; B's sidecar dies under them.
+    let stream = {
+        let (a, dst) = (p.a.clone(), p.dst.clone());
+        std::thread::spawn(move || {
+            let mut cmd = a.app(&pod_tool_bin());
+            cmd.args([
+                "tally",
+                "--to",
+                &dst,
+                "--count",
+                "150",
+                "--interval-ms",
+                "10",
+            ]);
+            run_json(cmd)
+        })
+    };
+    wait_until(Duration::from_secs(10), "the stream is under way", || {
+        p.b_sidecar.opened() >= 30
+    });
+    let Pair {
+        a,
+        b,
+        a_sidecar,
+        b_sidecar,
+        dst,
+        certs,
+        _echo,
+        _net,
+    } = p;
+    b_sidecar.crash();
+    let during = stream.join().expect("stream");
+    let (ok, failed) = (
+        during["ok"].as_u64().unwrap_or(0),
+        during["failed"].as_u64().unwrap_or(0),
+    );
+    assert_eq!(ok + failed, 150, "{during}");
+    assert!(ok >= 30 && failed >= 50, "{during}");
+    // Nothing gets through while B's sidecar is gone: A never falls back to
+    // plaintext, and B's kernel refuses what would go around its proxy.
+    let after = tally(&a, &dst, 10, 1, 20);
+    assert_eq!(after["failed"], 10, "{after}");
+    let mut direct = a.outsider("timeout");
+    direct
+        .arg("20")
+        .arg(pod_tool_bin())
+        .args(["tally", "--to", &dst, "--count", "1"]);
+    let direct = run_json(direct);
+    assert_eq!(direct["failed"], 1, "{direct}");
+    // B's sidecar is back: A's pool opens a new connection (the broken one was
+    // dropped) and everything flows again.
+    let _b_sidecar = Sidecar::start(
+        &b,
+        &format!("{}inbound:\n  mode: strict\n", certs.identity("b")),
+        Placement::InPodCgroup,
+    );
+    let again = tally(&a, &dst, 20, 1, 20);
+    assert_eq!(again["ok"], 20, "{again}");
+    assert!(client_metric(&a_sidecar, "sidecar_hbone_connections_opened_total") >= 2.0);
+    let pool = a_sidecar.admin_json("/pool");
+    assert_eq!(pool.as_array().map(Vec::len), Some(1), "{pool}");
+}
