@@ -286,7 +286,7 @@ impl Bound {
         let connections = Arc::new(ConnTable::default());
         let hbone_metrics = Arc::new(HboneMetrics::default());
         hbone_metrics.register(metrics.registry_mut());
-        let hbone_settings = HboneSettings::new(&config.mesh.hbone);
+        let hbone_settings = HboneSettings::new(&config.mesh.hbone, config.proxy.worker_threads);
         let state = Arc::new(AdminState {
             ready: false.into(),
             metrics,

@@ -171,8 +171,8 @@ pub fn demo() -> Result<()> {
     step("The client sidecar's HBONE pool (GET /pool): one mTLS connection per server pod");
     for t in sidecar.admin_json("/pool").as_array().into_iter().flatten() {
         println!(
-            "  /pool: {} peer {} streams open {} idle {}s",
-            t["destination"], t["peer_identity"], t["streams"], t["idle_secs"]
+            "  /pool: {} peer {}: {} application connections carried, {} open",
+            t["destination"], t["peer_identity"], t["streams_carried"], t["streams"]
         );
     }
     let metrics = sidecar.metrics_text();

@@ -43,6 +43,11 @@ pub struct HboneConfig {
     /// Pooled connections to one destination at most; past it, new streams share the
     /// least loaded one and wait for the server to take them.
     pub max_connections_per_destination: usize,
+    /// Connections to one destination that streams open at the same time are
+    /// spread over before they share one (default: `proxy.worker_threads`): a
+    /// connection's encryption runs on one core at a time, so bulk transfers to one
+    /// destination use every core.
+    pub parallel_connections: Option<usize>,
     /// A pooled connection that carried no stream for this long is closed.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
@@ -62,6 +67,7 @@ impl Default for HboneConfig {
             max_streams_per_connection: 100,
             max_inbound_streams_per_connection: 200,
             max_connections_per_destination: 64,
+            parallel_connections: None,
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),

@@ -23,9 +23,16 @@ use rustls::{
 
 use super::{IdentityStore, SpiffeId, certs::spiffe_id_of};
 
-/// The crypto provider every configuration uses.
+/// The crypto provider every configuration uses: TLS 1.3's AES-GCM suites (as
+/// ztunnel offers them), AES-128 first. Both are as strong as the mesh needs, and
+/// AES-128 takes 10 rounds to AES-256's 14: between two of our sidecars (the server
+/// follows the client's order) bulk transfers cost less CPU. A ztunnel client, which
+/// offers AES-256 first, gets AES-256.
 pub fn provider() -> Arc<CryptoProvider> {
-    Arc::new(rustls::crypto::ring::default_provider())
+    use rustls::crypto::ring::cipher_suite::{TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384};
+    let mut provider = rustls::crypto::ring::default_provider();
+    provider.cipher_suites = vec![TLS13_AES_128_GCM_SHA256, TLS13_AES_256_GCM_SHA384];
+    Arc::new(provider)
 }
 
 /// Server side of sidecar mTLS: requires a client certificate from the trust bundle;

@@ -245,7 +245,13 @@ impl Rig {
                 running
                     .sidecars
                     .push(sidecar(&self.server_proxy, &self.server, &server));
-                let client = format!("{}mesh:\n  cidrs: ['{ip}/32']\n", self.identity("client"));
+                // BENCH_MESH='  hbone: {...}\n' adds to the client's mesh section while
+                // investigating (one setting against another in the same code).
+                let extra = std::env::var("BENCH_MESH").unwrap_or_default();
+                let client = format!(
+                    "{}mesh:\n  cidrs: ['{ip}/32']\n{extra}",
+                    self.identity("client")
+                );
                 running
                     .sidecars
                     .push(sidecar(&self.client_proxy, &self.client, &client));

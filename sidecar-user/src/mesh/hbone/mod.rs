@@ -44,6 +44,8 @@ pub struct Settings {
     pub max_inbound_streams: u32,
     /// Pooled connections per destination at most.
     pub max_connections: usize,
+    /// Connections overlapping streams are spread over before they share one.
+    pub parallel: usize,
     /// Idle pooled connections close after this long.
     pub idle_timeout: Duration,
     /// PING interval.
@@ -53,9 +55,13 @@ pub struct Settings {
 }
 
 impl Settings {
-    /// From the configuration.
-    pub fn new(config: &HboneConfig) -> Self {
+    /// From the configuration; `workers` is the proxy's thread count.
+    pub fn new(config: &HboneConfig, workers: usize) -> Self {
         Self {
+            parallel: config
+                .parallel_connections
+                .unwrap_or(workers)
+                .clamp(1, config.max_connections_per_destination),
             port: config.port,
             max_streams: config.max_streams_per_connection as usize,
             max_inbound_streams: config.max_inbound_streams_per_connection,

@@ -82,6 +82,8 @@ pub struct Tunnel {
     /// and no stream open, HTTP/2 closes the connection.
     send: Mutex<Option<SendRequest<Bytes>>>,
     streams: AtomicUsize,
+    /// Streams it has carried.
+    carried: AtomicU64,
     /// Milliseconds after `opened` when the last stream closed.
     idle_since: AtomicU64,
     /// Out of the pool: takes no new stream.
@@ -109,6 +111,8 @@ pub struct TunnelView {
     pub local_serial: String,
     /// Streams open on it now.
     pub streams: usize,
+    /// Streams it has carried since it opened.
+    pub streams_carried: u64,
     /// Seconds since it was opened.
     pub age_secs: u64,
     /// Seconds since its last stream closed (0 while streams are open).
@@ -258,6 +262,7 @@ impl Pool {
         opened: bool,
     ) -> (Arc<Tunnel>, SendRequest<Bytes>, Box<dyn Send + Sync>, bool) {
         self.metrics.stream_opened(Side::Client);
+        tunnel.carried.fetch_add(1, Relaxed);
         let slot = Box::new(Slot {
             tunnel: tunnel.clone(),
             metrics: self.metrics.clone(),
@@ -265,25 +270,33 @@ impl Pool {
         (tunnel, send, slot, opened)
     }
 
-    /// Takes a stream slot on a usable tunnel of `key` (`any`: the least loaded one,
-    /// over its limit).
+    /// Takes a stream slot on a usable tunnel of `key`: the least loaded, unless
+    /// every one is busy and fewer than `parallel` exist (a new one spreads the
+    /// work). `any`: the least loaded one even over its limit.
     fn take_slot(&self, key: &Key, any: bool) -> Option<(Arc<Tunnel>, SendRequest<Bytes>)> {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
         let list = tunnels.get(key)?;
+        let open = list
+            .iter()
+            .filter(|t| !t.retired.load(Relaxed) && now_unix() < t.not_after);
         let pick = if any {
-            list.iter()
-                .filter(|t| !t.retired.load(Relaxed) && now_unix() < t.not_after)
-                .min_by_key(|t| t.streams.load(Relaxed))
+            open.min_by_key(|t| t.streams.load(Relaxed))?
         } else {
-            list.iter().find(|t| {
-                let send = t.send.lock().unwrap_or_else(|p| p.into_inner());
-                let max = send
-                    .as_ref()
-                    .map_or(0, |s| s.current_max_send_streams())
-                    .min(self.settings.max_streams);
-                t.usable(max)
-            })
-        }?;
+            let pick = open
+                .filter(|t| {
+                    let send = t.send.lock().unwrap_or_else(|p| p.into_inner());
+                    let max = send
+                        .as_ref()
+                        .map_or(0, |s| s.current_max_send_streams())
+                        .min(self.settings.max_streams);
+                    t.usable(max)
+                })
+                .min_by_key(|t| t.streams.load(Relaxed))?;
+            if pick.streams.load(Relaxed) > 0 && list.len() < self.settings.parallel {
+                return None;
+            }
+            pick
+        };
         let send = pick
             .send
             .lock()
@@ -368,6 +381,7 @@ impl Pool {
             not_after: peer_not_after.min(local.not_after),
             send: Mutex::new(Some(send)),
             streams: AtomicUsize::new(0),
+            carried: AtomicU64::new(0),
             idle_since: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             idle: Notify::new(),
@@ -431,6 +445,7 @@ impl Pool {
                     peer_identity: t.peer.to_string(),
                     local_serial: t.key.local.clone(),
                     streams,
+                    streams_carried: t.carried.load(Relaxed),
                     age_secs: t.opened.elapsed().as_secs(),
                     idle_secs,
                     expires_in_secs: t.not_after - now,

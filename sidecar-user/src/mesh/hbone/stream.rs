@@ -78,6 +78,30 @@ fn io_error(e: h2::Error) -> io::Error {
     io::Error::new(io::ErrorKind::ConnectionReset, e)
 }
 
+impl H2Reader {
+    /// The next data chunk as HTTP/2 received it (no copy): `None` at the end of the
+    /// stream. Its capacity must be given back with [`H2Reader::release`] once the
+    /// bytes are handed on.
+    pub fn poll_chunk(&mut self, cx: &mut Context<'_>) -> Poll<Option<io::Result<Bytes>>> {
+        if !self.pending.is_empty() {
+            return Poll::Ready(Some(Ok(std::mem::take(&mut self.pending))));
+        }
+        match ready!(self.recv.poll_data(cx)) {
+            Some(Ok(data)) => Poll::Ready(Some(Ok(data))),
+            Some(Err(e)) if e.is_remote() && e.reason() == Some(h2::Reason::NO_ERROR) => {
+                Poll::Ready(None)
+            }
+            Some(Err(e)) => Poll::Ready(Some(Err(io_error(e)))),
+            None => Poll::Ready(None),
+        }
+    }
+
+    /// Reopens the window by `n` bytes handed on.
+    pub fn release(&mut self, n: usize) {
+        let _ = self.recv.flow_control().release_capacity(n);
+    }
+}
+
 impl AsyncRead for H2Reader {
     fn poll_read(
         mut self: Pin<&mut Self>,
@@ -103,6 +127,32 @@ impl AsyncRead for H2Reader {
         // its own stream, never the connection's other streams.
         let _ = self.recv.flow_control().release_capacity(n);
         Poll::Ready(Ok(()))
+    }
+}
+
+impl H2Writer {
+    /// Waits until the stream may send: some of up to `max` bytes of window
+    /// reserved for it (how many, at least one).
+    pub fn poll_reserve(&mut self, cx: &mut Context<'_>, max: usize) -> Poll<io::Result<usize>> {
+        if self.send.capacity() == 0 {
+            self.send.reserve_capacity(max.min(MAX_WRITE));
+        }
+        loop {
+            let capacity = self.send.capacity();
+            if capacity > 0 {
+                return Poll::Ready(Ok(capacity));
+            }
+            match ready!(self.send.poll_capacity(cx)) {
+                Some(Ok(_)) => continue,
+                Some(Err(e)) => return Poll::Ready(Err(io_error(e))),
+                None => return Poll::Ready(Err(io::ErrorKind::BrokenPipe.into())),
+            }
+        }
+    }
+
+    /// Sends `data`, at most what [`H2Writer::poll_reserve`] granted.
+    pub fn send(&mut self, data: Bytes) -> io::Result<()> {
+        self.send.send_data(data, false).map_err(io_error)
     }
 }
 

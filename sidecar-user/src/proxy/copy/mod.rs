@@ -148,11 +148,19 @@ impl ReadTcp for &mut H2Reader {
     fn tcp(&self) -> Option<&TcpStream> {
         None
     }
+
+    fn h2(&mut self) -> Option<&mut H2Reader> {
+        Some(self)
+    }
 }
 
 impl WriteTcp for &mut H2Writer {
     fn tcp(&self) -> Option<&TcpStream> {
         None
+    }
+
+    fn h2(&mut self) -> Option<&mut H2Writer> {
+        Some(self)
     }
 }
 
@@ -211,12 +219,24 @@ where
 pub trait ReadTcp: AsyncRead + Unpin + Send {
     /// The plain TCP socket read from, when there is one.
     fn tcp(&self) -> Option<&TcpStream>;
+
+    /// The HBONE stream read from, when it is one (its chunks are written on as
+    /// they are, without a buffer of the copy's own).
+    fn h2(&mut self) -> Option<&mut H2Reader> {
+        None
+    }
 }
 
 /// A write half that may be a plain TCP socket (splice destination).
 pub trait WriteTcp: AsyncWrite + Unpin + Send {
     /// The plain TCP socket written to, when there is one.
     fn tcp(&self) -> Option<&TcpStream>;
+
+    /// The HBONE stream written to, when it is one (a plain socket's reads go into
+    /// buffers the stream then owns, without a copy).
+    fn h2(&mut self) -> Option<&mut H2Writer> {
+        None
+    }
 }
 
 impl ReadTcp for ReadHalf<'_> {
@@ -293,12 +313,18 @@ impl<R: ReadTcp, W: WriteTcp> OneWay<'_, R, W> {
         } = self;
         match (reader.tcp(), writer.tcp()) {
             (Some(src), Some(dst)) => meter.plain(src, dst, (from, to)).await?,
-            (Some(src), None) => meter.plain_to_tls(src, &mut writer, (from, to)).await?,
-            (None, _) => {
-                meter
-                    .tls_to_any(&mut reader, &mut writer, (from, to))
-                    .await?
-            }
+            (Some(src), None) => match writer.h2() {
+                Some(h2) => meter.plain_to_h2(src, h2, (from, to)).await?,
+                None => meter.plain_to_tls(src, &mut writer, (from, to)).await?,
+            },
+            (None, _) => match reader.h2() {
+                Some(h2) => meter.h2_to_any(h2, &mut writer, (from, to)).await?,
+                None => {
+                    meter
+                        .tls_to_any(&mut reader, &mut writer, (from, to))
+                        .await?
+                }
+            },
         }
         // EOF: pass the half-close on; the other direction keeps running.
         writer.shutdown().await.map_err(|e| to.error(e))
@@ -400,6 +426,59 @@ impl Meter<'_> {
             // again: flush, or the tail would wait for the next read.
             writer.flush().await.map_err(|e| to.error(e))?;
             self.moved(n);
+        }
+    }
+}
+
+impl Meter<'_> {
+    /// Copies from a plain socket into an HBONE stream until the socket's EOF. Once
+    /// bytes are waiting, it waits for window, then reads at most that much into a
+    /// buffer of exactly that size, which HTTP/2 sends and frees: no copy, and an
+    /// idle direction holds no buffer.
+    async fn plain_to_h2(
+        &self,
+        src: &TcpStream,
+        writer: &mut H2Writer,
+        (from, to): (Side, Side),
+    ) -> Result<(), CopyError> {
+        loop {
+            src.readable().await.map_err(|e| from.error(e))?;
+            let window = std::future::poll_fn(|cx| writer.poll_reserve(cx, SCRATCH_SIZE))
+                .await
+                .map_err(|e| to.error(e))?;
+            let mut buf = bytes::BytesMut::with_capacity(window);
+            match src.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    writer.send(buf.freeze()).map_err(|e| to.error(e))?;
+                    self.moved(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(from.error(e)),
+            }
+        }
+    }
+
+    /// Copies out of an HBONE stream until its end: each chunk HTTP/2 received is
+    /// written on as it is, and its window reopened only once it is written (a
+    /// destination that stops reading stops its own stream, never the others).
+    async fn h2_to_any<W: AsyncWrite + Unpin>(
+        &self,
+        reader: &mut H2Reader,
+        writer: &mut W,
+        (from, to): (Side, Side),
+    ) -> Result<(), CopyError> {
+        loop {
+            let chunk = std::future::poll_fn(|cx| reader.poll_chunk(cx)).await;
+            let chunk = match chunk {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => return Err(from.error(e)),
+                None => return Ok(()),
+            };
+            writer.write_all(&chunk).await.map_err(|e| to.error(e))?;
+            writer.flush().await.map_err(|e| to.error(e))?;
+            reader.release(chunk.len());
+            self.moved(chunk.len());
         }
     }
 }
