@@ -63,7 +63,7 @@ impl Default for HboneConfig {
     fn default() -> Self {
         // ztunnel's values, so a mixed mesh behaves alike on both sides.
         Self {
-            port: 15008,
+            port: super::HBONE_PORT,
             max_streams_per_connection: 100,
             max_inbound_streams_per_connection: 200,
             max_connections_per_destination: 64,

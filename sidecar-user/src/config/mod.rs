@@ -34,6 +34,9 @@ pub const ENV_PREFIX: &str = "SIDECAR__";
 /// The health listener's port: kubelet probes, `/metrics`, rewritten app probes.
 pub const HEALTH_PORT: u16 = 15020;
 
+/// Default port of the HBONE listener (`mesh.hbone.port`), ztunnel's too.
+pub const HBONE_PORT: u16 = 15008;
+
 /// The whole configuration.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]

@@ -21,6 +21,7 @@ pub const DEFAULT_IMAGE: &str = concat!("ghcr.io/example/sidecar:", env!("CARGO_
 pub const CONTAINER: &str = "sidecar";
 /// The health port the kubelet probes (and Prometheus scrapes).
 const HEALTH_PORT: u16 = sidecar::config::HEALTH_PORT;
+const HBONE_PORT: u16 = sidecar::config::HBONE_PORT;
 /// Capabilities the container adds (after dropping ALL), as Kubernetes names them.
 pub const CAPABILITIES: [&str; 6] = ["BPF", "NET_ADMIN", "SETUID", "SETGID", "SETPCAP", "CHOWN"];
 
@@ -305,6 +306,8 @@ env:
 ports:
   - name: sidecar-health
     containerPort: {HEALTH_PORT}
+  - name: hbone
+    containerPort: {HBONE_PORT}
 startupProbe:
   httpGet: {{path: /readyz, port: {HEALTH_PORT}}}
   periodSeconds: 1
