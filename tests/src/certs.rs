@@ -34,6 +34,14 @@ impl Certs {
         &self.0
     }
 
+    /// A new certificate for `workload` (`name=namespace/sa`) from the same CA, in
+    /// `<dir>/<folder>/<name>`; returns `<dir>/<folder>`.
+    pub fn reissue(&self, folder: &str, workload: &str) -> PathBuf {
+        let out = self.0.join(folder);
+        reissue(&self.0, &out, workload);
+        out
+    }
+
     /// The `identity:` section of a config using workload `name`'s files.
     pub fn identity(&self, name: &str) -> String {
         let d: &Path = &self.0.join(name);
@@ -76,4 +84,22 @@ pub fn kubelet_write(mount: &Path, generation: u32, from: &Path) {
             std::os::unix::fs::symlink(format!("..data/{name}"), &link).expect("link");
         }
     }
+}
+
+/// `sidecar certs --ca <ca_dir> --out <out> --workload <workload>`: a new certificate
+/// from an existing CA, as a rotation brings.
+pub fn reissue(ca_dir: &Path, out: &Path, workload: &str) {
+    let done = Command::new(sidecar_bin())
+        .args(["certs", "--out"])
+        .arg(out)
+        .arg("--ca")
+        .arg(ca_dir)
+        .args(["--workload", workload])
+        .output()
+        .expect("sidecar certs --ca");
+    assert!(
+        done.status.success(),
+        "sidecar certs --ca: {}",
+        String::from_utf8_lossy(&done.stderr)
+    );
 }

@@ -24,7 +24,19 @@ struct Pair {
     _net: Net,
 }
 
-fn pair(tag: &str, a_identity: Option<String>, a_extra: &str) -> Pair {
+/// A pair whose A sidecar uses `certs.identity("good")`, or what `a_identity` makes
+/// of the pair's certificates.
+fn pair(tag: &str, a_identity: Option<&dyn Fn(&Certs) -> String>, a_extra: &str) -> Pair {
+    pair_with(tag, a_identity, a_extra, "")
+}
+
+/// As [`pair`], with `b_extra` added to B's config.
+fn pair_with(
+    tag: &str,
+    a_identity: Option<&dyn Fn(&Certs) -> String>,
+    a_extra: &str,
+    b_extra: &str,
+) -> Pair {
     let mut net = Net::new(tag);
     let a = net.pod("a");
     let b = net.pod("b");
@@ -32,10 +44,13 @@ fn pair(tag: &str, a_identity: Option<String>, a_extra: &str) -> Pair {
     let (echo, dst) = echo_server(&b, 8080);
     let b_sidecar = Sidecar::start(
         &b,
-        &format!("{}inbound:\n  mode: strict\n", certs.identity("b")),
+        &format!("{}inbound:\n  mode: strict\n{b_extra}", certs.identity("b")),
         Placement::InPodCgroup,
     );
-    let identity = a_identity.unwrap_or_else(|| certs.identity("good"));
+    let identity = match a_identity {
+        Some(make) => make(&certs),
+        None => certs.identity("good"),
+    };
     let a_sidecar = Sidecar::start(
         &a,
         &format!("{identity}mesh:\n  cidrs: [198.18.0.0/24]\n{a_extra}"),
@@ -139,6 +154,38 @@ fn an_idle_pooled_connection_closes_and_an_open_stream_keeps_it() {
     );
 }
 
+#[test]
+fn the_server_closes_a_connection_that_carries_nothing() {
+    let p = pair_with(
+        "hbone-srv-idle",
+        None,
+        "",
+        "mesh:\n  hbone:\n    idle_timeout: 1s\n",
+    );
+    assert_eq!(tally(&p.a, &p.dst, 3, 1, 10)["ok"], 3);
+    // The client would keep it 5 minutes; the server closes it within two of its
+    // idle periods, and the client's pool lets it go.
+    wait_until(
+        Duration::from_secs(5),
+        "the server closes the idle connection",
+        || {
+            p.b_sidecar
+                .metric("sidecar_hbone_connections", &[("side", "server")])
+                == 0.0
+                && p.a_sidecar
+                    .admin_json("/pool")
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+        },
+    );
+    // The next connection opens a new one.
+    assert_eq!(tally(&p.a, &p.dst, 1, 1, 10)["ok"], 1);
+    assert_eq!(
+        client_metric(&p.a_sidecar, "sidecar_hbone_connections_opened_total"),
+        2.0
+    );
+}
+
 /// How many pooled connections presented our certificate with `serial`, and the
 /// streams they carry.
 fn with_serial(sidecar: &Sidecar, serial: &str) -> (usize, u64) {
@@ -185,35 +232,12 @@ fn a_rotated_client_certificate_takes_new_streams_while_open_ones_finish() {
         "identity:\n  cert: {m}/cert.pem\n  key: {m}/key.pem\n  bundle: {m}/bundle.pem\n  reload_interval: 200ms\n",
         m = mount.display()
     );
-    let p = {
-        let mut net = Net::new(tag);
-        let a = net.pod("a");
-        let b = net.pod("b");
-        let certs = Certs::new(tag, &["b=shop/db", "good=shop/web"]);
-        // A's certificate lives in a Secret-like mount the kubelet rotates.
+    // A's certificate lives in a Secret-like mount the kubelet rotates.
+    let mounted = |certs: &Certs| {
         kubelet_write(&mount, 1, &certs.dir().join("good"));
-        let (echo, dst) = echo_server(&b, 8080);
-        let b_sidecar = Sidecar::start(
-            &b,
-            &format!("{}inbound:\n  mode: strict\n", certs.identity("b")),
-            Placement::InPodCgroup,
-        );
-        let a_sidecar = Sidecar::start(
-            &a,
-            &format!("{identity}mesh:\n  cidrs: [198.18.0.0/24]\n  hbone:\n    idle_timeout: 2s\n"),
-            Placement::InPodCgroup,
-        );
-        Pair {
-            a,
-            b,
-            a_sidecar,
-            b_sidecar,
-            dst,
-            certs,
-            _echo: echo,
-            _net: net,
-        }
+        identity.clone()
     };
+    let p = pair(tag, Some(&mounted), "  hbone:\n    idle_timeout: 2s\n");
     let first = serial_of(&p.certs.dir().join("good/cert.pem"));
     // 20 long-lived connections on the first pooled connections.
     let mut slow = p.a.app(&pod_tool_bin());
@@ -236,20 +260,7 @@ fn a_rotated_client_certificate_takes_new_streams_while_open_ones_finish() {
     );
 
     // Rotate A: a new certificate from the same CA.
-    let next = p.certs.dir().join("next");
-    let out = Command::new(sidecar_tests::tools::sidecar_bin())
-        .args(["certs", "--out"])
-        .arg(&next)
-        .arg("--ca")
-        .arg(p.certs.dir())
-        .args(["--workload", "good=shop/web"])
-        .output()
-        .expect("sidecar certs --ca");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let next = p.certs.reissue("next", "good=shop/web");
     kubelet_write(&mount, 2, &next.join("good"));
     let second = serial_of(&next.join("good/cert.pem"));
     assert_ne!(first, second);

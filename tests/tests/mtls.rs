@@ -649,19 +649,7 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
 
     // Rotate: a new certificate from the same CA, swapped in by ..data.
     let next = certs.0.join("next");
-    let out = Command::new(sidecar_bin())
-        .args(["certs", "--out"])
-        .arg(&next)
-        .arg("--ca")
-        .arg(&certs.0)
-        .args(["--workload", "b=shop/db"])
-        .output()
-        .expect("sidecar certs --ca");
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    sidecar_tests::certs::reissue(&certs.0, &next, "b=shop/db");
     sidecar_tests::certs::kubelet_write(&mount, 2, &next.join("b"));
     let second = serial_of(&next.join("b/cert.pem"));
     assert_ne!(first, second);

@@ -6,7 +6,10 @@
 //! allow-list refuses), delivered to the application like a direct connection
 //! ([`super::inbound::deliver`]: 503 when it refuses), answered 200, and carried.
 
-use std::sync::Arc;
+use std::sync::{
+    Arc,
+    atomic::{AtomicUsize, Ordering::Relaxed},
+};
 
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
@@ -121,14 +124,22 @@ async fn connection(
     // Only the first stream waited for the handshake.
     let mut first = Some(peer.clone());
     let mut draining = false;
+    // A connection that carries no stream for a whole idle period (between one and
+    // two `idle_timeout`s) is closed: a peer cannot keep connections it does not use.
+    let open = Arc::new(AtomicUsize::new(0));
+    let mut idle = tokio::time::interval(server.settings.idle_timeout);
+    idle.reset();
+    let mut used = false;
     loop {
         tokio::select! {
             next = h2.accept() => match next {
                 Some(Ok((request, respond))) => {
+                    used = true;
                     let peer = first.take().unwrap_or_else(|| PeerIdentity { id: peer.id.clone(), handshake: None });
                     let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain.clone());
                     let span = info_span!("stream", peer = %peer.id);
-                    drain.spawn(stream(conn, server.clone(), local, request, respond, peer).instrument(span));
+                    let guard = Open::new(server.metrics.clone(), open.clone());
+                    drain.spawn(stream(conn, server.clone(), local, request, respond, peer, guard).instrument(span));
                 }
                 Some(Err(error)) => {
                     debug!(%error, "HBONE connection failed");
@@ -140,6 +151,14 @@ async fn connection(
                 warn!(timeout = ?server.settings.keepalive_timeout, "HBONE connection closed: PING unanswered");
                 break;
             }
+            _ = idle.tick(), if !draining => {
+                if !used && open.load(Relaxed) == 0 {
+                    debug!("HBONE connection idle: closing");
+                    draining = true;
+                    h2.graceful_shutdown();
+                }
+                used = false;
+            }
             () = drain.wait_for_drain(), if !draining => {
                 // GOAWAY: no new streams; the open ones finish.
                 draining = true;
@@ -150,12 +169,38 @@ async fn connection(
     server.metrics.connection_closed(Side::Server);
 }
 
-/// Counts a server stream while it is open.
-struct Open(Arc<HboneMetrics>);
+/// A server stream, counted from its request to its end: in its connection's
+/// count (idle detection) and, once answered 200, in the stream metrics.
+struct Open {
+    metrics: Arc<HboneMetrics>,
+    open: Arc<AtomicUsize>,
+    answered: bool,
+}
+
+impl Open {
+    fn new(metrics: Arc<HboneMetrics>, open: Arc<AtomicUsize>) -> Self {
+        open.fetch_add(1, Relaxed);
+        Self {
+            metrics,
+            open,
+            answered: false,
+        }
+    }
+
+    /// Answered 200: an open stream from now on.
+    fn answered(mut self) -> Self {
+        self.metrics.stream_opened(Side::Server);
+        self.answered = true;
+        self
+    }
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        self.0.stream_closed(Side::Server);
+        self.open.fetch_sub(1, Relaxed);
+        if self.answered {
+            self.metrics.stream_closed(Side::Server);
+        }
     }
 }
 
@@ -167,6 +212,7 @@ async fn stream(
     request: Request<RecvStream>,
     mut respond: SendResponse<Bytes>,
     peer: PeerIdentity,
+    guard: Open,
 ) {
     let metrics = server.metrics.clone();
     let refuse = |conn: Conn, respond: &mut SendResponse<Bytes>, reject: Reject, reason| {
@@ -216,8 +262,7 @@ async fn stream(
             return conn.refused(Some(&peer), &error, CloseReason::Reset);
         }
     };
-    metrics.stream_opened(Side::Server);
-    let guard: Box<dyn Send + Sync> = Box::new(Open(metrics.clone()));
+    let guard: Box<dyn Send + Sync> = Box::new(guard.answered());
     let stream = H2Stream::new(send, request.into_body(), Some(guard));
     conn.carry(Downstream::Hbone(Box::new(stream), peer), Ok(connected))
         .await;

@@ -23,6 +23,12 @@ impl Side {
             Side::Server => "server",
         }
     }
+
+    fn labels(self) -> SideLabels {
+        SideLabels {
+            side: self.as_str(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -76,9 +82,7 @@ impl HboneMetrics {
             self.streams_refused.clone(),
         );
         for side in [Side::Client, Side::Server] {
-            let labels = SideLabels {
-                side: side.as_str(),
-            };
+            let labels = side.labels();
             let _ = self.connections.get_or_create(&labels);
             let _ = self.connections_opened.get_or_create(&labels);
             let _ = self.streams.get_or_create(&labels);
@@ -86,39 +90,26 @@ impl HboneMetrics {
         }
     }
 
-    /// A connection opened; the returned gauge handle is decremented by the caller
-    /// (through [`HboneMetrics::connection_closed`]) when it closes.
+    /// A connection opened; [`HboneMetrics::connection_closed`] follows.
     pub fn connection_opened(&self, side: Side) {
-        let labels = SideLabels {
-            side: side.as_str(),
-        };
-        self.connections.get_or_create(&labels).inc();
-        self.connections_opened.get_or_create(&labels).inc();
+        self.connections.get_or_create(&side.labels()).inc();
+        self.connections_opened.get_or_create(&side.labels()).inc();
     }
 
     /// A connection closed.
     pub fn connection_closed(&self, side: Side) {
-        let labels = SideLabels {
-            side: side.as_str(),
-        };
-        self.connections.get_or_create(&labels).dec();
+        self.connections.get_or_create(&side.labels()).dec();
     }
 
     /// A stream opened; [`HboneMetrics::stream_closed`] follows.
     pub fn stream_opened(&self, side: Side) {
-        let labels = SideLabels {
-            side: side.as_str(),
-        };
-        self.streams.get_or_create(&labels).inc();
-        self.streams_opened.get_or_create(&labels).inc();
+        self.streams.get_or_create(&side.labels()).inc();
+        self.streams_opened.get_or_create(&side.labels()).inc();
     }
 
     /// A stream closed.
     pub fn stream_closed(&self, side: Side) {
-        let labels = SideLabels {
-            side: side.as_str(),
-        };
-        self.streams.get_or_create(&labels).dec();
+        self.streams.get_or_create(&side.labels()).dec();
     }
 
     /// A stream refused with `status`.

@@ -234,7 +234,17 @@ impl Pool {
                 return Ok(self.claimed(found, false));
             }
         }
-        let tunnel = self.open(key.clone()).await?;
+        let tunnel = match self.open(key.clone()).await {
+            Ok(tunnel) => tunnel,
+            Err(error) => {
+                // Opening a further connection to spread the load failed: the ones
+                // already open still serve.
+                return match self.take_slot(&key, true) {
+                    Some(found) => Ok(self.claimed(found, false)),
+                    None => Err(error),
+                };
+            }
+        };
         let send = tunnel
             .send
             .lock()
