@@ -1,0 +1,96 @@
+//! Copying into and out of an HBONE stream without buffers of the copy's own: the
+//! stream splits into its HTTP/2 halves without a lock; a plain socket's reads go
+//! into buffers HTTP/2 sends and frees, and received chunks are written on as HTTP/2
+//! holds them.
+
+use std::io;
+
+use tokio::{
+    io::{AsyncWrite, AsyncWriteExt},
+    net::TcpStream,
+};
+
+use super::{CopyError, Halves, Meter, ReadTcp, SCRATCH_SIZE, Side, WriteTcp};
+use crate::mesh::hbone::stream::{H2Reader, H2Stream, H2Writer};
+
+/// An HBONE stream splits into its HTTP/2 halves without a lock.
+impl Halves for H2Stream {
+    type Read<'a> = &'a mut H2Reader;
+    type Write<'a> = &'a mut H2Writer;
+    fn halves(&mut self) -> (&mut H2Reader, &mut H2Writer) {
+        (&mut self.read, &mut self.write)
+    }
+}
+
+impl ReadTcp for &mut H2Reader {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+
+    fn h2(&mut self) -> Option<&mut H2Reader> {
+        Some(self)
+    }
+}
+
+impl WriteTcp for &mut H2Writer {
+    fn tcp(&self) -> Option<&TcpStream> {
+        None
+    }
+
+    fn h2(&mut self) -> Option<&mut H2Writer> {
+        Some(self)
+    }
+}
+
+impl Meter<'_> {
+    /// Copies from a plain socket into an HBONE stream until the socket's EOF. Once
+    /// bytes are waiting, it waits for window, then reads at most that much into a
+    /// buffer of exactly that size, which HTTP/2 sends and frees: no copy, and an
+    /// idle direction holds no buffer.
+    pub(super) async fn plain_to_h2(
+        &self,
+        src: &TcpStream,
+        writer: &mut H2Writer,
+        (from, to): (Side, Side),
+    ) -> Result<(), CopyError> {
+        loop {
+            src.readable().await.map_err(|e| from.error(e))?;
+            let window = std::future::poll_fn(|cx| writer.poll_reserve(cx, SCRATCH_SIZE))
+                .await
+                .map_err(|e| to.error(e))?;
+            let mut buf = bytes::BytesMut::with_capacity(window);
+            match src.try_read_buf(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    writer.send(buf.freeze()).map_err(|e| to.error(e))?;
+                    self.moved(n);
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(from.error(e)),
+            }
+        }
+    }
+
+    /// Copies out of an HBONE stream until its end: each chunk HTTP/2 received is
+    /// written on as it is, and its window reopened only once it is written (a
+    /// destination that stops reading stops its own stream, never the others).
+    pub(super) async fn h2_to_any<W: AsyncWrite + Unpin>(
+        &self,
+        reader: &mut H2Reader,
+        writer: &mut W,
+        (from, to): (Side, Side),
+    ) -> Result<(), CopyError> {
+        loop {
+            let chunk = std::future::poll_fn(|cx| reader.poll_chunk(cx)).await;
+            let chunk = match chunk {
+                Some(Ok(chunk)) => chunk,
+                Some(Err(e)) => return Err(from.error(e)),
+                None => return Ok(()),
+            };
+            writer.write_all(&chunk).await.map_err(|e| to.error(e))?;
+            writer.flush().await.map_err(|e| to.error(e))?;
+            reader.release(chunk.len());
+            self.moved(chunk.len());
+        }
+    }
+}
