@@ -1,15 +1,17 @@
 //! HBONE, the mesh protocol: one HTTP/2 `CONNECT` stream per application connection,
 //! over mTLS connections to port 15008 of the destination pod, pooled on the client
-//! side. It is what Istio's ztunnel speaks, so our sidecars and ztunnel interoperate.
+//! side. It is what Istio's ztunnel speaks (interop not yet checked against a running one).
 //!
-//! [`pool`] opens and reuses client connections and their streams; [`server`]
-//! terminates them (the listener that delivers streams lives in the proxy);
-//! [`stream`] turns a stream into bytes both ways; [`metrics`] counts both.
+//! [`pool`] opens and reuses client connections ([`tunnel`]: one of them) and their
+//! streams; [`server`] terminates them (the listener that delivers streams lives in
+//! the proxy); [`stream`] turns a stream into bytes both ways; [`metrics`] counts
+//! both.
 
 pub mod metrics;
 pub mod pool;
 pub mod server;
 pub mod stream;
+pub mod tunnel;
 
 use std::time::Duration;
 

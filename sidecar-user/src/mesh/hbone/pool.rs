@@ -27,7 +27,6 @@ use std::{
 
 use bytes::Bytes;
 use h2::client::SendRequest;
-use serde::Serialize;
 use tokio::{net::TcpStream, sync::Notify};
 use tokio_rustls::TlsConnector;
 use tracing::{debug, warn};
@@ -35,11 +34,12 @@ use tracing::{debug, warn};
 use super::{
     ALPN, Settings, keepalive,
     metrics::{HboneMetrics, Side},
+    tunnel::{Key, Slot, Tunnel, TunnelView, now_unix},
 };
 use crate::{
     mesh::MeshError,
     tls::{
-        IdentityStore, SpiffeId,
+        IdentityStore,
         certs::check_validity,
         read_ahead::ReadAhead,
         rustls_config::{peer_identity, resumed_with_expired_certificate},
@@ -59,115 +59,30 @@ pub struct Pool {
     next_id: AtomicU64,
 }
 
-/// What a pooled connection is shared by.
-#[derive(Clone, Debug, Hash, PartialEq, Eq)]
-struct Key {
-    /// The peer's HBONE address.
-    dst: SocketAddr,
-    /// Serial of our certificate.
-    local: String,
+/// A task's hold on its key's opener: the last one to let go, when no connection to
+/// the key is left, removes it (a destination that never answered leaves nothing
+/// behind, also when the task is cancelled mid-way).
+struct Opener<'a> {
+    pool: &'a Pool,
+    key: &'a Key,
+    lock: Arc<tokio::sync::Mutex<()>>,
 }
 
-/// One pooled mTLS connection.
-pub struct Tunnel {
-    id: u64,
-    key: Key,
-    /// The server's proven identity.
-    pub peer: SpiffeId,
-    opened: Instant,
-    handshake: Duration,
-    /// Unix seconds at which our or the peer's certificate expires.
-    not_after: i64,
-    /// Taken (and dropped) when the connection leaves the pool: with no handle left
-    /// and no stream open, HTTP/2 closes the connection.
-    send: Mutex<Option<SendRequest<Bytes>>>,
-    streams: AtomicUsize,
-    /// Streams it has carried.
-    carried: AtomicU64,
-    /// Milliseconds after `opened` when the last stream closed.
-    idle_since: AtomicU64,
-    /// Out of the pool: takes no new stream.
-    retired: AtomicBool,
-    /// Wakes the idle watcher when the last stream closes.
-    idle: Notify,
-}
-
-/// A stream's claim on its tunnel, released when the stream is dropped.
-struct Slot {
-    tunnel: Arc<Tunnel>,
-    metrics: Arc<HboneMetrics>,
-}
-
-/// A tunnel as `GET /pool` shows it.
-#[derive(Debug, Serialize)]
-pub struct TunnelView {
-    /// Process-unique id.
-    pub id: u64,
-    /// The peer's HBONE address.
-    pub destination: SocketAddr,
-    /// The identity the server proved.
-    pub peer_identity: String,
-    /// Serial of the certificate we presented.
-    pub local_serial: String,
-    /// Streams open on it now.
-    pub streams: usize,
-    /// Streams it has carried since it opened.
-    pub streams_carried: u64,
-    /// Seconds since it was opened.
-    pub age_secs: u64,
-    /// Seconds since its last stream closed (0 while streams are open).
-    pub idle_secs: u64,
-    /// Seconds until a certificate on it expires.
-    pub expires_in_secs: i64,
-    /// Out of the pool, finishing its streams.
-    pub retired: bool,
-}
-
-impl Drop for Slot {
+impl Drop for Opener<'_> {
     fn drop(&mut self) {
-        self.metrics.stream_closed(Side::Client);
-        if self.tunnel.streams.fetch_sub(1, Relaxed) == 1 {
-            let ms = self.tunnel.opened.elapsed().as_millis() as u64;
-            self.tunnel.idle_since.store(ms, Relaxed);
-            self.tunnel.idle.notify_one();
+        let connected = self
+            .pool
+            .tunnels
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .contains_key(self.key);
+        if connected {
+            return;
         }
-    }
-}
-
-fn now_unix() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
-}
-
-impl Tunnel {
-    fn usable(&self, max_streams: usize) -> bool {
-        !self.retired.load(Relaxed)
-            && self.streams.load(Relaxed) < max_streams
-            && now_unix() < self.not_after
-    }
-
-    /// Resolves when the tunnel should leave the pool: idle for `idle`, or a
-    /// certificate on it expired.
-    async fn retire_when_done(&self, idle: Duration) {
-        let expires = Instant::now()
-            + Duration::from_secs(self.not_after.saturating_sub(now_unix()).max(0) as u64);
-        loop {
-            let notified = self.idle.notified();
-            let deadline = if self.streams.load(Relaxed) == 0 {
-                let since = Duration::from_millis(self.idle_since.load(Relaxed));
-                (self.opened + since + idle).min(expires)
-            } else {
-                expires
-            };
-            let now = Instant::now();
-            if now >= expires || (self.streams.load(Relaxed) == 0 && now >= deadline) {
-                return;
-            }
-            tokio::select! {
-                () = tokio::time::sleep_until(deadline.into()) => {}
-                () = notified => {}
-            }
+        let mut opening = self.pool.opening.lock().unwrap_or_else(|p| p.into_inner());
+        // The map's reference and ours: no other task waits on it.
+        if Arc::strong_count(&self.lock) == 2 {
+            opening.remove(self.key);
         }
     }
 }
@@ -214,11 +129,15 @@ impl Pool {
         if let Some(found) = self.take_slot(&key, false) {
             return Ok(self.claimed(found, false));
         }
-        let opener = {
-            let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
-            opening.entry(key.clone()).or_default().clone()
+        let opener = Opener {
+            pool: self,
+            key: &key,
+            lock: {
+                let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+                opening.entry(key.clone()).or_default().clone()
+            },
         };
-        let _opening = opener.lock().await;
+        let _opening = opener.lock.lock().await;
         // Another task may have opened one meanwhile.
         if let Some(found) = self.take_slot(&key, false) {
             return Ok(self.claimed(found, false));
@@ -260,7 +179,7 @@ impl Pool {
         self.tunnels
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .entry(key)
+            .entry(key.clone())
             .or_default()
             .push(tunnel.clone());
         Ok(self.claimed((tunnel, send), true))
@@ -327,13 +246,21 @@ impl Pool {
             list.retain(|t| !Arc::ptr_eq(t, tunnel));
             if list.is_empty() {
                 tunnels.remove(&tunnel.key);
-                self.opening
-                    .lock()
-                    .unwrap_or_else(|p| p.into_inner())
-                    .remove(&tunnel.key);
             }
         }
+        let gone = !tunnels.contains_key(&tunnel.key);
         drop(tunnels);
+        if gone {
+            // Its opener too, unless a task is opening (that task's `Opener` removes
+            // it when it is done).
+            let mut opening = self.opening.lock().unwrap_or_else(|p| p.into_inner());
+            if opening
+                .get(&tunnel.key)
+                .is_some_and(|lock| Arc::strong_count(lock) == 1)
+            {
+                opening.remove(&tunnel.key);
+            }
+        }
         tunnel.send.lock().unwrap_or_else(|p| p.into_inner()).take();
     }
 
@@ -468,9 +395,62 @@ impl Pool {
     }
 }
 
-impl Tunnel {
-    /// How long the handshake that opened it took.
-    pub fn handshake(&self) -> Duration {
-        self.handshake
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{
+        config::HboneConfig,
+        tls::{
+            IdentityFiles,
+            dev_ca::{DevCa, KeyType, Validity},
+            rustls_config::{client_config, provider},
+        },
+    };
+
+    fn pool_to(port: u16) -> Arc<Pool> {
+        let dir = std::env::temp_dir().join(format!("sidecar-pool-{}", std::process::id()));
+        let ca = DevCa::new("td").expect("ca");
+        let id = "spiffe://td/ns/a/sa/b".parse().expect("id");
+        ca.write_workload(&dir, &id, KeyType::EcdsaP256, Validity::default())
+            .expect("issue");
+        let files = IdentityFiles {
+            cert: dir.join("cert.pem"),
+            key: dir.join("key.pem"),
+            bundle: dir.join("bundle.pem"),
+            federated: Vec::new(),
+        };
+        let store = Arc::new(IdentityStore::load(&files, &provider()).expect("load"));
+        let _ = std::fs::remove_dir_all(&dir);
+        let tls = client_config(store.clone(), provider(), ALPN).expect("config");
+        let config = HboneConfig {
+            port,
+            ..HboneConfig::default()
+        };
+        Pool::new(
+            TlsConnector::from(tls),
+            store,
+            Settings::new(&config, 2),
+            Arc::default(),
+        )
+    }
+
+    #[tokio::test]
+    async fn destinations_that_never_answer_leave_nothing_behind() {
+        // Port 1 on loopback: every connect is refused.
+        let pool = pool_to(1);
+        for i in 1..=50u8 {
+            let ip = std::net::IpAddr::from([127, 0, 0, i]);
+            let failed = pool.checkout(ip).await;
+            assert!(matches!(failed, Err(MeshError::Connect(..))), "127.0.0.{i}");
+        }
+        assert!(pool.tunnels.lock().expect("lock").is_empty());
+        assert!(pool.opening.lock().expect("lock").is_empty());
+        // Cancelled half-way, too: a server that never answers the handshake.
+        let silent = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let pool = pool_to(silent.local_addr().expect("addr").port());
+        let stalled = pool.checkout("127.0.0.1".parse().expect("ip"));
+        let waited = tokio::time::timeout(Duration::from_millis(100), stalled).await;
+        assert!(waited.is_err(), "the handshake cannot finish");
+        assert!(pool.opening.lock().expect("lock").is_empty());
     }
 }
