@@ -103,3 +103,18 @@ pub fn reissue(ca_dir: &Path, out: &Path, workload: &str) {
         String::from_utf8_lossy(&done.stderr)
     );
 }
+
+/// The serial of the certificate in `pem`, lower-case hex without leading zeros, as
+/// the sidecar shows it (`/pool`) and `openssl s_client` prints it.
+pub fn serial_of(pem: &Path) -> String {
+    let out = Command::new("openssl")
+        .args(["x509", "-noout", "-serial", "-in"])
+        .arg(pem)
+        .output()
+        .expect("openssl");
+    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
+    text.trim()
+        .trim_start_matches("serial=")
+        .trim_start_matches('0')
+        .to_string()
+}

@@ -3,11 +3,11 @@
 //! idle expiry, a client certificate rotated under open streams, and a server sidecar
 //! killed under load (fail closed; the broken connection is never reused).
 
-use std::{path::Path, process::Command, time::Duration};
+use std::time::Duration;
 
 use sidecar_tests::{
     Certs, Net, Placement, Pod, Sidecar,
-    certs::kubelet_write,
+    certs::{kubelet_write, serial_of},
     tools::{InFlight, echo_server, pod_tool_bin, run_json, wait_until},
 };
 
@@ -206,20 +206,6 @@ fn with_serial(sidecar: &Sidecar, serial: &str) -> (usize, u64) {
         .map(|t| t["streams"].as_u64().unwrap_or(0))
         .sum();
     (matching.len(), streams)
-}
-
-/// The serial `sidecar certs` wrote in `pem`, as the sidecar shows it.
-fn serial_of(pem: &Path) -> String {
-    let out = Command::new("openssl")
-        .args(["x509", "-noout", "-serial", "-in"])
-        .arg(pem)
-        .output()
-        .expect("openssl");
-    let text = String::from_utf8_lossy(&out.stdout).to_lowercase();
-    text.trim()
-        .trim_start_matches("serial=")
-        .trim_start_matches('0')
-        .to_string()
 }
 
 #[test]

@@ -193,13 +193,16 @@ fn outbound_mtls_to_a_plain_server_is_refused_and_nothing_goes_in_plaintext() {
                 .is_ok_and(|s| s.success())
         });
     }
-    let out = client
-        .app("curl")
-        .args(["-sS", "--max-time", "5", "-d", "SECRET-MARKER-51c2"])
-        .arg(format!("http://{}:8080/", server.ip4))
-        .output()
-        .expect("curl");
-    assert!(!out.status.success(), "the request went through");
+    let post_secret = || {
+        let out = client
+            .app("curl")
+            .args(["-sS", "--max-time", "5", "-d", "SECRET-MARKER-51c2"])
+            .arg(format!("http://{}:8080/", server.ip4))
+            .output()
+            .expect("curl");
+        assert!(!out.status.success(), "the request went through");
+    };
+    post_secret();
     // The recorder on 15008 swallows the ClientHello and never answers: the
     // handshake times out.
     wait_until(
@@ -227,13 +230,7 @@ fn outbound_mtls_to_a_plain_server_is_refused_and_nothing_goes_in_plaintext() {
     // With nothing on the HBONE port, the connect is refused: still nothing in
     // plaintext.
     let before = sidecar.closed("refused");
-    let out = client
-        .app("curl")
-        .args(["-sS", "--max-time", "5", "-d", "SECRET-MARKER-51c2"])
-        .arg(format!("http://{}:8080/", server.ip4))
-        .output()
-        .expect("curl");
-    assert!(!out.status.success(), "the request went through");
+    post_secret();
     assert_eq!(sidecar.closed("refused"), before + 1);
 }
 

@@ -12,6 +12,7 @@ use std::{
 
 use sidecar_tests::{
     Net, Placement, Pod, Sidecar,
+    certs::serial_of,
     tools::{Background, InFlight, pod_tool_bin, sidecar_bin},
 };
 
@@ -585,15 +586,6 @@ fn two_sidecars_speak_hbone_on_the_wire_over_one_pooled_connection() {
     );
 }
 
-fn serial_of(pem: &Path) -> String {
-    let out = Command::new("openssl")
-        .args(["x509", "-noout", "-serial", "-in"])
-        .arg(pem)
-        .output()
-        .expect("openssl");
-    String::from_utf8_lossy(&out.stdout).trim().to_lowercase()
-}
-
 #[test]
 fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_certificate() {
     let mut net = Net::new("rotate");
@@ -627,9 +619,11 @@ fn rotation_by_data_swap_keeps_open_connections_and_new_handshakes_use_the_new_c
             b.ip4,
             c = a_dir.display()
         ));
-        String::from_utf8_lossy(&cmd.output().expect("s_client").stdout)
-            .trim()
-            .to_lowercase()
+        let text = String::from_utf8_lossy(&cmd.output().expect("s_client").stdout).to_lowercase();
+        text.trim()
+            .trim_start_matches("serial=")
+            .trim_start_matches('0')
+            .to_string()
     };
     let first = serial_of(&certs.workload("b").join("cert.pem"));
     assert_eq!(presented(), first);
