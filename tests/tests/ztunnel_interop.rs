@@ -1,0 +1,201 @@
+//! HBONE interop with a real Istio ztunnel, **by hand only**: ztunnel cannot be built
+//! or run in CI (no network to its git dependencies there). Build it from its source
+//! (`cargo build --no-default-features --features tls-ring,testing`; `protoc` needed)
+//! and run `ZTUNNEL_BIN=<ztunnel> ZTUNNEL_SRC=<its checkout> cargo test -p
+//! sidecar-tests --test ztunnel_interop -- --ignored`. ztunnel runs in dedicated mode
+//! with its fake CA and a local workload file (no istiod); our certificates are
+//! signed by that CA's key from its checkout, so both trust the same root with the
+//! trust domain `cluster.local`.
+use std::{
+    path::{Path, PathBuf},
+    process::Command,
+    time::Duration,
+};
+
+use sidecar_tests::{
+    Net, Placement, Pod, Sidecar,
+    tools::{Background, pod_tool_bin},
+};
+
+fn sh(cmd: &str) {
+    let ok = Command::new("sh")
+        .arg("-c")
+        .arg(cmd)
+        .status()
+        .expect("sh")
+        .success();
+    assert!(ok, "{cmd}");
+}
+
+/// cert.pem/key.pem/bundle.pem for `sa` signed by ztunnel's fake CA.
+fn cert(dir: &Path, sa: &str) {
+    let z = PathBuf::from(std::env::var("ZTUNNEL_SRC").expect("ZTUNNEL_SRC")).join("src/tls");
+    std::fs::create_dir_all(dir).expect("cert dir");
+    let d = dir.display();
+    sh(&format!(
+        "cd {d} && openssl ecparam -name prime256v1 -genkey -noout | openssl pkcs8 -topk8 -nocrypt -out key.pem && \
+        openssl req -new -key key.pem -subj /O=cluster.local -out c.csr && \
+        printf 'basicConstraints=CA:FALSE\\nkeyUsage=digitalSignature,keyEncipherment\\nextendedKeyUsage=serverAuth,clientAuth\\nsubjectAltName=URI:spiffe://cluster.local/ns/shop/sa/{sa}\\n' > ext && \
+        openssl x509 -req -in c.csr -CA {z}/root-cert.pem -CAkey {z}/ca-key.pem -CAcreateserial -days 2 -sha256 -extfile ext -out cert.pem && \
+        cp {z}/root-cert.pem bundle.pem && chmod 644 *.pem",
+        z = z.display()
+    ));
+}
+
+fn identity(dir: &Path) -> String {
+    format!(
+        "identity:\n  cert: {d}/cert.pem\n  key: {d}/key.pem\n  bundle: {d}/bundle.pem\n",
+        d = dir.display()
+    )
+}
+
+fn local_config(path: &Path, a: &Pod, b: &Pod) {
+    let yaml = format!(
+        "workloads:\n\
+- uid: cluster1//v1/Pod/shop/web\n  name: web\n  namespace: shop\n  serviceAccount: web\n  trustDomain: cluster.local\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  services: {{}}\n\
+- uid: cluster1//v1/Pod/shop/db\n  name: db\n  namespace: shop\n  serviceAccount: db\n  trustDomain: cluster.local\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  services: {{}}\n",
+        a.ip4, b.ip4
+    );
+    std::fs::write(path, yaml).expect("local config");
+}
+
+/// A running ztunnel, stopped (and reaped) when dropped, also when a test fails.
+struct Ztunnel(std::process::Child);
+
+impl Drop for Ztunnel {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+fn ztunnel(pod: &Pod, config: &Path, who: &str, socks: bool) -> Ztunnel {
+    let mut cmd = pod.outsider(&std::env::var("ZTUNNEL_BIN").expect("ZTUNNEL_BIN"));
+    cmd.env("FAKE_CA", "true")
+        .env("XDS_ADDRESS", "")
+        .env("LOCAL_XDS_PATH", config)
+        .env("PROXY_MODE", "dedicated")
+        .env("ENABLE_ORIG_SRC", "false")
+        .env("IPV6_ENABLED", "false")
+        .env("PROXY_WORKLOAD_INFO", who)
+        .env("RUST_LOG", "info")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null());
+    if socks {
+        cmd.env("UNSTABLE_ENABLE_SOCKS5", "true");
+    }
+    let child = Ztunnel(cmd.spawn().expect("ztunnel"));
+    // Ready once its readiness port answers.
+    sidecar_tests::tools::wait_until(Duration::from_secs(20), "ztunnel ready", || {
+        pod.outsider("curl")
+            .args([
+                "-sf",
+                "--max-time",
+                "1",
+                "http://127.0.0.1:15021/healthz/ready",
+            ])
+            .status()
+            .is_ok_and(|s| s.success())
+    });
+    child
+}
+
+#[test]
+#[ignore]
+fn our_client_against_a_ztunnel_server() {
+    let mut net = Net::new("zt1");
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let dir = std::env::temp_dir().join("zt1");
+    cert(&dir.join("web"), "web");
+    local_config(&dir.join("local.yaml"), &a, &b);
+    let mut http = b.app(&pod_tool_bin());
+    http.args(["http", "--listen", &format!("{}:8080", b.ip4)]);
+    let _http = Background::start_ready(http);
+    let zt = ztunnel(&b, &dir.join("local.yaml"), "shop/db/db", false);
+    let sidecar = Sidecar::start(
+        &a,
+        &format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n  identities: [{{cidrs: [198.18.0.0/24], allow: ['spiffe://cluster.local/ns/shop/sa/db']}}]\n",
+            identity(&dir.join("web"))
+        ),
+        Placement::InPodCgroup,
+    );
+    let out = a
+        .app("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{}:8080/zt", b.ip4),
+        ])
+        .output()
+        .expect("curl");
+    let body = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        body.contains(&format!("served-by {}:8080", b.ip4)),
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    // Over HBONE, to ztunnel's identity for the pod.
+    let pool = sidecar.admin_json("/pool");
+    assert_eq!(
+        pool[0]["peer_identity"], "spiffe://cluster.local/ns/shop/sa/db",
+        "{pool}"
+    );
+    assert_eq!(pool[0]["destination"], format!("{}:15008", b.ip4), "{pool}");
+    drop(zt);
+}
+
+#[test]
+#[ignore]
+fn a_ztunnel_client_against_our_server() {
+    let mut net = Net::new("zt2");
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let dir = std::env::temp_dir().join("zt2");
+    cert(&dir.join("db"), "db");
+    local_config(&dir.join("local.yaml"), &a, &b);
+    let mut http = b.app(&pod_tool_bin());
+    http.args(["http", "--listen", &format!("{}:8080", b.ip4)]);
+    let _http = Background::start_ready(http);
+    let sidecar = Sidecar::start(
+        &b,
+        &format!("{}inbound:\n  mode: strict\n", identity(&dir.join("db"))),
+        Placement::InPodCgroup,
+    );
+    let zt = ztunnel(&a, &dir.join("local.yaml"), "shop/web/web", true);
+    let out = a
+        .outsider("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            "--socks5",
+            "127.0.0.1:15080",
+            &format!("http://{}:8080/zt", b.ip4),
+        ])
+        .output()
+        .expect("curl");
+    drop(zt);
+    let body = String::from_utf8_lossy(&out.stdout);
+    // Delivered by our sidecar (from 127.0.0.6), to a stream from ztunnel's identity.
+    assert!(
+        body.contains(&format!("served-by {}:8080 peer 127.0.0.6:", b.ip4)),
+        "{body} {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let opened = sidecar.metric(
+        "sidecar_connections_opened_total",
+        &[
+            ("direction", "inbound"),
+            ("tls", "true"),
+            ("peer_identity", "spiffe://cluster.local/ns/shop/sa/web"),
+        ],
+    );
+    assert_eq!(opened, 1.0);
+    assert_eq!(
+        sidecar.metric("sidecar_hbone_streams_opened_total", &[("side", "server")]),
+        1.0
+    );
+}
