@@ -144,6 +144,14 @@ fn our_client_against_a_ztunnel_server() {
         "{pool}"
     );
     assert_eq!(pool[0]["destination"], format!("{}:15008", b.ip4), "{pool}");
+    // Nothing listens on 8099: ztunnel's answer reads as the application refusing.
+    let refused = a
+        .app("curl")
+        .args(["-sS", "--max-time", "5", &format!("http://{}:8099/", b.ip4)])
+        .output()
+        .expect("curl");
+    assert!(!refused.status.success());
+    assert_eq!(sidecar.closed("refused"), 1, "{}", sidecar.logs());
     drop(zt);
 }
 
