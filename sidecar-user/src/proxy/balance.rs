@@ -72,7 +72,7 @@ pub async fn connect(
             now + share,
             mesh,
             Some(&inputs.dead_peer),
-            Some(inputs.pod.app_addr(peer.0, dst.0)),
+            mesh.map(|_| inputs.pod.app_addr(peer.0, dst.0)),
         );
         match opened.await {
             Ok((up, server)) => {

@@ -282,7 +282,8 @@ impl Conn {
         let started = std::time::Instant::now();
         // Outbound sockets go to other hosts: dead ones must be noticed.
         let dead_peer = (self.direction == Direction::Outbound).then_some(&inputs.dead_peer);
-        let client = Some(inputs.pod.app_addr(self.client.0, dst.0));
+        // `Forwarded: for=`, only for an HBONE stream.
+        let client = mesh.map(|_| inputs.pod.app_addr(self.client.0, dst.0));
         let (up, server) =
             upstream::open(dst.0, self.direction, deadline, mesh, dead_peer, client).await?;
         let labels = ServiceLabels {
