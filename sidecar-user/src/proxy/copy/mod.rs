@@ -286,7 +286,7 @@ impl<R: ReadTcp, W: WriteTcp> OneWay<'_, R, W> {
         match (reader.tcp(), writer.tcp()) {
             (Some(src), Some(dst)) => meter.plain(src, dst, (from, to)).await?,
             (Some(src), None) => match writer.h2() {
-                Some(h2) => meter.plain_to_h2(src, h2, (from, to)).await?,
+                Some(h2) => meter.plain_to_h2(&mut reader, h2, (from, to)).await?,
                 None => meter.plain_to_tls(src, &mut writer, (from, to)).await?,
             },
             (None, _) => match reader.h2() {
