@@ -17,6 +17,7 @@ use crate::{
     config::Config,
     drain::{self, DrainOutcome},
     ebpf::{Capture, CaptureError, KernelMaps, metrics::KernelCollector},
+    kubernetes::{self, metrics::DiscoveryMetrics, translate::Rules},
     mesh::{
         MeshConnector,
         hbone::{self, Pool, Settings as HboneSettings, metrics::HboneMetrics},
@@ -41,6 +42,10 @@ use crate::{
     },
     tls::{IdentityFiles, IdentityStore, rustls_config},
 };
+
+/// Trust domain of discovered identities when neither `kubernetes.trust_domain` nor a
+/// workload identity names one (Istio's default).
+const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
 
 /// Why the sidecar could not start.
 #[derive(Debug, thiserror::Error)]
@@ -286,6 +291,10 @@ impl Bound {
         let connections = Arc::new(ConnTable::default());
         let hbone_metrics = Arc::new(HboneMetrics::default());
         hbone_metrics.register(metrics.registry_mut());
+        let kube_metrics = Arc::new(DiscoveryMetrics::default());
+        if config.kubernetes.enabled {
+            kube_metrics.register(metrics.registry_mut());
+        }
         let hbone_settings = HboneSettings::new(&config.mesh.hbone, config.proxy.worker_threads);
         let state = Arc::new(AdminState {
             ready: false.into(),
@@ -357,6 +366,34 @@ impl Bound {
             let _ = state.pool.set(connector.pool.clone());
         }
         let peers = connector.as_ref().map(|c| c.policy.clone());
+        let synced = match config.kubernetes.enabled {
+            true => {
+                let client = kubernetes::client(&config.kubernetes)
+                    .await
+                    .map_err(std::io::Error::other)?;
+                let rules = Rules {
+                    trust_domain: config
+                        .kubernetes
+                        .trust_domain
+                        .clone()
+                        .or_else(|| {
+                            let id = identity.as_ref()?;
+                            Some(id.store.current().id.trust_domain().to_string())
+                        })
+                        .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string()),
+                    zone: config.kubernetes.zone.clone(),
+                    plaintext: config.kubernetes.plaintext,
+                };
+                Some(kubernetes::start(
+                    client,
+                    &config.kubernetes,
+                    rules,
+                    services.clone(),
+                    kube_metrics,
+                ))
+            }
+            false => None,
+        };
         let discovery = Discovery::start(&config, services.clone(), discovery_stats, connector);
         let watcher_task =
             source.map(|source| tokio::spawn(discovery.watch(source, config.clone())));
@@ -377,6 +414,7 @@ impl Bound {
             dead_peer: DeadPeer::new(&config.proxy),
             unauthenticated,
             peers,
+            synced: synced.clone(),
         });
         let mut accept_loops = JoinSet::new();
         for listener in outbound {
@@ -394,7 +432,16 @@ impl Bound {
             let serve = tunnel::serve(listener, inputs.clone(), server, watcher.clone());
             accept_loops.spawn(serve);
         }
-        state.ready.store(true, Ordering::SeqCst);
+        // Ready once listening and, with discovery, once the cluster is listed.
+        let ready = tokio::spawn({
+            let state = state.clone();
+            async move {
+                if let Some(synced) = synced {
+                    synced.synced().await;
+                }
+                state.ready.store(true, Ordering::SeqCst);
+            }
+        });
         info!(
             outbound = ?addrs.outbound,
             inbound = ?addrs.inbound,
@@ -410,6 +457,7 @@ impl Bound {
             _ = interrupt.recv() => "SIGINT",
         };
         info!(signal, grace = ?config.proxy.drain_timeout, "draining: listeners closing");
+        ready.abort();
         state.ready.store(false, Ordering::SeqCst);
         let outcome = trigger.drain(config.proxy.drain_timeout).await;
         accept_loops.join_all().await;

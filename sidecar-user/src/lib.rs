@@ -12,6 +12,7 @@ pub mod caps;
 pub mod config;
 pub mod drain;
 pub mod ebpf;
+pub mod kubernetes;
 pub mod mesh;
 pub mod metrics;
 pub mod process;

@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 
 mod env;
 mod error;
+mod kubernetes;
 mod mesh;
 mod services;
 #[cfg(test)]
@@ -21,6 +22,7 @@ mod tests;
 mod validate;
 
 pub use error::ConfigError;
+pub use kubernetes::{KubernetesConfig, PlaintextPolicy};
 pub use mesh::{HboneConfig, MeshConfig, MeshIdentityRule};
 pub use services::{
     DnsConfig, DnsTarget, EndpointConfig, HashKey, HealthCheckConfig, LbPolicy, LimitsConfig,
@@ -66,6 +68,8 @@ pub struct Config {
     /// Virtual addresses balanced across endpoints. Reloaded from the file without a
     /// restart when it changes.
     pub services: Vec<ServiceConfig>,
+    /// Services, endpoints and identities discovered from the Kubernetes API.
+    pub kubernetes: KubernetesConfig,
 }
 
 /// Where links are pinned. With pins, a crashed sidecar leaves capture in place and

@@ -92,6 +92,30 @@ pub struct ServiceConfig {
     pub panic_threshold: u8,
 }
 
+impl ServiceConfig {
+    /// A service at `addresses` with every other field at its default, as a config
+    /// file entry with only `name` and `addresses` would have.
+    pub fn named(name: String, addresses: Vec<SocketAddr>) -> Self {
+        Self {
+            name,
+            addresses,
+            endpoints: Vec::new(),
+            dns: None,
+            dns_refresh: None,
+            policy: LbPolicy::default(),
+            hash_key: HashKey::default(),
+            connect_timeout: None,
+            retries: default_retries(),
+            mtls: None,
+            server_identity: None,
+            limits: LimitsConfig::default(),
+            outlier: OutlierConfig::default(),
+            health_check: None,
+            panic_threshold: default_panic_threshold(),
+        }
+    }
+}
+
 fn default_retries() -> u32 {
     // Envoy's default retry policy for connect failures allows one retry; two more
     // attempts ride out a single dead endpoint plus one more while ejection kicks in.
@@ -112,6 +136,24 @@ pub struct EndpointConfig {
     pub weight: u32,
     /// Locality, shown in logs and `/services`.
     pub zone: Option<String>,
+    /// The identity this endpoint must present; wins over the service's
+    /// `server_identity` (discovery sets the pod's service account).
+    pub identity: Option<IdentityMatcher>,
+    /// Reach it over mTLS (HBONE) or not; default: the service's `mtls`.
+    pub mtls: Option<bool>,
+}
+
+impl EndpointConfig {
+    /// A plain endpoint at `address`: weight 1, no zone, the service's mTLS rule.
+    pub fn at(address: SocketAddr) -> Self {
+        Self {
+            address,
+            weight: 1,
+            zone: None,
+            identity: None,
+            mtls: None,
+        }
+    }
 }
 
 /// `name:port` for DNS discovery.
@@ -241,6 +283,10 @@ impl<'de> Deserialize<'de> for EndpointConfig {
             weight: u32,
             #[serde(default)]
             zone: Option<String>,
+            #[serde(default)]
+            identity: Option<IdentityMatcher>,
+            #[serde(default)]
+            mtls: Option<bool>,
         }
         fn one() -> u32 {
             1
@@ -249,17 +295,13 @@ impl<'de> Deserialize<'de> for EndpointConfig {
         impl<'de> de::Visitor<'de> for Visitor {
             type Value = EndpointConfig;
             fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
-                f.write_str("\"ip:port\" or {address, weight, zone}")
+                f.write_str("\"ip:port\" or {address, weight, zone, identity, mtls}")
             }
             fn visit_str<E: de::Error>(self, v: &str) -> Result<Self::Value, E> {
                 let address = v
                     .parse()
                     .map_err(|e| E::custom(format!("invalid endpoint {v:?}: {e}")))?;
-                Ok(EndpointConfig {
-                    address,
-                    weight: 1,
-                    zone: None,
-                })
+                Ok(EndpointConfig::at(address))
             }
             fn visit_map<A: de::MapAccess<'de>>(self, map: A) -> Result<Self::Value, A::Error> {
                 let f = Fields::deserialize(de::value::MapAccessDeserializer::new(map))?;
@@ -267,6 +309,8 @@ impl<'de> Deserialize<'de> for EndpointConfig {
                     address: f.address,
                     weight: f.weight,
                     zone: f.zone,
+                    identity: f.identity,
+                    mtls: f.mtls,
                 })
             }
         }

@@ -50,11 +50,15 @@ pub async fn connect(
         let lease = endpoint.state.lease();
         // An endpoint that is this pod is reached directly, as without a sidecar.
         let mtls = endpoint.mtls && !inputs.pod.is_self(endpoint.addr.ip());
+        let expected = endpoint
+            .identity
+            .as_ref()
+            .or(service.config.server_identity.as_ref());
         let mesh = match (mtls, &inputs.mesh) {
             (false, _) => None,
             (true, Some(mesh)) => Some(MeshTarget {
                 client: &mesh.client,
-                expected: service.config.server_identity.as_ref(),
+                expected,
             }),
             // Config validation requires an identity for mTLS services.
             (true, None) => {
@@ -93,7 +97,7 @@ pub async fn connect(
                     dst,
                     endpoint: endpoint.addr,
                     server,
-                    server_identity: service.config.server_identity.clone(),
+                    server_identity: expected.cloned(),
                     leases: Some((admission, lease)),
                 });
             }

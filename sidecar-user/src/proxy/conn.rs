@@ -70,6 +70,8 @@ pub struct Inputs {
     pub unauthenticated: Arc<Gate>,
     /// The live identity rules, when an identity is configured.
     pub peers: Option<Arc<PeerPolicy>>,
+    /// With Kubernetes discovery: outbound connections wait for its first list.
+    pub synced: Option<crate::kubernetes::Synced>,
 }
 
 /// Where outbound connections go over HBONE.
@@ -171,6 +173,12 @@ pub enum ConnError {
     /// Connecting to the one destination failed.
     #[error(transparent)]
     Upstream(#[from] UpstreamError),
+    /// The destination is a pod with no sidecar and `kubernetes.plaintext` is `deny`.
+    #[error("destination {0} is pod {1}, which has no sidecar, and kubernetes.plaintext is deny")]
+    Plaintext(OrigDstAddr, std::sync::Arc<str>),
+    /// Discovery has not listed the cluster yet.
+    #[error("the first list from the Kubernetes API did not complete within {0:?}")]
+    NotSynced(Duration),
 }
 
 impl ConnError {
@@ -185,6 +193,8 @@ impl ConnError {
             ConnError::NoEndpoint(_) => CloseReason::Refused,
             ConnError::Exhausted { last, .. } => last.reason(),
             ConnError::Upstream(e) => e.reason(),
+            ConnError::Plaintext(..) => CloseReason::PolicyDenied,
+            ConnError::NotSynced(_) => CloseReason::Refused,
         }
     }
 }

@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     drain::DrainWatcher,
-    mesh::MeshTarget,
+    mesh::{MeshError, MeshTarget},
     proxy::{
         Direction, OrigDstAddr,
         addr::unmap,
@@ -33,7 +33,11 @@ async fn handle(mut conn: Conn, app: TcpStream) {
 async fn connect(conn: &mut Conn, app: &TcpStream) -> Result<Connected, ConnError> {
     let inputs = conn.inputs.clone();
     let dst = original_destination(conn, app)?;
-    match inputs.services.load().route(dst.0) {
+    if let Some(synced) = &inputs.synced {
+        synced.wait().await.map_err(ConnError::NotSynced)?;
+    }
+    let snapshot = inputs.services.load_full();
+    match snapshot.route(dst.0) {
         Route::Service(service) => {
             conn.recorder.set_service(service.name());
             return balance::connect(&inputs, &service, conn.client, dst).await;
@@ -41,13 +45,35 @@ async fn connect(conn: &mut Conn, app: &TcpStream) -> Result<Connected, ConnErro
         Route::Denied => return Err(ConnError::NotInRegistry(dst)),
         Route::Passthrough => {}
     }
+    let local = inputs.pod.is_self(dst.0.ip()) || inputs.own_ports.contains(&dst.0.port());
+    // A pod discovery knows (a headless service's member, say): over HBONE to exactly
+    // its service account's identity when it has a sidecar, else in plaintext (or
+    // refused, under `kubernetes.plaintext: deny`), whatever `mesh.cidrs` says.
+    if let Some(pod) = snapshot.workload(dst.0.ip()).filter(|_| !local) {
+        if !pod.hbone {
+            return match snapshot.plaintext_denied() {
+                true => Err(ConnError::Plaintext(dst, pod.pod.clone())),
+                false => conn.connect_direct(dst, None).await,
+            };
+        }
+        let Some(mesh) = inputs.mesh.as_ref() else {
+            return Err(ConnError::Upstream(
+                MeshError::Tls(dst.0, "no workload identity".into()).into(),
+            ));
+        };
+        let target = MeshTarget {
+            client: &mesh.client,
+            expected: Some(&pod.identity),
+        };
+        return conn.connect_direct(dst, Some(target)).await;
+    }
     let mesh = inputs
         .mesh
         .as_ref()
         .filter(|m| m.contains(dst.0.ip()))
         // The pod calling itself never leaves the pod: no sidecar answers there. A
         // peer sidecar's own ports (its health port, say) are plaintext by design.
-        .filter(|_| !inputs.pod.is_self(dst.0.ip()) && !inputs.own_ports.contains(&dst.0.port()))
+        .filter(|_| !local)
         .map(|m| MeshTarget {
             client: &m.client,
             expected: None,

@@ -274,11 +274,7 @@ async fn resolve_loop(
                 ips.dedup();
                 let endpoints: Vec<EndpointConfig> = ips
                     .iter()
-                    .map(|&ip| EndpointConfig {
-                        address: SocketAddr::new(ip, target.port),
-                        weight: 1,
-                        zone: None,
-                    })
+                    .map(|&ip| EndpointConfig::at(SocketAddr::new(ip, target.port)))
                     .collect();
                 let registry = services.load();
                 let Some(svc) = registry.get(&service) else {

@@ -37,6 +37,9 @@ pub struct Endpoint {
     pub zone: Option<String>,
     /// Reach it over mTLS.
     pub mtls: bool,
+    /// The identity it must present, when it has one of its own (a discovered pod's
+    /// service account); otherwise the service's `server_identity` applies.
+    pub identity: Option<crate::tls::IdentityMatcher>,
     /// Shared live state (kept across reloads while the address stays).
     pub state: Arc<EndpointState>,
 }

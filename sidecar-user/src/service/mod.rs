@@ -16,5 +16,6 @@ pub mod view;
 
 pub use endpoint::{Endpoint, EndpointLease, EndpointState, Health};
 pub use registry::{
-    Admission, Balancer, Overflow, Route, Service, ServiceState, Services, Snapshot,
+    Admission, Balancer, Discovered, Overflow, Route, Service, ServiceState, Services, Snapshot,
+    Workload,
 };

@@ -17,7 +17,10 @@ use super::{
     endpoint::{Endpoint, EndpointState, Health, now_ns},
     lb::{self, Candidates, Picker, Weighted},
 };
-use crate::config::{Config, EndpointConfig, HashKey, OutboundPolicy, ServiceConfig};
+use crate::{
+    config::{Config, EndpointConfig, HashKey, OutboundPolicy, ServiceConfig},
+    tls::IdentityMatcher,
+};
 
 /// Where an outbound connection goes.
 pub enum Route {
@@ -33,10 +36,34 @@ pub enum Route {
 #[derive(Default)]
 pub struct Snapshot {
     by_vip: HashMap<SocketAddr, Arc<Service>>,
-    /// Every service, in config order.
+    /// Every service: the config file's in order, then the discovered ones.
     pub services: Vec<Arc<Service>>,
     policy: OutboundPolicy,
     allow_cidrs: Vec<IpNet>,
+    workloads: Arc<HashMap<IpAddr, Workload>>,
+    plaintext_denied: bool,
+}
+
+/// A pod known by its IP (from Kubernetes): who it must prove to be, and whether it
+/// speaks HBONE. A connection dialed to its IP directly (a headless service, a
+/// StatefulSet member) gets the same identity check as one balanced to it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Workload {
+    /// `namespace/name` of the pod, for logs.
+    pub pod: Arc<str>,
+    /// The identity of its service account.
+    pub identity: IdentityMatcher,
+    /// It has a sidecar or ztunnel in front: reached over HBONE.
+    pub hbone: bool,
+}
+
+/// What discovery adds to the config file's services.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Discovered {
+    /// Services, each with its endpoints (and their identities) filled in.
+    pub services: Vec<ServiceConfig>,
+    /// Pods by IP.
+    pub workloads: Arc<HashMap<IpAddr, Workload>>,
 }
 
 /// A service and its current endpoints.
@@ -90,7 +117,8 @@ pub struct Admission {
 pub struct Services {
     current: ArcSwap<Snapshot>,
     states: Mutex<HashMap<String, Arc<ServiceState>>>,
-    update: Mutex<()>,
+    /// The inputs of the current snapshot: the last config and the last discovery.
+    inputs: Mutex<(Arc<Config>, Arc<Discovered>)>,
 }
 
 // === impl Snapshot ===
@@ -113,11 +141,40 @@ impl Snapshot {
     pub fn get(&self, name: &str) -> Option<&Arc<Service>> {
         self.services.iter().find(|s| s.config.name == name)
     }
+
+    /// The pod at `ip`, when discovery knows it.
+    pub fn workload(&self, ip: IpAddr) -> Option<&Workload> {
+        self.workloads.get(&ip.to_canonical())
+    }
+
+    /// `kubernetes.plaintext: deny`: pods without a sidecar are refused.
+    pub fn plaintext_denied(&self) -> bool {
+        self.plaintext_denied
+    }
 }
 
 // === impl Service ===
 
 impl Service {
+    /// A service of `c` with no endpoints yet.
+    fn new(
+        c: ServiceConfig,
+        config: &Config,
+        state: Arc<ServiceState>,
+        mesh: Arc<Vec<IpNet>>,
+    ) -> Self {
+        Self {
+            connect_timeout: c.connect_timeout.unwrap_or(config.proxy.connect_timeout),
+            balancer: ArcSwap::from_pointee(Balancer {
+                endpoints: Vec::new(),
+                picker: Picker::new(c.policy, &[]),
+            }),
+            config: c,
+            state,
+            mesh,
+        }
+    }
+
     /// Its name.
     pub fn name(&self) -> &str {
         &self.config.name
@@ -212,8 +269,12 @@ impl Service {
                     name: c.address.to_string(),
                     weight: c.weight,
                     zone: c.zone.clone(),
-                    mtls: self.config.mtls.unwrap_or(in_mesh)
-                        || self.config.server_identity.is_some(),
+                    mtls: c.mtls.unwrap_or_else(|| {
+                        self.config.mtls.unwrap_or(in_mesh)
+                            || self.config.server_identity.is_some()
+                            || c.identity.is_some()
+                    }),
+                    identity: c.identity.clone(),
                     state,
                 }
             })
@@ -291,7 +352,7 @@ impl Services {
         let services = Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
             states: Mutex::new(HashMap::new()),
-            update: Mutex::new(()),
+            inputs: Mutex::new((Arc::new(config.clone()), Arc::default())),
         };
         services.apply(config);
         services
@@ -302,35 +363,47 @@ impl Services {
         self.current.load()
     }
 
+    /// The current snapshot, to hold across waits.
+    pub fn load_full(&self) -> Arc<Snapshot> {
+        self.current.load_full()
+    }
+
     /// Rebuilds the registry from `config`, keeping the live state of services (by
     /// name) and endpoints (by address) that remain. Connections in flight keep their
     /// endpoint whatever the new set is.
     pub fn apply(&self, config: &Config) {
-        let _serial = self.update.lock();
-        let mut states = match self.states.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
+        let mut inputs = lock(&self.inputs);
+        inputs.0 = Arc::new(config.clone());
+        self.rebuild(&inputs.0, &inputs.1);
+    }
+
+    /// Replaces the discovered services and pods. The config file's services win:
+    /// a discovered service whose name or address one of them has is left out (or
+    /// keeps only its other addresses).
+    pub fn set_discovered(&self, discovered: Discovered) {
+        let mut inputs = lock(&self.inputs);
+        inputs.1 = Arc::new(discovered);
+        self.rebuild(&inputs.0, &inputs.1);
+    }
+
+    fn rebuild(&self, config: &Config, discovered: &Discovered) {
+        let mut states = lock(&self.states);
+        let previous = self.current.load_full();
         let mesh = Arc::new(config.mesh.cidrs.clone());
         let mut registry = Snapshot {
             policy: config.outbound.policy,
             allow_cidrs: config.outbound.allow_cidrs.clone(),
+            workloads: discovered.workloads.clone(),
+            plaintext_denied: config.kubernetes.plaintext == crate::config::PlaintextPolicy::Deny,
             ..Snapshot::default()
         };
         let mut kept = HashMap::new();
+        let mut names = std::collections::HashSet::new();
         for c in &config.services {
+            names.insert(c.name.as_str());
             let state = states.get(&c.name).cloned().unwrap_or_default();
             kept.insert(c.name.clone(), state.clone());
-            let mut service = Service {
-                config: c.clone(),
-                connect_timeout: c.connect_timeout.unwrap_or(config.proxy.connect_timeout),
-                state,
-                balancer: ArcSwap::from_pointee(Balancer {
-                    endpoints: Vec::new(),
-                    picker: Picker::new(c.policy, &[]),
-                }),
-                mesh: mesh.clone(),
-            };
+            let mut service = Service::new(c.clone(), config, state, mesh.clone());
             // DNS services keep their last answer until the resolver's next one.
             let endpoints = match &c.dns {
                 Some(_) => service.discovered().unwrap_or_default(),
@@ -343,111 +416,57 @@ impl Services {
             }
             registry.services.push(service);
         }
+        for d in &discovered.services {
+            if names.contains(d.name.as_str()) {
+                continue;
+            }
+            let addresses: Vec<SocketAddr> = d
+                .addresses
+                .iter()
+                .copied()
+                .filter(|a| !registry.by_vip.contains_key(a))
+                .collect();
+            if addresses.is_empty() {
+                continue;
+            }
+            let c = ServiceConfig {
+                addresses,
+                ..d.clone()
+            };
+            // Unchanged since the last snapshot: the same service, balancer and all.
+            let service = match previous.get(&c.name) {
+                Some(s)
+                    if s.config == c
+                        && s.mesh == mesh
+                        && Some(s.connect_timeout)
+                            == Some(c.connect_timeout.unwrap_or(config.proxy.connect_timeout)) =>
+                {
+                    s.clone()
+                }
+                _ => {
+                    let state = states.get(&c.name).cloned().unwrap_or_default();
+                    let mut service = Service::new(c.clone(), config, state, mesh.clone());
+                    service.balancer = ArcSwap::from_pointee(service.build_balancer(&c.endpoints));
+                    Arc::new(service)
+                }
+            };
+            kept.insert(c.name.clone(), service.state.clone());
+            for vip in &c.addresses {
+                registry.by_vip.insert(*vip, service.clone());
+            }
+            registry.services.push(service);
+        }
         *states = kept;
         self.current.store(Arc::new(registry));
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn config(text: &str) -> Config {
-        Config::from_yaml(text, "test", Vec::new()).expect("valid")
-    }
-
-    const TWO: &str = "services:\n- name: web\n  addresses: ['198.19.0.10:80']\n  endpoints: ['10.0.0.1:8080', {address: '10.0.0.2:8080', weight: 3, zone: b}]\n  limits: {max_connections: 2, max_pending: 1}\n";
-
-    #[test]
-    fn routes_vips_and_applies_the_outbound_policy() {
-        let services = Services::new(&config(TWO));
-        let reg = services.load();
-        assert!(matches!(
-            reg.route("198.19.0.10:80".parse().expect("addr")),
-            Route::Service(_)
-        ));
-        assert!(matches!(
-            reg.route("198.19.0.10:81".parse().expect("addr")),
-            Route::Passthrough
-        ));
-        let strict =
-            format!("{TWO}outbound:\n  policy: registry_only\n  allow_cidrs: [192.0.2.0/24]\n");
-        services.apply(&config(&strict));
-        let reg = services.load();
-        assert!(matches!(
-            reg.route("198.19.0.11:80".parse().expect("addr")),
-            Route::Denied
-        ));
-        assert!(matches!(
-            reg.route("192.0.2.7:443".parse().expect("addr")),
-            Route::Passthrough
-        ));
-    }
-
-    #[test]
-    fn limits_refuse_the_overflow_and_free_slots_on_drop() {
-        let services = Services::new(&config(TWO));
-        let reg = services.load();
-        let web = reg.get("web").expect("web");
-        let mut a = web.admit().expect("first");
-        assert_eq!(
-            web.admit().err(),
-            Some(Overflow::Pending),
-            "one connect pending at a time"
-        );
-        a.connected();
-        let b = web.admit().expect("second");
-        drop(b);
-        let _c = web.admit().expect("slot freed");
-        assert_eq!(web.admit().err(), Some(Overflow::Connections));
-        assert_eq!(web.limits_state(), (2, 1, 1));
-    }
-
-    #[test]
-    fn reload_keeps_endpoint_state_by_address() {
-        let services = Services::new(&config(TWO));
-        let first = services
-            .load()
-            .get("web")
-            .expect("web")
-            .choose(0, &[])
-            .expect("endpoint");
-        let lease = first.state.lease();
-        let changed = TWO.replace("'10.0.0.1:8080', ", "'10.0.0.1:8080', '10.0.0.3:8080', ");
-        services.apply(&config(&changed));
-        let reg = services.load();
-        let web = reg.get("web").expect("web");
-        let b = web.balancer();
-        assert_eq!(b.endpoints.len(), 3);
-        let same = b
-            .endpoints
-            .iter()
-            .find(|e| e.addr == first.addr)
-            .expect("kept");
-        assert_eq!(same.state.active(), 1, "live state carried over");
-        drop(lease);
-        assert_eq!(same.state.active(), 0);
-    }
-
-    #[test]
-    fn retries_skip_tried_endpoints_and_panic_mode_uses_all() {
-        let services = Services::new(&config(TWO));
-        let reg = services.load();
-        let web = reg.get("web").expect("web");
-        let a = web.choose(1, &[]).expect("a");
-        let b = web.choose(1, &[a.addr]).expect("b");
-        assert_ne!(a.addr, b.addr);
-        assert!(web.choose(1, &[a.addr, b.addr]).is_none());
-        // Eject one of two: 50% healthy is not below the 50% threshold, so only the
-        // healthy one is chosen.
-        let outlier = crate::config::OutlierConfig {
-            consecutive_failures: 1,
-            ..Default::default()
-        };
-        a.state.failed(&outlier);
-        assert!((0..20).all(|k| web.choose(k, &[]).map(|e| e.addr) == Some(b.addr)));
-        // Eject both: panic mode balances across all instead of none.
-        b.state.failed(&outlier);
-        assert!(web.choose(1, &[]).is_some());
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
     }
 }
+
+#[cfg(test)]
+mod tests;

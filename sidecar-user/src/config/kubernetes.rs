@@ -1,0 +1,62 @@
+//! The `kubernetes` section: discovery of services, endpoints and the identity each
+//! endpoint must present, straight from the Kubernetes API server.
+
+use std::{path::PathBuf, time::Duration};
+
+use serde::Deserialize;
+
+use super::duration;
+
+/// Kubernetes discovery. Off unless `enabled`; the config file's `services` stay and
+/// win over discovered ones with the same address or name.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubernetesConfig {
+    /// Watch Services, EndpointSlices and Pods.
+    pub enabled: bool,
+    /// A kubeconfig file to reach the API server with; default: the pod's service
+    /// account (`KUBERNETES_SERVICE_HOST` and the mounted token and CA).
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespaces to watch (one watch per namespace and kind); empty: the whole
+    /// cluster. Destinations in other namespaces then pass through as unknown.
+    pub namespaces: Vec<String>,
+    /// Trust domain of the SPIFFE IDs endpoints must present
+    /// (`spiffe://<trust_domain>/ns/<namespace>/sa/<service account>`); default:
+    /// the sidecar's own.
+    pub trust_domain: Option<String>,
+    /// This pod's zone (`topology.kubernetes.io/zone` of its node), for services with
+    /// `trafficDistribution: PreferClose` or topology hints; unset: no preference.
+    pub zone: Option<String>,
+    /// Endpoints with no sidecar or ztunnel in front (plain pods): `allow` reaches
+    /// them in plaintext, `deny` refuses them (a mesh that requires mTLS).
+    pub plaintext: PlaintextPolicy,
+    /// How long an outbound connection waits for the first full list before it is
+    /// refused (the sidecar is not ready until then).
+    #[serde(deserialize_with = "duration")]
+    pub initial_sync_timeout: Duration,
+}
+
+/// What happens to endpoints that cannot speak mTLS.
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum PlaintextPolicy {
+    /// Reached in plaintext.
+    #[default]
+    Allow,
+    /// Never chosen; a service with no other endpoint refuses the connection.
+    Deny,
+}
+
+impl Default for KubernetesConfig {
+    fn default() -> Self {
+        Self {
+            enabled: false,
+            kubeconfig: None,
+            namespaces: Vec::new(),
+            trust_domain: None,
+            zone: None,
+            plaintext: PlaintextPolicy::Allow,
+            initial_sync_timeout: Duration::from_secs(10),
+        }
+    }
+}

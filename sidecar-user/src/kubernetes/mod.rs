@@ -1,0 +1,238 @@
+//! Kubernetes discovery, straight from the API server with no control plane of our
+//! own: each sidecar lists and watches Services, EndpointSlices and Pods (the whole
+//! cluster or `kubernetes.namespaces`), keeps only what routing needs
+//! ([`objects`]), and turns it into services with per-endpoint identities and a pod
+//! table ([`translate`]) for the registry. The config file's services win.
+//!
+//! Outbound connections wait for the first full list ([`Synced`]); after that the
+//! last known state serves through API server outages ([`watch`]).
+
+pub mod metrics;
+pub mod objects;
+#[cfg(test)]
+mod tests;
+pub mod translate;
+mod watch;
+
+use std::{
+    path::PathBuf,
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, Ordering::Relaxed},
+    },
+    time::Duration,
+};
+
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use kube::Api;
+use tokio::sync::{Notify, watch as channel};
+use tracing::info;
+
+use self::{
+    metrics::DiscoveryMetrics,
+    objects::{PodRecord, ServiceRecord, SliceRecord},
+    translate::{Cluster, Rules},
+    watch::Sink,
+};
+use crate::{config::KubernetesConfig, service::Services};
+
+/// Changes arriving within this long are applied together (a list, a rollout).
+const DEBOUNCE: Duration = Duration::from_millis(50);
+
+/// Why discovery could not start. Each names the file or source at fault.
+#[derive(Debug, thiserror::Error)]
+pub enum DiscoveryError {
+    /// The kubeconfig file could not be read or used.
+    #[error("kubernetes.kubeconfig {0}: {1}")]
+    Kubeconfig(PathBuf, String),
+    /// Not in a pod with a service account (no `kubernetes.kubeconfig` given).
+    #[error("kubernetes: no kubeconfig given and not in a pod with a service account token: {0}")]
+    InCluster(String),
+    /// The client could not be built from the configuration.
+    #[error("kubernetes client: {0}")]
+    Client(String),
+}
+
+/// Waits for discovery's first full list.
+#[derive(Clone, Debug)]
+pub struct Synced {
+    rx: channel::Receiver<bool>,
+    timeout: Duration,
+}
+
+impl Synced {
+    /// Returns once every watch has listed in full, or the configured time (as the
+    /// error) has passed without it.
+    pub async fn wait(&self) -> Result<(), Duration> {
+        if *self.rx.borrow() {
+            return Ok(());
+        }
+        let mut rx = self.rx.clone();
+        match tokio::time::timeout(self.timeout, rx.wait_for(|s| *s)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(self.timeout),
+        }
+    }
+
+    /// Whether the first full list is in.
+    pub fn is_synced(&self) -> bool {
+        *self.rx.borrow()
+    }
+
+    /// Returns once the first full list is in, however long it takes.
+    pub async fn synced(&self) {
+        let mut rx = self.rx.clone();
+        let _ = rx.wait_for(|s| *s).await;
+    }
+}
+
+/// A client for the API server: from `kubernetes.kubeconfig`, or the pod's service
+/// account.
+pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, DiscoveryError> {
+    let kube_config = match &config.kubeconfig {
+        Some(path) => {
+            let file = kube::config::Kubeconfig::read_from(path)
+                .map_err(|e| DiscoveryError::Kubeconfig(path.clone(), e.to_string()))?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(|e| DiscoveryError::Kubeconfig(path.clone(), e.to_string()))?
+        }
+        None => kube::Config::incluster().map_err(|e| DiscoveryError::InCluster(e.to_string()))?,
+    };
+    kube::Client::try_from(kube_config).map_err(|e| DiscoveryError::Client(e.to_string()))
+}
+
+/// The records every watch of one kind shares.
+type Records<R> = Arc<Mutex<std::collections::HashMap<objects::Key, R>>>;
+
+/// Starts the watches and the task that hands their state to `services`.
+pub fn start(
+    client: kube::Client,
+    config: &KubernetesConfig,
+    rules: Rules,
+    services: Arc<Services>,
+    metrics: Arc<DiscoveryMetrics>,
+) -> Synced {
+    let changed = Arc::new(Notify::new());
+    let service_records: Records<ServiceRecord> = Arc::default();
+    let slice_records: Records<SliceRecord> = Arc::default();
+    let pod_records: Records<PodRecord> = Arc::default();
+    let kinds = [
+        metrics.kind("services"),
+        metrics.kind("endpointslices"),
+        metrics.kind("pods"),
+    ];
+    let namespaces: Vec<Option<Arc<str>>> = match config.namespaces.as_slice() {
+        [] => vec![None],
+        list => list.iter().map(|n| Some(n.as_str().into())).collect(),
+    };
+    let mut listed = Vec::new();
+    for ns in &namespaces {
+        let scope = ns.as_deref().unwrap_or("all namespaces").to_string();
+        tokio::spawn(watch::run(
+            api::<Service>(&client, ns.as_deref()),
+            format!("services ({scope})"),
+            ServiceRecord::of,
+            sink(
+                service_records.clone(),
+                ns,
+                &changed,
+                &kinds[0],
+                &mut listed,
+            ),
+        ));
+        tokio::spawn(watch::run(
+            api::<EndpointSlice>(&client, ns.as_deref()),
+            format!("endpointslices ({scope})"),
+            SliceRecord::of,
+            sink(slice_records.clone(), ns, &changed, &kinds[1], &mut listed),
+        ));
+        tokio::spawn(watch::run(
+            api::<Pod>(&client, ns.as_deref()),
+            format!("pods ({scope})"),
+            PodRecord::of,
+            sink(pod_records.clone(), ns, &changed, &kinds[2], &mut listed),
+        ));
+    }
+    let (tx, rx) = channel::channel(false);
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_secs(1));
+        loop {
+            tokio::select! {
+                () = changed.notified() => {}
+                _ = tick.tick() => {
+                    kinds.iter().for_each(|k| k.tick());
+                    continue;
+                }
+            }
+            tokio::time::sleep(DEBOUNCE).await;
+            if !listed.iter().all(|l| l.load(Relaxed)) {
+                continue;
+            }
+            let discovered = {
+                let (s, e, p) = (
+                    lock(&service_records),
+                    lock(&slice_records),
+                    lock(&pod_records),
+                );
+                Cluster {
+                    services: &s,
+                    slices: &e,
+                    pods: &p,
+                }
+                .translate(&rules)
+            };
+            metrics.routed(discovered.services.len(), discovered.workloads.len());
+            services.set_discovered(discovered);
+            if !*tx.borrow() {
+                info!("kubernetes: first full list applied; ready");
+                metrics.set_synced();
+                tx.send_replace(true);
+            }
+        }
+    });
+    Synced {
+        rx,
+        timeout: config.initial_sync_timeout,
+    }
+}
+
+/// One watch's sink: `records` shared by its kind, its own first-list flag.
+fn sink<R>(
+    records: Records<R>,
+    namespace: &Option<Arc<str>>,
+    changed: &Arc<Notify>,
+    metrics: &Arc<metrics::KindMetrics>,
+    listed: &mut Vec<Arc<AtomicBool>>,
+) -> Sink<R> {
+    let flag = Arc::new(AtomicBool::new(false));
+    listed.push(flag.clone());
+    Sink {
+        records,
+        namespace: namespace.clone(),
+        listed: flag,
+        changed: changed.clone(),
+        metrics: metrics.clone(),
+    }
+}
+
+fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
+where
+    K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,
+    <K as kube::Resource>::DynamicType: Default,
+{
+    match namespace {
+        Some(ns) => Api::namespaced(client.clone(), ns),
+        None => Api::all(client.clone()),
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    match m.lock() {
+        Ok(g) => g,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}

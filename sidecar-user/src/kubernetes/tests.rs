@@ -1,0 +1,251 @@
+//! Records from the API's JSON, and what they translate to.
+
+use std::{collections::HashMap, net::SocketAddr};
+
+use k8s_openapi::api::{
+    core::v1::{Pod, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde_json::json;
+
+use super::{
+    objects::{Key, PodRecord, ServiceRecord, SliceRecord},
+    translate::{Cluster, Rules},
+};
+use crate::{
+    config::{HashKey, LbPolicy, PlaintextPolicy},
+    service::Discovered,
+};
+
+fn service(ns: &str, name: &str, spec: serde_json::Value) -> (Key, ServiceRecord) {
+    let svc: Service = serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name}, "spec": spec,
+    }))
+    .expect("service json");
+    ServiceRecord::of(&svc).expect("record")
+}
+
+fn slice(ns: &str, svc: &str, port: u16, endpoints: serde_json::Value) -> (Key, SliceRecord) {
+    let s: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": format!("{svc}-x"),
+                     "labels": {"kubernetes.io/service-name": svc}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": port, "protocol": "TCP"}],
+        "endpoints": endpoints,
+    }))
+    .expect("slice json");
+    SliceRecord::of(&s).expect("record")
+}
+
+fn pod(
+    ns: &str,
+    name: &str,
+    sa: &str,
+    ip: &str,
+    annotations: serde_json::Value,
+) -> (Key, PodRecord) {
+    let p: Pod = serde_json::from_value(json!({
+        "metadata": {"namespace": ns, "name": name, "annotations": annotations},
+        "spec": {"serviceAccountName": sa, "containers": []},
+        "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
+    }))
+    .expect("pod json");
+    PodRecord::of(&p).expect("record")
+}
+
+fn translate(
+    services: Vec<(Key, ServiceRecord)>,
+    slices: Vec<(Key, SliceRecord)>,
+    pods: Vec<(Key, PodRecord)>,
+    plaintext: PlaintextPolicy,
+) -> Discovered {
+    let (s, e, p): (HashMap<_, _>, HashMap<_, _>, HashMap<_, _>) = (
+        services.into_iter().collect(),
+        slices.into_iter().collect(),
+        pods.into_iter().collect(),
+    );
+    Cluster {
+        services: &s,
+        slices: &e,
+        pods: &p,
+    }
+    .translate(&Rules {
+        trust_domain: "cluster.local".into(),
+        zone: Some("a".into()),
+        plaintext,
+    })
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().expect("addr")
+}
+
+/// Records of a whole (small) cluster.
+type Records = (
+    Vec<(Key, ServiceRecord)>,
+    Vec<(Key, SliceRecord)>,
+    Vec<(Key, PodRecord)>,
+);
+
+fn shop() -> Records {
+    let svc = service(
+        "shop",
+        "web",
+        json!({"clusterIP": "10.96.0.10", "clusterIPs": ["10.96.0.10", "fd00::10"],
+               "ports": [{"name": "http", "port": 80, "targetPort": 8080},
+                         {"name": "dns", "port": 53, "protocol": "UDP"}]}),
+    );
+    let eps = slice(
+        "shop",
+        "web",
+        8080,
+        json!([
+            {"addresses": ["10.0.0.1"], "conditions": {"ready": true}, "zone": "a"},
+            {"addresses": ["10.0.0.2"], "conditions": {"ready": true}, "zone": "b"},
+            {"addresses": ["10.0.0.3"], "conditions": {"ready": false}},
+            {"addresses": ["10.0.0.4"], "conditions": {"ready": true, "terminating": true}},
+        ]),
+    );
+    let pods = vec![
+        pod(
+            "shop",
+            "web-1",
+            "web",
+            "10.0.0.1",
+            json!({"sidecar.example.dev/injected": "true"}),
+        ),
+        pod("shop", "web-2", "legacy", "10.0.0.2", json!({})),
+        pod(
+            "shop",
+            "web-3",
+            "web",
+            "10.0.0.3",
+            json!({"ambient.istio.io/redirection": "enabled"}),
+        ),
+    ];
+    (vec![svc], vec![eps], pods)
+}
+
+#[test]
+fn a_service_port_balances_its_ready_endpoints_with_their_pods_identities() {
+    let (s, e, p) = shop();
+    let d = translate(s, e, p, PlaintextPolicy::Allow);
+    assert_eq!(d.services.len(), 1, "the UDP port is left out");
+    let web = &d.services[0];
+    assert_eq!(web.name, "web.shop:80");
+    assert_eq!(
+        web.addresses,
+        vec![addr("10.96.0.10:80"), addr("[fd00::10]:80")]
+    );
+    let got: Vec<_> = web
+        .endpoints
+        .iter()
+        .map(|e| {
+            (
+                e.address,
+                e.identity.as_ref().map(ToString::to_string),
+                e.mtls,
+            )
+        })
+        .collect();
+    assert_eq!(
+        got,
+        vec![
+            (
+                addr("10.0.0.1:8080"),
+                Some("spiffe://cluster.local/ns/shop/sa/web".into()),
+                Some(true)
+            ),
+            // No sidecar: plaintext, no identity to check.
+            (addr("10.0.0.2:8080"), None, Some(false)),
+        ],
+        "not-ready and terminating endpoints take no new connections"
+    );
+    // Every pod by IP, ambient ones over HBONE too.
+    let w = d
+        .workloads
+        .get(&"10.0.0.3".parse().expect("ip"))
+        .expect("pod");
+    assert!(w.hbone);
+    assert_eq!(
+        w.identity.to_string(),
+        "spiffe://cluster.local/ns/shop/sa/web"
+    );
+    assert!(!d.workloads[&"10.0.0.2".parse().expect("ip")].hbone);
+}
+
+#[test]
+fn plaintext_deny_leaves_out_pods_without_a_sidecar() {
+    let (s, e, p) = shop();
+    let d = translate(s, e, p, PlaintextPolicy::Deny);
+    let eps: Vec<_> = d.services[0].endpoints.iter().map(|e| e.address).collect();
+    assert_eq!(eps, vec![addr("10.0.0.1:8080")]);
+}
+
+#[test]
+fn affinity_maps_to_ring_hash_and_prefer_close_keeps_the_zone() {
+    let (_, e, p) = shop();
+    let svc = service(
+        "shop",
+        "web",
+        json!({"clusterIP": "10.96.0.10", "sessionAffinity": "ClientIP",
+               "trafficDistribution": "PreferClose",
+               "ports": [{"name": "http", "port": 80}]}),
+    );
+    let d = translate(vec![svc], e, p, PlaintextPolicy::Allow);
+    let web = &d.services[0];
+    assert_eq!(
+        (web.policy, web.hash_key),
+        (LbPolicy::RingHash, HashKey::ClientIp)
+    );
+    let eps: Vec<_> = web.endpoints.iter().map(|e| e.address).collect();
+    assert_eq!(eps, vec![addr("10.0.0.1:8080")], "only zone a, ours");
+}
+
+#[test]
+fn headless_and_external_name_services_route_no_virtual_address() {
+    let headless = service(
+        "db",
+        "pg",
+        json!({"clusterIP": "None", "ports": [{"port": 5432}]}),
+    );
+    let external = service(
+        "db",
+        "ext",
+        json!({"type": "ExternalName", "externalName": "db.example.com", "ports": [{"port": 5432}]}),
+    );
+    let member = pod(
+        "db",
+        "pg-0",
+        "pg",
+        "10.0.1.5",
+        json!({"sidecar.example.dev/injected": "true"}),
+    );
+    let d = translate(
+        vec![headless, external],
+        vec![],
+        vec![member],
+        PlaintextPolicy::Allow,
+    );
+    assert!(d.services.is_empty());
+    let w = &d.workloads[&"10.0.1.5".parse().expect("ip")];
+    assert_eq!(w.identity.to_string(), "spiffe://cluster.local/ns/db/sa/pg");
+    assert_eq!(&*w.pod, "db/pg-0");
+}
+
+#[test]
+fn pods_without_their_own_ip_are_left_out() {
+    let host: Pod = serde_json::from_value(json!({
+        "metadata": {"namespace": "kube-system", "name": "proxy"},
+        "spec": {"hostNetwork": true, "containers": []},
+        "status": {"phase": "Running", "podIP": "192.168.1.10"},
+    }))
+    .expect("json");
+    assert!(PodRecord::of(&host).is_none(), "its IP is the node's");
+    let pending: Pod = serde_json::from_value(json!({
+        "metadata": {"namespace": "a", "name": "p"},
+        "spec": {"containers": []}, "status": {"phase": "Pending"},
+    }))
+    .expect("json");
+    assert!(PodRecord::of(&pending).is_none());
+}

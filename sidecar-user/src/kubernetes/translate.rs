@@ -1,0 +1,165 @@
+//! From the records of Services, EndpointSlices and Pods to what the registry routes:
+//! one service per Service port (each cluster IP, both families), its ready
+//! endpoints with the identity of their pod's service account, and every pod by IP.
+
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    sync::Arc,
+};
+
+use super::objects::{EndpointRecord, Key, PodRecord, ServiceRecord, SliceRecord};
+use crate::{
+    config::{EndpointConfig, HashKey, LbPolicy, PlaintextPolicy, ServiceConfig},
+    service::{Discovered, Workload},
+    tls::{IdentityMatcher, SpiffeId},
+};
+
+/// Everything the watches hold, borrowed while it is translated.
+#[derive(Clone, Copy, Debug)]
+pub struct Cluster<'a> {
+    /// Services by namespace and name.
+    pub services: &'a HashMap<Key, ServiceRecord>,
+    /// EndpointSlices by namespace and name.
+    pub slices: &'a HashMap<Key, SliceRecord>,
+    /// Pods by namespace and name.
+    pub pods: &'a HashMap<Key, PodRecord>,
+}
+
+/// How records become routes.
+#[derive(Clone, Debug)]
+pub struct Rules {
+    /// Trust domain of the pods' SPIFFE IDs.
+    pub trust_domain: String,
+    /// This pod's zone, for `PreferClose`.
+    pub zone: Option<String>,
+    /// Endpoints without a sidecar.
+    pub plaintext: PlaintextPolicy,
+}
+
+/// The registry name of a Service's port: `<name>.<namespace>:<port>`.
+pub fn service_name(namespace: &str, name: &str, port: u16) -> String {
+    format!("{name}.{namespace}:{port}")
+}
+
+impl Cluster<'_> {
+    /// The services and pods to route, under `rules`.
+    pub fn translate(&self, rules: &Rules) -> Discovered {
+        let workloads = self.workloads(rules);
+        let mut by_service: HashMap<(&str, &str), Vec<&SliceRecord>> = HashMap::new();
+        for ((ns, _), slice) in self.slices {
+            by_service
+                .entry((ns, &slice.service))
+                .or_default()
+                .push(slice);
+        }
+        let mut services = Vec::new();
+        for ((ns, name), svc) in self.services {
+            if svc.cluster_ips.is_empty() {
+                // Headless or ExternalName: the app dials pod IPs (checked as
+                // workloads) or a DNS name; no virtual address to balance.
+                continue;
+            }
+            let slices = by_service
+                .get(&(ns.as_ref(), name.as_ref()))
+                .map(Vec::as_slice)
+                .unwrap_or_default();
+            for port in &svc.ports {
+                let mut c = ServiceConfig::named(
+                    service_name(ns, name, port.port),
+                    svc.cluster_ips
+                        .iter()
+                        .map(|&ip| SocketAddr::new(ip, port.port))
+                        .collect(),
+                );
+                if svc.client_ip_affinity {
+                    c.policy = LbPolicy::RingHash;
+                    c.hash_key = HashKey::ClientIp;
+                }
+                c.endpoints = endpoints(slices, port.name.as_deref(), svc, &workloads, rules);
+                services.push(c);
+            }
+        }
+        // Stable order: a rebuild with nothing changed finds every service equal.
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        Discovered {
+            services,
+            workloads: Arc::new(workloads),
+        }
+    }
+
+    fn workloads(&self, rules: &Rules) -> HashMap<IpAddr, Workload> {
+        let mut out = HashMap::with_capacity(self.pods.len());
+        for ((ns, name), pod) in self.pods {
+            let Ok(id) = SpiffeId::workload(&rules.trust_domain, ns, &pod.service_account) else {
+                continue;
+            };
+            let workload = Workload {
+                pod: format!("{ns}/{name}").into(),
+                identity: IdentityMatcher::Exact(id),
+                hbone: pod.hbone,
+            };
+            for ip in &pod.ips {
+                out.insert(ip.to_canonical(), workload.clone());
+            }
+        }
+        out
+    }
+}
+
+/// The endpoints of one Service port: ready ones, in the preferred zone when the
+/// Service asks for it and any is there, each with its pod's identity.
+fn endpoints(
+    slices: &[&SliceRecord],
+    port_name: Option<&str>,
+    svc: &ServiceRecord,
+    workloads: &HashMap<IpAddr, Workload>,
+    rules: &Rules,
+) -> Vec<EndpointConfig> {
+    let mut ready: Vec<(&EndpointRecord, u16)> = Vec::new();
+    for slice in slices {
+        let Some(&(_, target)) = slice.ports.iter().find(|(n, _)| n.as_deref() == port_name) else {
+            continue;
+        };
+        ready.extend(
+            slice
+                .endpoints
+                .iter()
+                .filter(|e| e.ready)
+                .map(|e| (e, target)),
+        );
+    }
+    if let (true, Some(zone)) = (svc.prefer_close, &rules.zone) {
+        let close = |e: &EndpointRecord| {
+            e.for_zones.iter().any(|z| z == zone)
+                || (e.for_zones.is_empty() && e.zone.as_deref() == Some(zone.as_str()))
+        };
+        if ready.iter().any(|(e, _)| close(e)) {
+            ready.retain(|(e, _)| close(e));
+        }
+    }
+    let mut out: Vec<EndpointConfig> = Vec::with_capacity(ready.len());
+    for (e, target) in ready {
+        for ip in &e.addresses {
+            let mut c = EndpointConfig::at(SocketAddr::new(*ip, target));
+            c.zone = e.zone.clone();
+            match workloads.get(&ip.to_canonical()) {
+                Some(w) if w.hbone => {
+                    c.identity = Some(w.identity.clone());
+                    c.mtls = Some(true);
+                }
+                Some(_) if rules.plaintext == PlaintextPolicy::Deny => continue,
+                Some(_) => c.mtls = Some(false),
+                // Not a pod discovery knows (a Service without a selector, a pod in
+                // an unwatched namespace): mTLS is required under `deny`, else the
+                // config's `mesh.cidrs` decide.
+                None if rules.plaintext == PlaintextPolicy::Deny => c.mtls = Some(true),
+                None => {}
+            }
+            out.push(c);
+        }
+    }
+    out.sort_by_key(|c| c.address);
+    out.dedup_by_key(|c| c.address);
+    out
+}
