@@ -6,6 +6,7 @@
 
 pub mod certs;
 pub mod hbone;
+pub mod kube_api;
 pub mod pod;
 pub mod sidecar;
 pub mod tools;

@@ -8,13 +8,14 @@ use std::{net::SocketAddr, sync::Arc};
 use http::{Method, Request, StatusCode};
 use tracing::debug;
 
+use super::server_identity::Required;
 use super::{
     PeerIdentity,
     hbone::{H2Stream, Pool, metrics::Side},
     peer_policy::PeerPolicy,
     server_identity::Expected,
 };
-use crate::tls::{IdentityMatcher, SpiffeId};
+use crate::tls::SpiffeId;
 
 /// Opens streams to peer sidecars and decides whether the one that answered may
 /// serve the destination.
@@ -32,7 +33,7 @@ pub struct MeshTarget<'a> {
     /// The connector and identity rules.
     pub client: &'a MeshConnector,
     /// The identity the server must have, when the service names one.
-    pub expected: Option<&'a IdentityMatcher>,
+    pub expected: Option<Required<'a>>,
 }
 
 /// Why the mesh protocol failed with a peer. Each names the address.

@@ -85,18 +85,24 @@ impl PeerPolicy {
         &self,
         ip: IpAddr,
         id: &SpiffeId,
-        service: Option<&IdentityMatcher>,
+        required: Option<super::server_identity::Required<'_>>,
     ) -> Result<(), Expected> {
-        self.outbound.load().check(ip, id, service)
+        self.outbound.load().check(ip, id, required)
     }
 
     /// Whether a connection admitted as `admission` is still allowed.
     pub fn still_allows(&self, admission: &Admission) -> bool {
         match admission {
             Admission::Client(id) => self.allows_client(id),
-            Admission::Server { ip, id, service } => {
-                self.check_server(*ip, id, service.as_ref()).is_ok()
-            }
+            Admission::Server { ip, id, service } => self
+                .check_server(
+                    *ip,
+                    id,
+                    service
+                        .as_ref()
+                        .map(super::server_identity::Required::Service),
+                )
+                .is_ok(),
         }
     }
 

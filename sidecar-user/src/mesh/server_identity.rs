@@ -21,11 +21,31 @@ pub struct ServerIdentityPolicy {
     local_trust_domain: String,
 }
 
+/// An identity a destination requires, and where the requirement comes from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Required<'a> {
+    /// A service's `server_identity` (or a config endpoint's `identity`).
+    Service(&'a IdentityMatcher),
+    /// The service account of the pod at the destination, from Kubernetes.
+    Pod(&'a IdentityMatcher),
+}
+
+impl Required<'_> {
+    /// The identities that satisfy it.
+    pub fn matcher(&self) -> &IdentityMatcher {
+        match self {
+            Required::Service(m) | Required::Pod(m) => m,
+        }
+    }
+}
+
 /// What a destination's server was expected to be, for errors and logs.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Expected {
     /// A service's `server_identity`.
     Service(IdentityMatcher),
+    /// The destination pod's service account (Kubernetes discovery).
+    Pod(IdentityMatcher),
     /// A `mesh.identities` rule.
     Rule {
         /// Its index in the config.
@@ -46,26 +66,29 @@ impl ServerIdentityPolicy {
         }
     }
 
-    /// Checks `id`, presented by the server at `dst`; `service` is the service's
-    /// `server_identity`, when it names one. On a mismatch, returns what was expected.
+    /// Checks `id`, presented by the server at `dst`; `required` is what the
+    /// destination itself requires, when known. On a mismatch, returns what was
+    /// expected.
     pub fn check(
         &self,
         dst: IpAddr,
         id: &SpiffeId,
-        service: Option<&IdentityMatcher>,
+        required: Option<Required<'_>>,
     ) -> Result<(), Expected> {
-        let expected = self.expected(dst, service);
+        let expected = self.expected(dst, required);
         let ok = match &expected {
-            Expected::Service(m) => m.matches(id),
+            Expected::Service(m) | Expected::Pod(m) => m.matches(id),
             Expected::Rule { allow, .. } => allow.iter().any(|m| m.matches(id)),
             Expected::LocalTrustDomain(td) => id.trust_domain() == td,
         };
         if ok { Ok(()) } else { Err(expected) }
     }
 
-    fn expected(&self, dst: IpAddr, service: Option<&IdentityMatcher>) -> Expected {
-        if let Some(m) = service {
-            return Expected::Service(m.clone());
+    fn expected(&self, dst: IpAddr, required: Option<Required<'_>>) -> Expected {
+        match required {
+            Some(Required::Service(m)) => return Expected::Service(m.clone()),
+            Some(Required::Pod(m)) => return Expected::Pod(m.clone()),
+            None => {}
         }
         let dst = dst.to_canonical();
         let best = self
@@ -89,6 +112,7 @@ impl fmt::Display for Expected {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Expected::Service(m) => write!(f, "{m} (the service's server_identity)"),
+            Expected::Pod(m) => write!(f, "{m} (the pod's service account, from Kubernetes)"),
             Expected::Rule { index, allow } => {
                 let list: Vec<String> = allow.iter().map(ToString::to_string).collect();
                 write!(f, "one of [{}] (mesh.identities[{index}])", list.join(", "))
@@ -148,7 +172,15 @@ mod tests {
         assert!(e.to_string().contains("local trust domain td"), "{e}");
         // A service's server_identity wins over the rules.
         let wanted: IdentityMatcher = "spiffe://td/ns/shop/sa/web".parse().expect("m");
-        assert!(policy.check(ip("10.0.5.7"), &web, Some(&wanted)).is_ok());
-        assert!(policy.check(ip("10.0.5.7"), &db, Some(&wanted)).is_err());
+        assert!(
+            policy
+                .check(ip("10.0.5.7"), &web, Some(Required::Service(&wanted)))
+                .is_ok()
+        );
+        assert!(
+            policy
+                .check(ip("10.0.5.7"), &db, Some(Required::Service(&wanted)))
+                .is_err()
+        );
     }
 }

@@ -6,7 +6,7 @@
 use tracing::{debug, warn};
 
 use crate::{
-    mesh::{MeshError, MeshTarget},
+    mesh::{MeshError, MeshTarget, server_identity::Required},
     proxy::{
         ClientAddr, Direction, OrigDstAddr,
         conn::{ConnError, Connected, Inputs},
@@ -50,10 +50,11 @@ pub async fn connect(
         let lease = endpoint.state.lease();
         // An endpoint that is this pod is reached directly, as without a sidecar.
         let mtls = endpoint.mtls && !inputs.pod.is_self(endpoint.addr.ip());
-        let expected = endpoint
-            .identity
-            .as_ref()
-            .or(service.config.server_identity.as_ref());
+        let expected = match (&endpoint.identity, &service.config.server_identity) {
+            (Some(pod), _) => Some(Required::Pod(pod)),
+            (None, Some(m)) => Some(Required::Service(m)),
+            (None, None) => None,
+        };
         let mesh = match (mtls, &inputs.mesh) {
             (false, _) => None,
             (true, Some(mesh)) => Some(MeshTarget {
@@ -97,7 +98,7 @@ pub async fn connect(
                     dst,
                     endpoint: endpoint.addr,
                     server,
-                    server_identity: expected.cloned(),
+                    server_identity: expected.map(|r| r.matcher().clone()),
                     leases: Some((admission, lease)),
                 });
             }

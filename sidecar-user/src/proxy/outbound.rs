@@ -9,7 +9,7 @@ use tokio::net::{TcpListener, TcpStream};
 
 use crate::{
     drain::DrainWatcher,
-    mesh::{MeshError, MeshTarget},
+    mesh::{MeshError, MeshTarget, server_identity::Required},
     proxy::{
         Direction, OrigDstAddr,
         addr::unmap,
@@ -63,7 +63,7 @@ async fn connect(conn: &mut Conn, app: &TcpStream) -> Result<Connected, ConnErro
         };
         let target = MeshTarget {
             client: &mesh.client,
-            expected: Some(&pod.identity),
+            expected: Some(Required::Pod(&pod.identity)),
         };
         return conn.connect_direct(dst, Some(target)).await;
     }

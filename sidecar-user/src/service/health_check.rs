@@ -9,6 +9,7 @@ use tokio::{net::TcpStream, task::JoinSet, time::Instant};
 use tracing::{info, warn};
 
 use super::Services;
+use crate::mesh::server_identity::Required;
 use crate::{
     config::HealthCheckConfig,
     mesh::{MeshConnector, MeshError, MeshTarget, client},
@@ -50,7 +51,7 @@ pub async fn run(
                 let mesh = match (&connector, endpoint.mtls) {
                     (Some(client), true) => Some(MeshTarget {
                         client,
-                        expected: expected.as_ref(),
+                        expected: expected.as_ref().map(Required::Service),
                     }),
                     _ => None,
                 };

@@ -1,0 +1,402 @@
+//! Kubernetes discovery: the client pod's sidecar learns services, endpoints and the
+//! identity each endpoint must present from an API server (the test double in
+//! `sidecar_tests::kube_api`, spoken to by the same kube-rs code a cluster runs), and
+//! routes a cluster IP that exists nowhere (no route in any pod) to real pods.
+
+use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+
+use k8s_openapi::api::{
+    core::v1::{Pod as KubePod, Service},
+    discovery::v1::EndpointSlice,
+};
+use serde_json::{Value, json};
+use sidecar_tests::{
+    Certs, Net, Placement, Pod, Sidecar,
+    kube_api::KubeApi,
+    tools::{Background, pod_tool_bin, run_json},
+};
+
+const CLUSTER_IP: &str = "10.96.0.10";
+const PORT: u16 = 8080;
+
+fn object<T: serde::de::DeserializeOwned>(v: Value) -> T {
+    serde_json::from_value(v).expect("a valid Kubernetes object")
+}
+
+/// Service `name` in `shop` at [`CLUSTER_IP`]:80, port `http` to 8080.
+fn service(name: &str, extra: Value) -> Service {
+    let mut spec = json!({"clusterIP": CLUSTER_IP, "clusterIPs": [CLUSTER_IP],
+        "ports": [{"name": "http", "port": 80, "targetPort": PORT, "protocol": "TCP"}]});
+    if let (Value::Object(s), Value::Object(e)) = (&mut spec, extra) {
+        s.extend(e);
+    }
+    object(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": name}, "spec": spec}))
+}
+
+/// The EndpointSlice of Service `name`: `(ip, ready)` endpoints on port 8080.
+fn slice(name: &str, endpoints: &[(Ipv4Addr, bool)]) -> EndpointSlice {
+    let eps: Vec<Value> = endpoints
+        .iter()
+        .map(|(ip, ready)| json!({"addresses": [ip.to_string()], "conditions": {"ready": ready}}))
+        .collect();
+    object(
+        json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
+        "metadata": {"namespace": "shop", "name": format!("{name}-abc"),
+                     "labels": {"kubernetes.io/service-name": name}},
+        "addressType": "IPv4",
+        "ports": [{"name": "http", "port": PORT, "protocol": "TCP"}],
+        "endpoints": eps}),
+    )
+}
+
+/// Pod `name` in `shop` with service account `sa` at `pod`'s IP; `injected`: it
+/// carries the annotation `sidecar inject` sets.
+fn kube_pod(name: &str, sa: &str, pod: &Pod, injected: bool) -> KubePod {
+    let annotations = match injected {
+        true => json!({"sidecar.example.dev/injected": "true"}),
+        false => json!({}),
+    };
+    object(json!({"apiVersion": "v1", "kind": "Pod",
+        "metadata": {"namespace": "shop", "name": name, "annotations": annotations},
+        "spec": {"serviceAccountName": sa, "containers": [{"name": "app", "image": "app"}]},
+        "status": {"phase": "Running", "podIP": pod.ip4.to_string(),
+                   "podIPs": [{"ip": pod.ip4.to_string()}]}}))
+}
+
+/// An echo server on `pod`'s IPv4 address, port 8080 (it names its address first).
+fn echo(pod: &Pod) -> Background {
+    let mut cmd = pod.app(&pod_tool_bin());
+    cmd.args(["echo", "--listen", &format!("{}:{PORT}", pod.ip4)]);
+    Background::start_ready(cmd)
+}
+
+/// `count` echo connections from `pod` to `to`; the pod-tool summary.
+fn tally(pod: &Pod, to: &str, count: usize) -> Value {
+    let mut cmd = pod.app(&pod_tool_bin());
+    cmd.args(["tally", "--to", to, "--count", &count.to_string()])
+        .args(["--concurrency", "4", "--interval-ms", "0"]);
+    run_json(cmd)
+}
+
+fn by_server(summary: &Value) -> BTreeMap<String, u64> {
+    summary["by_server"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+fn discovery(api: &KubeApi) -> String {
+    format!(
+        "kubernetes:\n  enabled: true\n  kubeconfig: {}\n",
+        api.kubeconfig().display()
+    )
+}
+
+#[test]
+fn a_cluster_ip_balances_meshed_and_plain_pods_and_refuses_an_impostor() {
+    let mut net = Net::new("kube-bind");
+    let api_pod = net.pod("api");
+    let client = net.pod("client");
+    let web1 = net.pod("web1");
+    let web2 = net.pod("web2");
+    let imp = net.pod("imp");
+    let certs = Certs::new(
+        "kube-bind",
+        &["client=shop/client", "web1=shop/web", "imp=shop/other"],
+    );
+    let _apps: Vec<Background> = [&web1, &web2, &imp].into_iter().map(echo).collect();
+    let strict = |name: &str| format!("{}inbound:\n  mode: strict\n", certs.identity(name));
+    let _s1 = Sidecar::start(&web1, &strict("web1"), Placement::InPodCgroup);
+    // Holds a certificate of the mesh, but of another service account than the one
+    // the API server says the pod runs as.
+    let _si = Sidecar::start(&imp, &strict("imp"), Placement::InPodCgroup);
+
+    let api = KubeApi::start(&api_pod, Duration::from_secs(1)).expect("test API server");
+    api.apply(&service("web", json!({}))).expect("apply");
+    api.apply(&slice(
+        "web",
+        &[(web1.ip4, true), (web2.ip4, true), (imp.ip4, true)],
+    ))
+    .expect("apply");
+    api.apply(&kube_pod("web-1", "web", &web1, true))
+        .expect("apply");
+    api.apply(&kube_pod("web-2", "legacy", &web2, false))
+        .expect("apply");
+    api.apply(&kube_pod("web-3", "web", &imp, true))
+        .expect("apply");
+
+    let sidecar = Sidecar::start(
+        &client,
+        &format!("{}{}", certs.identity("client"), discovery(&api)),
+        Placement::InPodCgroup,
+    );
+    assert_eq!(
+        sidecar.metric("sidecar_kubernetes_synced", &[]),
+        1.0,
+        "ready means listed"
+    );
+
+    let summary = tally(&client, &format!("{CLUSTER_IP}:80"), 40);
+    assert_eq!(summary["failed"], 0, "{summary}");
+    let counts = by_server(&summary);
+    let (w1, w2, im) = (
+        format!("{}:{PORT}", web1.ip4),
+        format!("{}:{PORT}", web2.ip4),
+        format!("{}:{PORT}", imp.ip4),
+    );
+    assert!(
+        counts.get(&w1).copied().unwrap_or(0) > 0 && counts.get(&w2).copied().unwrap_or(0) > 0,
+        "both the meshed and the plain pod serve: {counts:?}"
+    );
+    assert!(!counts.contains_key(&im), "the impostor served: {counts:?}");
+    let attempts = |endpoint: &str, result: &str| {
+        sidecar.metric(
+            "sidecar_endpoint_connect_attempts_total",
+            &[("endpoint", endpoint), ("result", result)],
+        )
+    };
+    assert!(
+        attempts(&im, "failure") >= 1.0,
+        "the impostor was tried and refused"
+    );
+    assert_eq!(attempts(&im, "success"), 0.0);
+    assert!(attempts(&w1, "success") >= 1.0);
+
+    // The pods dialed by IP: the same identity binding from the pod table.
+    let before = sidecar.closed("identity_mismatch");
+    let direct = tally(&client, &im, 3);
+    assert_eq!(direct["ok"], 0, "{direct}");
+    assert_eq!(sidecar.closed("identity_mismatch") - before, 3);
+    let ok = tally(&client, &w1, 3);
+    assert_eq!(ok["ok"], 3, "the meshed pod by IP: {ok}");
+    let plain = tally(&client, &w2, 3);
+    assert_eq!(plain["ok"], 3, "the plain pod by IP: {plain}");
+    assert!(
+        sidecar.metric("sidecar_hbone_streams_opened_total", &[("side", "client")]) >= 4.0,
+        "the meshed pod is reached over HBONE"
+    );
+}
+
+/// Opens `n` echo connections to `to` from `pod` (python, so nothing of ours is in
+/// the client), reports which server each reached, and once `go` exists checks each
+/// still carries bytes both ways.
+struct Holders {
+    child: std::process::Child,
+    out: std::io::BufReader<std::process::ChildStdout>,
+    go: std::path::PathBuf,
+}
+
+const HOLDERS: &str = r#"
+import json, os, socket, sys, time
+host, port = sys.argv[1].rsplit(":", 1)
+n, go = int(sys.argv[2]), sys.argv[3]
+conns = [socket.create_connection((host, int(port)), timeout=10) for _ in range(n)]
+servers = [c.recv(64, socket.MSG_WAITALL).decode().strip() for c in conns]
+for c in conns:
+    c.sendall(b"S")
+print(json.dumps({"servers": servers}), flush=True)
+while not os.path.exists(go):
+    time.sleep(0.02)
+ok = 0
+for i, c in enumerate(conns):
+    msg = b"ping-%d" % i
+    c.sendall(msg)
+    if c.recv(len(msg), socket.MSG_WAITALL) == msg:
+        ok += 1
+print(json.dumps({"servers": servers, "ok": ok}), flush=True)
+"#;
+
+impl Holders {
+    fn open(pod: &Pod, to: &str, n: usize) -> (Self, Vec<String>) {
+        use std::io::BufRead;
+        let go = std::env::temp_dir().join(format!("kube-holders-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_file(&go);
+        let mut child = pod
+            .app("python3")
+            .args(["-c", HOLDERS, to, &n.to_string()])
+            .arg(&go)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+        let mut line = String::new();
+        out.read_line(&mut line).expect("holders report");
+        let v: Value = serde_json::from_str(&line).expect("holders json");
+        let servers = v["servers"]
+            .as_array()
+            .expect("servers")
+            .iter()
+            .map(|s| s.as_str().unwrap_or_default().to_string())
+            .collect();
+        (Self { child, out, go }, servers)
+    }
+
+    /// How many connections still echoed.
+    fn check(mut self) -> u64 {
+        use std::io::BufRead;
+        std::fs::write(&self.go, b"go").expect("go file");
+        let mut line = String::new();
+        self.out.read_line(&mut line).expect("holders result");
+        let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.go);
+        serde_json::from_str::<Value>(&line).expect("json")["ok"]
+            .as_u64()
+            .unwrap_or(0)
+    }
+}
+
+/// A net with the API server, a client pod with discovery, and plain echo pods
+/// `b1..bn` registered as pods of service account `web` (no sidecar).
+struct Plain {
+    _net: Net,
+    api: KubeApi,
+    client: Pod,
+    b: Vec<Pod>,
+    _apps: Vec<Background>,
+    sidecar: Sidecar,
+}
+
+fn plain(tag: &str, n: usize, ready: &[usize]) -> Plain {
+    let mut net = Net::new(tag);
+    let api_pod = net.pod("api");
+    let client = net.pod("client");
+    let b: Vec<Pod> = (1..=n).map(|i| net.pod(&format!("b{i}"))).collect();
+    let apps = b.iter().map(echo).collect();
+    let api = KubeApi::start(&api_pod, Duration::from_millis(500)).expect("test API server");
+    api.apply(&service("web", json!({}))).expect("apply");
+    let eps: Vec<(Ipv4Addr, bool)> = b
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| ready.contains(i))
+        .map(|(_, p)| (p.ip4, true))
+        .collect();
+    api.apply(&slice("web", &eps)).expect("apply");
+    for (i, p) in b.iter().enumerate() {
+        api.apply(&kube_pod(&format!("web-{}", i + 1), "web", p, false))
+            .expect("apply");
+    }
+    let sidecar = Sidecar::start(&client, &discovery(&api), Placement::InPodCgroup);
+    Plain {
+        _net: net,
+        api,
+        client,
+        b,
+        _apps: apps,
+        sidecar,
+    }
+}
+
+fn endpoint(pod: &Pod) -> String {
+    format!("{}:{PORT}", pod.ip4)
+}
+
+#[test]
+fn endpoint_changes_reach_new_connections_within_a_second_and_spare_open_ones() {
+    let rig = plain("kube-churn", 3, &[0, 1]);
+    let vip = format!("{CLUSTER_IP}:80");
+    let (holders, servers) = Holders::open(&rig.client, &vip, 6);
+    let (b1, b2, b3) = (
+        endpoint(&rig.b[0]),
+        endpoint(&rig.b[1]),
+        endpoint(&rig.b[2]),
+    );
+    assert!(
+        servers.contains(&b2),
+        "some held connections are on b2: {servers:?}"
+    );
+    // Scale up (b3) and b2 stops being ready, in one change.
+    let started = std::time::Instant::now();
+    rig.api
+        .apply(&slice(
+            "web",
+            &[
+                (rig.b[0].ip4, true),
+                (rig.b[1].ip4, false),
+                (rig.b[2].ip4, true),
+            ],
+        ))
+        .expect("apply");
+    loop {
+        let seen = by_server(&tally(&rig.client, &vip, 4));
+        if !seen.contains_key(&b2) && seen.contains_key(&b3) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the change did not reach new connections within 1 s: {seen:?}"
+        );
+    }
+    let after = tally(&rig.client, &vip, 20);
+    let counts = by_server(&after);
+    assert_eq!(after["failed"], 0, "{after}");
+    assert!(!counts.contains_key(&b2), "b2 is not ready: {counts:?}");
+    assert!(
+        counts.contains_key(&b1) && counts.contains_key(&b3),
+        "{counts:?}"
+    );
+    assert_eq!(
+        holders.check(),
+        6,
+        "every open connection kept running, b2's too"
+    );
+}
+
+#[test]
+fn an_api_server_outage_keeps_traffic_flowing_and_a_410_relists() {
+    let rig = plain("kube-outage", 2, &[0, 1]);
+    let vip = format!("{CLUSTER_IP}:80");
+    let lists_before = rig
+        .api
+        .requests("list", sidecar_tests::kube_api::Kind::EndpointSlice);
+    rig.api.set_down(true);
+    let stale = || {
+        rig.sidecar.metric(
+            "sidecar_kubernetes_stale_seconds",
+            &[("kind", "endpointslices")],
+        )
+    };
+    // 30 s without an API server: every connection still balanced over both pods.
+    let started = std::time::Instant::now();
+    while started.elapsed() < Duration::from_secs(30) {
+        let t = tally(&rig.client, &vip, 10);
+        assert_eq!(t["failed"], 0, "traffic during the outage: {t}");
+        assert_eq!(by_server(&t).len(), 2, "{t}");
+        std::thread::sleep(Duration::from_secs(2));
+    }
+    assert!(
+        stale() >= 25.0,
+        "the staleness gauge shows the outage: {}",
+        stale()
+    );
+    // Meanwhile b2 stopped being ready, and the history was compacted: the watch's
+    // version is gone, so resuming gets 410 and the sidecar must list again.
+    rig.api
+        .apply(&slice(
+            "web",
+            &[(rig.b[0].ip4, true), (rig.b[1].ip4, false)],
+        ))
+        .expect("apply");
+    rig.api.compact();
+    rig.api.set_down(false);
+    let b2 = endpoint(&rig.b[1]);
+    sidecar_tests::tools::wait_until(Duration::from_secs(15), "relisted after 410", || {
+        !by_server(&tally(&rig.client, &vip, 4)).contains_key(&b2)
+    });
+    assert!(
+        rig.sidecar.metric(
+            "sidecar_kubernetes_relists_total",
+            &[("kind", "endpointslices")]
+        ) >= 1.0
+    );
+    assert!(
+        rig.api
+            .requests("list", sidecar_tests::kube_api::Kind::EndpointSlice)
+            > lists_before
+    );
+    sidecar_tests::tools::wait_until(Duration::from_secs(5), "fresh again", || stale() == 0.0);
+}
