@@ -30,6 +30,30 @@ pub enum Command {
     Certs(CertsArgs),
     /// Add the sidecar to Kubernetes workloads (YAML on stdin or from FILE, to stdout).
     Inject(InjectArgs),
+    /// List the cluster once and print what the sidecar would route (no capture).
+    Discovery(DiscoveryArgs),
+}
+
+/// `sidecar discovery`.
+#[derive(Debug, Args)]
+pub struct DiscoveryArgs {
+    /// Config file (its `services` and `kubernetes` sections apply).
+    #[arg(long)]
+    pub config: Option<PathBuf>,
+    /// Kubeconfig to reach the API server; default: `kubernetes.kubeconfig`, else
+    /// the pod's service account.
+    #[arg(long)]
+    pub kubeconfig: Option<PathBuf>,
+    /// Namespace to list (repeatable); default: `kubernetes.namespaces`, else all.
+    #[arg(long = "namespace")]
+    pub namespaces: Vec<String>,
+    /// Trust domain of the pods' identities; default: `kubernetes.trust_domain`,
+    /// else cluster.local.
+    #[arg(long)]
+    pub trust_domain: Option<String>,
+    /// Print JSON instead of a table.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `sidecar inject`.

@@ -49,6 +49,31 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         },
+        Command::Discovery(args) => {
+            let mut config = match Config::load(args.config.as_deref(), std::env::vars()) {
+                Ok(config) => config,
+                Err(error) => {
+                    eprintln!("invalid configuration: {error}");
+                    return ExitCode::from(EXIT_CONFIG);
+                }
+            };
+            if let Some(path) = args.kubeconfig {
+                config.kubernetes.kubeconfig = Some(path);
+            }
+            if !args.namespaces.is_empty() {
+                config.kubernetes.namespaces = args.namespaces;
+            }
+            match cmd::discovery::run(config, args.trust_domain, args.json) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(error) => {
+                    eprintln!("sidecar discovery: {error:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Certs(args) => match certs(&args) {
             Ok(()) => ExitCode::SUCCESS,
             Err(error) => {

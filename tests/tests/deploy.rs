@@ -252,3 +252,29 @@ fn the_dockerfile_ships_the_binary_ci_builds_and_tests() {
         "the manifests mount the config where CMD reads it"
     );
 }
+
+#[test]
+fn discovery_rbac_reads_services_endpointslices_and_pods_and_nothing_else() {
+    let text =
+        std::fs::read_to_string(root().join("deploy/kubernetes/rbac.yaml")).expect("rbac.yaml");
+    let role = text
+        .split("\n---\n")
+        .find(|d| d.contains("kind: ClusterRole\n"))
+        .expect("a ClusterRole");
+    let rules: Vec<&str> = role
+        .lines()
+        .filter(|l| {
+            l.trim_start().starts_with("resources:") || l.trim_start().starts_with("verbs:")
+        })
+        .map(str::trim)
+        .collect();
+    assert_eq!(
+        rules,
+        [
+            r#"resources: ["services", "pods"]"#,
+            r#"verbs: ["get", "list", "watch"]"#,
+            r#"resources: ["endpointslices"]"#,
+            r#"verbs: ["get", "list", "watch"]"#,
+        ]
+    );
+}

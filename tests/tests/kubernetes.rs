@@ -180,6 +180,40 @@ fn a_cluster_ip_balances_meshed_and_plain_pods_and_refuses_an_impostor() {
         sidecar.metric("sidecar_hbone_streams_opened_total", &[("side", "client")]) >= 4.0,
         "the meshed pod is reached over HBONE"
     );
+
+    // What an operator sees without starting capture.
+    let out = client
+        .outsider(&sidecar_tests::tools::sidecar_bin().to_string_lossy())
+        .args(["discovery", "--kubeconfig"])
+        .arg(api.kubeconfig())
+        .output()
+        .expect("sidecar discovery");
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains(&format!(
+            "web.shop:80 (kubernetes, RoundRobin) {CLUSTER_IP}:80"
+        )),
+        "{text}"
+    );
+    for (endpoint, how) in [
+        (&w1, "HBONE, must be spiffe://cluster.local/ns/shop/sa/web"),
+        (&w2, "plaintext"),
+        (&im, "HBONE, must be spiffe://cluster.local/ns/shop/sa/web"),
+    ] {
+        assert!(
+            text.contains(&format!("  {endpoint} {how}")),
+            "{endpoint}: {text}"
+        );
+    }
+    assert!(
+        text.contains("pods with a known identity: 3 (2 over HBONE)"),
+        "{text}"
+    );
 }
 
 /// Opens `n` echo connections to `to` from `pod` (python, so nothing of ours is in

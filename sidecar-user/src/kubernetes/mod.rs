@@ -219,6 +219,47 @@ fn sink<R>(
     }
 }
 
+/// One list of every kind (no watch), translated under `rules`: what a sidecar with
+/// this configuration would route (`sidecar discovery`).
+pub async fn snapshot(
+    client: &kube::Client,
+    config: &KubernetesConfig,
+    rules: &Rules,
+) -> Result<crate::service::Discovered, kube::Error> {
+    let namespaces: Vec<Option<&str>> = match config.namespaces.as_slice() {
+        [] => vec![None],
+        list => list.iter().map(|n| Some(n.as_str())).collect(),
+    };
+    let (mut services, mut slices, mut pods) = Default::default();
+    for ns in namespaces {
+        extend(
+            &mut services,
+            watch::list_all(&api::<Service>(client, ns), ServiceRecord::of).await?,
+        );
+        extend(
+            &mut slices,
+            watch::list_all(&api::<EndpointSlice>(client, ns), SliceRecord::of).await?,
+        );
+        extend(
+            &mut pods,
+            watch::list_all(&api::<Pod>(client, ns), PodRecord::of).await?,
+        );
+    }
+    Ok(Cluster {
+        services: &services,
+        slices: &slices,
+        pods: &pods,
+    }
+    .translate(rules))
+}
+
+fn extend<R>(
+    into: &mut std::collections::HashMap<objects::Key, R>,
+    (records, _): (std::collections::HashMap<objects::Key, R>, String),
+) {
+    into.extend(records);
+}
+
 fn api<K>(client: &kube::Client, namespace: Option<&str>) -> Api<K>
 where
     K: kube::Resource<Scope = k8s_openapi::NamespaceResourceScope>,

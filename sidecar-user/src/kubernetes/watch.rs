@@ -93,12 +93,11 @@ where
     }
 }
 
-/// A full, paged list that replaces the records at once; returns its version.
-async fn list<K, R>(
+/// A full, paged list: the records and the list's version.
+pub async fn list_all<K, R>(
     api: &Api<K>,
     record: fn(&K) -> Option<(Key, R)>,
-    sink: &Sink<R>,
-) -> Result<String, kube::Error>
+) -> Result<(HashMap<Key, R>, String), kube::Error>
 where
     K: kube::Resource + Clone + DeserializeOwned + Debug,
 {
@@ -109,27 +108,37 @@ where
         fresh.extend(page.items.iter().filter_map(record));
         match page.metadata.continue_.filter(|c| !c.is_empty()) {
             Some(token) => params = params.continue_token(&token),
-            None => {
-                let rv = page.metadata.resource_version.unwrap_or_default();
-                let n = {
-                    let mut records = lock(&sink.records);
-                    match &sink.namespace {
-                        None => *records = fresh,
-                        Some(ns) => {
-                            records.retain(|(n, _), _| n != ns);
-                            records.extend(fresh);
-                        }
-                    }
-                    records.len()
-                };
-                sink.metrics.listed(n);
-                sink.listed
-                    .store(true, std::sync::atomic::Ordering::Relaxed);
-                sink.changed.notify_one();
-                return Ok(rv);
-            }
+            None => return Ok((fresh, page.metadata.resource_version.unwrap_or_default())),
         }
     }
+}
+
+/// A full list that replaces this watch's records at once; returns its version.
+async fn list<K, R>(
+    api: &Api<K>,
+    record: fn(&K) -> Option<(Key, R)>,
+    sink: &Sink<R>,
+) -> Result<String, kube::Error>
+where
+    K: kube::Resource + Clone + DeserializeOwned + Debug,
+{
+    let (fresh, rv) = list_all(api, record).await?;
+    let n = {
+        let mut records = lock(&sink.records);
+        match &sink.namespace {
+            None => *records = fresh,
+            Some(ns) => {
+                records.retain(|(n, _), _| n != ns);
+                records.extend(fresh);
+            }
+        }
+        records.len()
+    };
+    sink.metrics.listed(n);
+    sink.listed
+        .store(true, std::sync::atomic::Ordering::Relaxed);
+    sink.changed.notify_one();
+    Ok(rv)
 }
 
 /// One watch from `rv` until it ends; `version` follows every event and bookmark.

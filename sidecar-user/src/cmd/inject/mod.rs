@@ -207,6 +207,11 @@ fn inject_pod(pod: &mut Value, options: &InjectOptions) -> Result<(), String> {
         .or_insert_with(|| Value::Mapping(Mapping::new()));
     if let Value::Mapping(a) = annotations {
         for (k, v) in [
+            // Discovery reaches pods carrying it over HBONE.
+            (
+                sidecar::kubernetes::objects::INJECTED_ANNOTATION,
+                "true".to_string(),
+            ),
             ("prometheus.io/scrape", "true".to_string()),
             ("prometheus.io/port", HEALTH_PORT.to_string()),
             ("prometheus.io/path", "/metrics".to_string()),
@@ -333,6 +338,7 @@ volumeMounts:
   - {{name: sidecar-config, mountPath: /etc/sidecar, readOnly: true}}
   - {{name: host-cgroup, mountPath: /host/cgroup, readOnly: true}}
   - {{name: host-bpffs, mountPath: /sys/fs/bpf}}
+  - {{name: sidecar-token, mountPath: /var/run/secrets/kubernetes.io/serviceaccount, readOnly: true}}
 "#,
         image = options.image,
         caps = CAPABILITIES.join(", "),
@@ -364,6 +370,15 @@ fn sidecar_volumes(options: &InjectOptions) -> Vec<Value> {
         )),
         yaml("{name: host-cgroup, hostPath: {path: /sys/fs/cgroup, type: Directory}}"),
         yaml("{name: host-bpffs, hostPath: {path: /sys/fs/bpf, type: DirectoryOrCreate}}"),
+        // The pod's service-account token for Kubernetes discovery, mounted into the
+        // sidecar alone (also when the pod sets automountServiceAccountToken: false),
+        // where kube-rs looks for it; 0444 so proxy.uid reads it after dropping root.
+        yaml(
+            "{name: sidecar-token, projected: {defaultMode: 292, sources: [\
+             {serviceAccountToken: {path: token, expirationSeconds: 3600}}, \
+             {configMap: {name: kube-root-ca.crt, items: [{key: ca.crt, path: ca.crt}]}}, \
+             {downwardAPI: {items: [{path: namespace, fieldRef: {fieldPath: metadata.namespace}}]}}]}}",
+        ),
     ];
     if let Some(secret) = &options.identity_secret {
         // 0444 (292): readable by proxy.uid after the sidecar gives up root; mounted

@@ -67,6 +67,7 @@ fn adds_a_native_sidecar_with_the_documented_capabilities() {
             "sidecar-config",
             "host-cgroup",
             "host-bpffs",
+            "sidecar-token",
             "sidecar-identity"
         ]
     );
@@ -178,4 +179,41 @@ fn refuses_host_network_and_other_meshes_with_clear_messages() {
         .expect_err("yaml")
         .to_string();
     assert!(e.contains("document 1"), "{e}");
+}
+
+#[test]
+fn the_pod_is_marked_for_discovery_and_the_sidecar_alone_gets_the_token() {
+    let doc = injected();
+    let template = &doc["spec"]["template"];
+    assert_eq!(
+        template["metadata"]["annotations"][sidecar::kubernetes::objects::INJECTED_ANNOTATION],
+        Value::from("true"),
+        "discovery reaches this pod over HBONE"
+    );
+    let spec = &template["spec"];
+    let sidecar = &spec["initContainers"][0];
+    let mounts = sidecar["volumeMounts"].as_sequence().expect("mounts");
+    assert!(mounts.iter().any(|m| m["name"] == "sidecar-token"
+        && m["mountPath"] == "/var/run/secrets/kubernetes.io/serviceaccount"));
+    let app = &spec["containers"][0];
+    assert!(
+        app["volumeMounts"]
+            .as_sequence()
+            .is_none_or(|m| m.iter().all(|m| m["name"] != "sidecar-token")),
+        "the application does not get the sidecar's token mount"
+    );
+    let volume = spec["volumes"]
+        .as_sequence()
+        .expect("volumes")
+        .iter()
+        .find(|v| v["name"] == "sidecar-token")
+        .expect("token volume");
+    let sources = volume["projected"]["sources"]
+        .as_sequence()
+        .expect("sources");
+    assert_eq!(
+        sources[0]["serviceAccountToken"]["path"],
+        Value::from("token")
+    );
+    assert_eq!(volume["projected"]["defaultMode"], 292);
 }
