@@ -129,6 +129,12 @@ fn a_cluster_ip_balances_meshed_and_plain_pods_and_refuses_an_impostor() {
         .expect("apply");
     api.apply(&kube_pod("web-3", "web", &imp, true))
         .expect("apply");
+    // A headless service over the same pods (a StatefulSet's): no virtual address;
+    // its members are dialed by pod IP.
+    let headless: Service = object(json!({"apiVersion": "v1", "kind": "Service",
+        "metadata": {"namespace": "shop", "name": "web-headless"},
+        "spec": {"clusterIP": "None", "ports": [{"port": PORT}]}}));
+    api.apply(&headless).expect("apply");
 
     let sidecar = Sidecar::start(
         &client,
@@ -167,7 +173,8 @@ fn a_cluster_ip_balances_meshed_and_plain_pods_and_refuses_an_impostor() {
     assert_eq!(attempts(&im, "success"), 0.0);
     assert!(attempts(&w1, "success") >= 1.0);
 
-    // The pods dialed by IP: the same identity binding from the pod table.
+    // The pods dialed by IP (as a headless service's members are): the same identity
+    // binding from the pod table.
     let before = sidecar.closed("identity_mismatch");
     let direct = tally(&client, &im, 3);
     assert_eq!(direct["ok"], 0, "{direct}");
@@ -213,6 +220,10 @@ fn a_cluster_ip_balances_meshed_and_plain_pods_and_refuses_an_impostor() {
     assert!(
         text.contains("pods with a known identity: 3 (2 over HBONE)"),
         "{text}"
+    );
+    assert!(
+        !text.contains("web-headless"),
+        "a headless service has nothing to balance: {text}"
     );
 }
 

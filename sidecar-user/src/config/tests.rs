@@ -286,3 +286,23 @@ fn missing_file_is_named() {
         .to_string();
     assert!(e.contains("/nonexistent/sidecar.yaml"), "{e}");
 }
+
+#[test]
+fn kubernetes_section_names_the_field_at_fault() {
+    let err = Config::from_yaml("kubernetes:\n  namespaces: [Shop]\n", "t", Vec::new())
+        .expect_err("upper case");
+    assert!(err.to_string().contains("kubernetes.namespaces"), "{err}");
+    let err = Config::from_yaml("kubernetes:\n  plaintext: maybe\n", "t", Vec::new())
+        .expect_err("bad policy");
+    assert!(err.to_string().contains("kubernetes.plaintext"), "{err}");
+    let ok = Config::from_yaml(
+        "kubernetes:\n  enabled: true\n  namespaces: [shop, db-2]\n  plaintext: deny\n",
+        "t",
+        Vec::new(),
+    )
+    .expect("valid");
+    assert_eq!(
+        ok.kubernetes.plaintext,
+        crate::config::PlaintextPolicy::Deny
+    );
+}

@@ -48,6 +48,22 @@ impl Config {
         if self.proxy.user_timeout.as_millis() > i32::MAX as u128 {
             return invalid("proxy.user_timeout", "must be at most 24 days");
         }
+        let kube = &self.kubernetes;
+        if kube.initial_sync_timeout.is_zero() {
+            return invalid("kubernetes.initial_sync_timeout", "must be greater than 0");
+        }
+        if kube.namespaces.iter().any(|n| {
+            n.is_empty()
+                || n.len() > 63
+                || !n
+                    .bytes()
+                    .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
+        }) {
+            return invalid(
+                "kubernetes.namespaces",
+                "each must be a Kubernetes namespace name (lowercase letters, digits, '-')",
+            );
+        }
         if !(1..=64).contains(&self.proxy.worker_threads) {
             return invalid("proxy.worker_threads", "must be between 1 and 64");
         }

@@ -188,7 +188,11 @@ impl KubeApi {
     /// Creates or replaces `object` (a k8s-openapi Service, EndpointSlice or Pod);
     /// watches see ADDED or MODIFIED.
     pub fn apply<K: serde::Serialize>(&self, object: &K) -> Result<()> {
-        let mut value = serde_json::to_value(object)?;
+        self.apply_json(serde_json::to_value(object)?)
+    }
+
+    /// [`KubeApi::apply`] for an object already in JSON (`kind`, `metadata` set).
+    pub fn apply_json(&self, mut value: Value) -> Result<()> {
         let kind = value["kind"]
             .as_str()
             .and_then(Kind::of)

@@ -7,6 +7,7 @@
 //! `target/bench/` (report.md, report.json, latency.png). Load is bounded in count and
 //! time, and all traffic stays between the two pods of a private bridge.
 
+mod discovery;
 mod plot;
 mod report;
 mod rig;
@@ -147,6 +148,15 @@ pub fn bench(quick: bool) -> Result<()> {
         drop(rig);
         let entry = results.rounds.entry(setup).or_default();
         for (k, v) in figures {
+            entry.entry(k).or_default().push(v);
+        }
+    }
+    // Kubernetes discovery's memory at scale: once, with the sidecar's figures.
+    if setups.contains(&Setup::SidecarPlain) {
+        let (services, endpoints) = discovery::scale(quick);
+        eprintln!("bench: discovery of {services} services / {endpoints} endpoints");
+        let entry = results.rounds.entry(Setup::SidecarPlain).or_default();
+        for (k, v) in discovery::measure(quick)? {
             entry.entry(k).or_default().push(v);
         }
     }

@@ -145,6 +145,21 @@ const ROWS: &[Row] = &[
         label: "per idle connection (KiB)",
         added: false,
     },
+    Row {
+        key: "kube_rss_mib_empty",
+        label: "discovery: RSS watching nothing (MiB)",
+        added: false,
+    },
+    Row {
+        key: "kube_rss_mib_synced",
+        label: "discovery: RSS with the cluster listed (MiB)",
+        added: false,
+    },
+    Row {
+        key: "kube_bytes_per_endpoint",
+        label: "discovery: bytes held per endpoint",
+        added: false,
+    },
 ];
 
 fn median(v: &[f64]) -> f64 {
@@ -480,6 +495,12 @@ fn targets(results: &Results) -> String {
         "per idle connection < 16 KiB (one sidecar)",
         m(results, SidecarPlain, "kib_per_idle_connection"),
         16.0,
+        true,
+    );
+    line(
+        "discovery: ≤ 1 KiB held per endpoint (10,000 services, 50,000 endpoints; --quick: a tenth)",
+        m(results, SidecarPlain, "kube_bytes_per_endpoint"),
+        1024.0,
         true,
     );
     // The mTLS setup's figure is the pair's (both sidecars' RSS): halve it.
