@@ -104,9 +104,10 @@ pub fn raise_nofile_limit() -> u64 {
     lim.rlim_cur
 }
 
-/// Gives the heap memory freed after startup back to the kernel. Loading the kernel
-/// programs parses the kernel's BTF (megabytes) and frees it again, but glibc keeps
-/// freed heap pages resident until told otherwise; this runs once, before serving.
+/// Gives freed heap memory back to the kernel. Loading the kernel programs parses the
+/// kernel's BTF (megabytes) and frees it again, and so does a full list from the
+/// Kubernetes API, but glibc keeps freed heap pages resident until told otherwise;
+/// this runs before serving and after each full list.
 pub fn release_startup_memory() {
     #[cfg(target_env = "gnu")]
     // SAFETY: malloc_trim only walks the allocator's own free lists.

@@ -54,7 +54,7 @@ fn render(config: &Config, discovered: Discovered, as_json: bool) -> String {
                     .endpoints
                     .iter()
                     .map(|e| {
-                        json!({"address": e.addr.to_string(), "zone": e.zone, "mtls": e.mtls,
+                        json!({"address": e.addr.to_string(), "zone": e.zone.as_deref(), "mtls": e.mtls,
                                "identity": e.identity.as_ref().map(ToString::to_string)})
                     })
                     .collect();

@@ -2,7 +2,7 @@
 //! balanced by the proxy across endpoints from the config file or from DNS, plus the
 //! outbound traffic policy for everything that is not a service.
 
-use std::{fmt, net::SocketAddr, str::FromStr, time::Duration};
+use std::{fmt, net::SocketAddr, str::FromStr, sync::Arc, time::Duration};
 
 use ipnet::IpNet;
 use serde::{Deserialize, Deserializer, de};
@@ -135,10 +135,11 @@ pub struct EndpointConfig {
     /// Relative share of new connections (≥ 1).
     pub weight: u32,
     /// Locality, shown in logs and `/services`.
-    pub zone: Option<String>,
+    pub zone: Option<Arc<str>>,
     /// The identity this endpoint must present; wins over the service's
-    /// `server_identity` (discovery sets the pod's service account).
-    pub identity: Option<IdentityMatcher>,
+    /// `server_identity` (discovery sets the pod's service account, shared by its
+    /// endpoints).
+    pub identity: Option<Arc<IdentityMatcher>>,
     /// Reach it over mTLS (HBONE) or not; default: the service's `mtls`.
     pub mtls: Option<bool>,
 }
@@ -308,8 +309,8 @@ impl<'de> Deserialize<'de> for EndpointConfig {
                 Ok(EndpointConfig {
                     address: f.address,
                     weight: f.weight,
-                    zone: f.zone,
-                    identity: f.identity,
+                    zone: f.zone.map(Into::into),
+                    identity: f.identity.map(Arc::new),
                     mtls: f.mtls,
                 })
             }

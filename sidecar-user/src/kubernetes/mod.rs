@@ -18,7 +18,7 @@ use std::{
     path::PathBuf,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, Ordering::Relaxed},
+        atomic::{AtomicBool, AtomicU64, Ordering::Relaxed},
     },
     time::Duration,
 };
@@ -130,6 +130,7 @@ pub fn start(
         list => list.iter().map(|n| Some(n.as_str().into())).collect(),
     };
     let mut listed = Vec::new();
+    let lists = Arc::new(AtomicU64::new(0));
     for ns in &namespaces {
         let scope = ns.as_deref().unwrap_or("all namespaces").to_string();
         tokio::spawn(watch::run(
@@ -142,23 +143,39 @@ pub fn start(
                 &changed,
                 &kinds[0],
                 &mut listed,
+                &lists,
             ),
         ));
         tokio::spawn(watch::run(
             api::<EndpointSlice>(&client, ns.as_deref()),
             format!("endpointslices ({scope})"),
             SliceRecord::of,
-            sink(slice_records.clone(), ns, &changed, &kinds[1], &mut listed),
+            sink(
+                slice_records.clone(),
+                ns,
+                &changed,
+                &kinds[1],
+                &mut listed,
+                &lists,
+            ),
         ));
         tokio::spawn(watch::run(
             api::<Pod>(&client, ns.as_deref()),
             format!("pods ({scope})"),
             PodRecord::of,
-            sink(pod_records.clone(), ns, &changed, &kinds[2], &mut listed),
+            sink(
+                pod_records.clone(),
+                ns,
+                &changed,
+                &kinds[2],
+                &mut listed,
+                &lists,
+            ),
         ));
     }
     let (tx, rx) = channel::channel(false);
     tokio::spawn(async move {
+        let mut lists_seen = 0;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -187,6 +204,13 @@ pub fn start(
             };
             metrics.routed(discovered.services.len(), discovered.workloads.len());
             services.set_discovered(discovered);
+            // A full list parses megabytes of JSON and frees them again; give the
+            // pages back (glibc keeps them) so memory follows what is held.
+            let done = lists.load(Relaxed);
+            if done != lists_seen {
+                lists_seen = done;
+                crate::process::release_startup_memory();
+            }
             if !*tx.borrow() {
                 info!("kubernetes: first full list applied; ready");
                 metrics.set_synced();
@@ -207,6 +231,7 @@ fn sink<R>(
     changed: &Arc<Notify>,
     metrics: &Arc<metrics::KindMetrics>,
     listed: &mut Vec<Arc<AtomicBool>>,
+    lists: &Arc<AtomicU64>,
 ) -> Sink<R> {
     let flag = Arc::new(AtomicBool::new(false));
     listed.push(flag.clone());
@@ -214,6 +239,7 @@ fn sink<R>(
         records,
         namespace: namespace.clone(),
         listed: flag,
+        lists: lists.clone(),
         changed: changed.clone(),
         metrics: metrics.clone(),
     }

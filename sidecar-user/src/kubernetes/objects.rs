@@ -55,13 +55,14 @@ pub struct SliceRecord {
 /// One endpoint of a slice.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct EndpointRecord {
-    /// Its addresses (one per family at most, in practice one).
-    pub addresses: Vec<IpAddr>,
+    /// Its address: the first of its addresses, which the API says are fungible and
+    /// clients may use alone (kube-proxy does).
+    pub address: IpAddr,
     /// Ready: takes new connections. Terminating and not-ready endpoints do not
     /// (their open connections run on).
     pub ready: bool,
-    /// `topology.kubernetes.io/zone` of its node.
-    pub zone: Option<String>,
+    /// `topology.kubernetes.io/zone` of its node (one copy per zone and slice).
+    pub zone: Option<Arc<str>>,
     /// Topology hints: the zones that should use it.
     pub for_zones: Vec<String>,
 }
@@ -71,8 +72,8 @@ pub struct EndpointRecord {
 pub struct PodRecord {
     /// Its service account.
     pub service_account: Arc<str>,
-    /// Its IPs (not the node's: host-network pods are left out).
-    pub ips: Vec<IpAddr>,
+    /// Its IPs, one per family (not the node's: host-network pods are left out).
+    pub ips: [Option<IpAddr>; 2],
     /// Served over HBONE: injected with our sidecar, or enrolled in Istio ambient.
     pub hbone: bool,
 }
@@ -157,26 +158,35 @@ impl SliceRecord {
                 Some((p.name.clone().filter(|n| !n.is_empty()), port))
             })
             .collect();
+        let mut zones: Vec<Arc<str>> = Vec::new();
+        let mut zone = |z: &str| -> Arc<str> {
+            if let Some(known) = zones.iter().find(|k| &***k == z) {
+                return known.clone();
+            }
+            let z: Arc<str> = z.into();
+            zones.push(z.clone());
+            z
+        };
         let endpoints = slice
             .endpoints
             .iter()
-            .map(|e| {
+            .filter_map(|e| {
                 let conditions = e.conditions.as_ref();
                 // Unset `ready` means ready (the API's rule); a terminating endpoint
                 // is never ready for new connections.
                 let ready = conditions.and_then(|c| c.ready).unwrap_or(true)
                     && !conditions.and_then(|c| c.terminating).unwrap_or(false);
-                EndpointRecord {
-                    addresses: e.addresses.iter().filter_map(|a| ip(a)).collect(),
+                Some(EndpointRecord {
+                    address: e.addresses.first().and_then(|a| ip(a))?,
                     ready,
-                    zone: e.zone.clone(),
+                    zone: e.zone.as_deref().map(&mut zone),
                     for_zones: e
                         .hints
                         .iter()
                         .flat_map(|h| h.for_zones.iter().flatten())
                         .map(|z| z.name.clone())
                         .collect(),
-                }
+                })
             })
             .collect();
         Some((
@@ -212,7 +222,12 @@ impl PodRecord {
             .collect();
         ips.sort();
         ips.dedup();
-        if ips.is_empty() {
+        let mut families = [None, None];
+        for ip in ips {
+            let slot = usize::from(ip.is_ipv6());
+            families[slot] = families[slot].or(Some(ip));
+        }
+        if families == [None, None] {
             return None;
         }
         let annotations = pod.metadata.annotations.as_ref();
@@ -230,7 +245,7 @@ impl PodRecord {
                     .filter(|s| !s.is_empty())
                     .unwrap_or("default")
                     .into(),
-                ips,
+                ips: families,
                 hbone: annotated(INJECTED_ANNOTATION, "true")
                     || annotated(AMBIENT_ANNOTATION, "enabled"),
             },

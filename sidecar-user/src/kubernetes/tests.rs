@@ -230,7 +230,7 @@ fn headless_and_external_name_services_route_no_virtual_address() {
     assert!(d.services.is_empty());
     let w = &d.workloads[&"10.0.1.5".parse().expect("ip")];
     assert_eq!(w.identity.to_string(), "spiffe://cluster.local/ns/db/sa/pg");
-    assert_eq!(&*w.pod, "db/pg-0");
+    assert_eq!((&*w.pod.0, &*w.pod.1), ("db", "pg-0"));
 }
 
 #[test]

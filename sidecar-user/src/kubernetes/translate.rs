@@ -90,16 +90,27 @@ impl Cluster<'_> {
 
     fn workloads(&self, rules: &Rules) -> HashMap<IpAddr, Workload> {
         let mut out = HashMap::with_capacity(self.pods.len());
+        // One identity per service account, shared by its pods and their endpoints.
+        let mut identities: HashMap<(&str, &str), Arc<IdentityMatcher>> = HashMap::new();
         for ((ns, name), pod) in self.pods {
-            let Ok(id) = SpiffeId::workload(&rules.trust_domain, ns, &pod.service_account) else {
-                continue;
+            let identity = match identities.get(&(ns.as_ref(), pod.service_account.as_ref())) {
+                Some(id) => id.clone(),
+                None => {
+                    let Ok(id) = SpiffeId::workload(&rules.trust_domain, ns, &pod.service_account)
+                    else {
+                        continue;
+                    };
+                    let id = Arc::new(IdentityMatcher::Exact(id));
+                    identities.insert((ns, &pod.service_account), id.clone());
+                    id
+                }
             };
             let workload = Workload {
-                pod: format!("{ns}/{name}").into(),
-                identity: IdentityMatcher::Exact(id),
+                pod: (ns.clone(), name.clone()),
+                identity,
                 hbone: pod.hbone,
             };
-            for ip in &pod.ips {
+            for ip in pod.ips.iter().flatten() {
                 out.insert(ip.to_canonical(), workload.clone());
             }
         }
@@ -140,7 +151,8 @@ fn endpoints(
     }
     let mut out: Vec<EndpointConfig> = Vec::with_capacity(ready.len());
     for (e, target) in ready {
-        for ip in &e.addresses {
+        {
+            let ip = &e.address;
             let mut c = EndpointConfig::at(SocketAddr::new(*ip, target));
             c.zone = e.zone.clone();
             match workloads.get(&ip.to_canonical()) {

@@ -32,6 +32,8 @@ pub struct Sink<R> {
     pub namespace: Option<Arc<str>>,
     /// Set once this watch's first full list is in `records`.
     pub listed: Arc<std::sync::atomic::AtomicBool>,
+    /// Full lists done by every watch (the builder frees their garbage after one).
+    pub lists: Arc<std::sync::atomic::AtomicU64>,
     /// Woken after every change.
     pub changed: Arc<Notify>,
     /// Counts and freshness.
@@ -137,6 +139,8 @@ where
     sink.metrics.listed(n);
     sink.listed
         .store(true, std::sync::atomic::Ordering::Relaxed);
+    sink.lists
+        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     sink.changed.notify_one();
     Ok(rv)
 }

@@ -175,7 +175,7 @@ pub enum ConnError {
     Upstream(#[from] UpstreamError),
     /// The destination is a pod with no sidecar and `kubernetes.plaintext` is `deny`.
     #[error("destination {0} is pod {1}, which has no sidecar, and kubernetes.plaintext is deny")]
-    Plaintext(OrigDstAddr, std::sync::Arc<str>),
+    Plaintext(OrigDstAddr, String),
     /// Discovery has not listed the cluster yet.
     #[error("the first list from the Kubernetes API did not complete within {0:?}")]
     NotSynced(Duration),

@@ -52,7 +52,10 @@ async fn connect(conn: &mut Conn, app: &TcpStream) -> Result<Connected, ConnErro
     if let Some(pod) = snapshot.workload(dst.0.ip()).filter(|_| !local) {
         if !pod.hbone {
             return match snapshot.plaintext_denied() {
-                true => Err(ConnError::Plaintext(dst, pod.pod.clone())),
+                true => Err(ConnError::Plaintext(
+                    dst,
+                    format!("{}/{}", pod.pod.0, pod.pod.1),
+                )),
                 false => conn.connect_direct(dst, None).await,
             };
         }

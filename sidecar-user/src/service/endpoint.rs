@@ -34,12 +34,12 @@ pub struct Endpoint {
     /// Relative share.
     pub weight: u32,
     /// Locality.
-    pub zone: Option<String>,
+    pub zone: Option<Arc<str>>,
     /// Reach it over mTLS.
     pub mtls: bool,
     /// The identity it must present, when it has one of its own (a discovered pod's
     /// service account); otherwise the service's `server_identity` applies.
-    pub identity: Option<crate::tls::IdentityMatcher>,
+    pub identity: Option<Arc<crate::tls::IdentityMatcher>>,
     /// Shared live state (kept across reloads while the address stays).
     pub state: Arc<EndpointState>,
 }

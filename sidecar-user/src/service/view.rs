@@ -65,7 +65,7 @@ impl Services {
                         EndpointView {
                             address: e.addr,
                             weight: e.weight,
-                            zone: e.zone.clone(),
+                            zone: e.zone.as_deref().map(str::to_string),
                             mtls: e.mtls,
                             health: e.state.health(now),
                             active: e.state.active(),

@@ -49,10 +49,10 @@ pub struct Snapshot {
 /// StatefulSet member) gets the same identity check as one balanced to it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Workload {
-    /// `namespace/name` of the pod, for logs.
-    pub pod: Arc<str>,
-    /// The identity of its service account.
-    pub identity: IdentityMatcher,
+    /// Namespace and name of the pod, for logs (shared with discovery's records).
+    pub pod: (Arc<str>, Arc<str>),
+    /// The identity of its service account (shared by the pods that have it).
+    pub identity: Arc<IdentityMatcher>,
     /// It has a sidecar or ztunnel in front: reached over HBONE.
     pub hbone: bool,
 }
@@ -374,7 +374,7 @@ impl Services {
     pub fn apply(&self, config: &Config) {
         let mut inputs = lock(&self.inputs);
         inputs.0 = Arc::new(config.clone());
-        self.rebuild(&inputs.0, &inputs.1);
+        self.rebuild(&inputs.0, &inputs.1, &inputs.1);
     }
 
     /// Replaces the discovered services and pods. The config file's services win:
@@ -382,13 +382,23 @@ impl Services {
     /// keeps only its other addresses).
     pub fn set_discovered(&self, discovered: Discovered) {
         let mut inputs = lock(&self.inputs);
-        inputs.1 = Arc::new(discovered);
-        self.rebuild(&inputs.0, &inputs.1);
+        let before = std::mem::replace(&mut inputs.1, Arc::new(discovered));
+        self.rebuild(&inputs.0, &inputs.1, &before);
     }
 
-    fn rebuild(&self, config: &Config, discovered: &Discovered) {
+    /// A new snapshot of `config`'s services and `discovered`'s (which replaced
+    /// `before`). A discovered service keeps its endpoints only in `discovered` (its
+    /// `config` has none): 50,000 endpoints are held once, not twice.
+    fn rebuild(&self, config: &Config, discovered: &Discovered, before: &Discovered) {
         let mut states = lock(&self.states);
         let previous = self.current.load_full();
+        let previous_by_name: HashMap<&str, &Arc<Service>> =
+            previous.services.iter().map(|s| (s.name(), s)).collect();
+        let endpoints_before: HashMap<&str, &[EndpointConfig]> = before
+            .services
+            .iter()
+            .map(|d| (d.name.as_str(), d.endpoints.as_slice()))
+            .collect();
         let mesh = Arc::new(config.mesh.cidrs.clone());
         let mut registry = Snapshot {
             policy: config.outbound.policy,
@@ -429,24 +439,26 @@ impl Services {
             if addresses.is_empty() {
                 continue;
             }
-            let c = ServiceConfig {
-                addresses,
-                ..d.clone()
-            };
+            let mut c = d.clone();
+            c.addresses = addresses;
+            c.endpoints = Vec::new();
             // Unchanged since the last snapshot: the same service, balancer and all.
-            let service = match previous.get(&c.name) {
+            let unchanged_endpoints =
+                endpoints_before.get(d.name.as_str()) == Some(&d.endpoints.as_slice());
+            let service = match previous_by_name.get(c.name.as_str()) {
                 Some(s)
                     if s.config == c
+                        && unchanged_endpoints
                         && s.mesh == mesh
                         && Some(s.connect_timeout)
                             == Some(c.connect_timeout.unwrap_or(config.proxy.connect_timeout)) =>
                 {
-                    s.clone()
+                    (*s).clone()
                 }
                 _ => {
                     let state = states.get(&c.name).cloned().unwrap_or_default();
                     let mut service = Service::new(c.clone(), config, state, mesh.clone());
-                    service.balancer = ArcSwap::from_pointee(service.build_balancer(&c.endpoints));
+                    service.balancer = ArcSwap::from_pointee(service.build_balancer(&d.endpoints));
                     Arc::new(service)
                 }
             };
