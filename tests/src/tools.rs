@@ -108,6 +108,19 @@ impl Drop for InFlight {
     }
 }
 
+/// Connections each echo server answered in a `pod-tool tally` summary, by the
+/// server's address (`ip:port`).
+pub fn tally_by_server(summary: &serde_json::Value) -> std::collections::BTreeMap<String, u64> {
+    summary["by_server"]
+        .as_object()
+        .map(|m| {
+            m.iter()
+                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Runs `cmd` to completion and parses its last stdout line as JSON, panicking with
 /// stderr if it failed.
 pub fn run_json(mut cmd: Command) -> serde_json::Value {

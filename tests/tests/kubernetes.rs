@@ -3,7 +3,7 @@
 //! `sidecar_tests::kube_api`, spoken to by the same kube-rs code a cluster runs), and
 //! routes a cluster IP that exists nowhere (no route in any pod) to real pods.
 
-use std::{collections::BTreeMap, net::Ipv4Addr, time::Duration};
+use std::{net::Ipv4Addr, time::Duration};
 
 use k8s_openapi::api::{
     core::v1::{Pod as KubePod, Service},
@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use sidecar_tests::{
     Certs, Net, Placement, Pod, Sidecar,
     kube_api::KubeApi,
-    tools::{Background, pod_tool_bin, run_json},
+    tools::{Background, pod_tool_bin, run_json, tally_by_server},
 };
 
 const CLUSTER_IP: &str = "10.96.0.10";
@@ -79,17 +79,6 @@ fn tally(pod: &Pod, to: &str, count: usize) -> Value {
     run_json(cmd)
 }
 
-fn by_server(summary: &Value) -> BTreeMap<String, u64> {
-    summary["by_server"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn discovery(api: &KubeApi) -> String {
     format!(
         "kubernetes:\n  enabled: true\n  kubeconfig: {}\n",
@@ -149,7 +138,7 @@ fn a_cluster_ip_balances_meshed_and_plain_pods_and_refuses_an_impostor() {
 
     let summary = tally(&client, &format!("{CLUSTER_IP}:80"), 40);
     assert_eq!(summary["failed"], 0, "{summary}");
-    let counts = by_server(&summary);
+    let counts = tally_by_server(&summary);
     let (w1, w2, im) = (
         format!("{}:{PORT}", web1.ip4),
         format!("{}:{PORT}", web2.ip4),
@@ -367,7 +356,7 @@ fn endpoint_changes_reach_new_connections_within_a_second_and_spare_open_ones() 
         ))
         .expect("apply");
     loop {
-        let seen = by_server(&tally(&rig.client, &vip, 4));
+        let seen = tally_by_server(&tally(&rig.client, &vip, 4));
         if !seen.contains_key(&b2) && seen.contains_key(&b3) {
             break;
         }
@@ -377,7 +366,7 @@ fn endpoint_changes_reach_new_connections_within_a_second_and_spare_open_ones() 
         );
     }
     let after = tally(&rig.client, &vip, 20);
-    let counts = by_server(&after);
+    let counts = tally_by_server(&after);
     assert_eq!(after["failed"], 0, "{after}");
     assert!(!counts.contains_key(&b2), "b2 is not ready: {counts:?}");
     assert!(
@@ -410,7 +399,7 @@ fn an_api_server_outage_keeps_traffic_flowing_and_a_410_relists() {
     while started.elapsed() < Duration::from_secs(30) {
         let t = tally(&rig.client, &vip, 10);
         assert_eq!(t["failed"], 0, "traffic during the outage: {t}");
-        assert_eq!(by_server(&t).len(), 2, "{t}");
+        assert_eq!(tally_by_server(&t).len(), 2, "{t}");
         std::thread::sleep(Duration::from_secs(2));
     }
     assert!(
@@ -430,7 +419,7 @@ fn an_api_server_outage_keeps_traffic_flowing_and_a_410_relists() {
     rig.api.set_down(false);
     let b2 = endpoint(&rig.b[1]);
     sidecar_tests::tools::wait_until(Duration::from_secs(15), "relisted after 410", || {
-        !by_server(&tally(&rig.client, &vip, 4)).contains_key(&b2)
+        !tally_by_server(&tally(&rig.client, &vip, 4)).contains_key(&b2)
     });
     assert!(
         rig.sidecar.metric(

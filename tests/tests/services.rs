@@ -12,7 +12,7 @@ use std::{
 
 use sidecar_tests::{
     Certs, Net, Placement, Pod, Sidecar,
-    tools::{Background, InFlight, pod_tool_bin, run_json, wait_until as within},
+    tools::{Background, InFlight, pod_tool_bin, run_json, tally_by_server, wait_until as within},
 };
 
 const VIP: &str = "198.19.0.10:80";
@@ -63,18 +63,6 @@ fn tally(
     run_json(cmd)
 }
 
-/// Connections each backend answered, by its IPv4 endpoint (`ip:8080`).
-fn counts(summary: &serde_json::Value) -> BTreeMap<String, u64> {
-    summary["by_server"]
-        .as_object()
-        .map(|m| {
-            m.iter()
-                .map(|(k, v)| (k.clone(), v.as_u64().unwrap_or(0)))
-                .collect()
-        })
-        .unwrap_or_default()
-}
-
 fn endpoint(pod: &Pod) -> String {
     format!("{}:{PORT}", pod.ip4)
 }
@@ -98,7 +86,7 @@ fn service(name: &str, vip: &str, endpoints: &[(&Pod, u32)], extra: &str) -> Str
 }
 
 fn assert_shares(summary: &serde_json::Value, backends: &[&Pod], want: &[f64], tolerance: f64) {
-    let c = counts(summary);
+    let c = tally_by_server(summary);
     let total: u64 = c.values().sum();
     assert_eq!(summary["failed"], 0, "{summary}");
     for (pod, want) in backends.iter().zip(want) {
@@ -133,7 +121,11 @@ fn round_robin_gives_equal_shares_and_weights_are_honoured() {
     assert_shares(&summary, &backends, &[1.0 / 3.0; 3], 0.02);
     // A pod IP the app chose itself (a headless service) is never rebalanced.
     let direct = tally(&client, &endpoint(&b[2]), 30, 1, 0);
-    assert_eq!(counts(&direct).get(&endpoint(&b[2])), Some(&30), "{direct}");
+    assert_eq!(
+        tally_by_server(&direct).get(&endpoint(&b[2])),
+        Some(&30),
+        "{direct}"
+    );
 
     // Weights 1:2:3, by editing the file the sidecar watches.
     sidecar.write_config(&config([1, 2, 3]));
@@ -193,7 +185,7 @@ fn ring_hash_and_maglev_keep_each_client_pod_on_one_backend_and_spread_pods() {
         let mut chosen = BTreeMap::new();
         for client in &clients {
             let summary = tally(client, vip, 10, 1, 0);
-            let c = counts(&summary);
+            let c = tally_by_server(&summary);
             assert_eq!(summary["ok"], 10, "{summary}");
             assert_eq!(c.len(), 1, "{} to {vip} spread over {c:?}", client.ip4);
             let backend = c.keys().next().cloned().unwrap_or_default();
@@ -246,7 +238,7 @@ fn a_pod_reaching_itself_in_the_mesh_gets_plaintext_and_no_ejection() {
     // other over mTLS, and nothing is ejected.
     let summary = tally(&a, VIP, 40, 1, 0);
     assert_eq!(summary["ok"], 40, "{summary}");
-    let c = counts(&summary);
+    let c = tally_by_server(&summary);
     assert_eq!(c.get(&endpoint(&a)), Some(&20), "{summary}");
     assert_eq!(c.get(&endpoint(&b)), Some(&20), "{summary}");
     for pod in [&a, &b] {
@@ -308,7 +300,7 @@ fn meshed_backend_whose_app_stopped_is_retried_and_ejected() {
     let sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
     let summary = tally(&client, VIP, 30, 1, 0);
     assert_eq!(
-        counts(&summary).len(),
+        tally_by_server(&summary).len(),
         3,
         "all three serve at first: {summary}"
     );
@@ -328,7 +320,7 @@ fn meshed_backend_whose_app_stopped_is_retried_and_ejected() {
     apps[1] = None;
     let summary = tally(&client, VIP, 60, 1, 0);
     assert_eq!(summary["ok"], 60, "no client-visible failure: {summary}");
-    let c = counts(&summary);
+    let c = tally_by_server(&summary);
     assert!(!c.contains_key(&endpoint(&b[1])), "{summary}");
     let labels = [("service", "db"), ("endpoint", &endpoint(&b[1]) as &str)];
     assert_eq!(
@@ -436,7 +428,7 @@ fn least_request_sends_fewer_connections_to_a_slow_backend() {
     let _sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
     let summary = tally(&client, VIP, 600, 12, 0);
     assert_eq!(summary["ok"], 600, "{summary}");
-    let c = counts(&summary);
+    let c = tally_by_server(&summary);
     let share = |p: &Pod| *c.get(&endpoint(p)).unwrap_or(&0) as f64 / 600.0;
     let (fast1, fast2, slow) = (share(&b[0]), share(&b[1]), share(&b[2]));
     eprintln!("least_request shares: fast {fast1:.3}, fast {fast2:.3}, slow {slow:.3}");
@@ -482,7 +474,7 @@ fn a_killed_backend_is_ejected_without_client_failures_and_readmitted() {
     within(Duration::from_secs(10), "b2 re-admitted", || {
         let summary = tally(&client, VIP, 9, 1, 0);
         assert_eq!(summary["ok"], 9, "{summary}");
-        counts(&summary).contains_key(&endpoint(&b[1]))
+        tally_by_server(&summary).contains_key(&endpoint(&b[1]))
     });
     assert_eq!(sidecar.metric("sidecar_endpoint_healthy", &labels), 1.0);
 }
@@ -516,7 +508,7 @@ fn config_edits_apply_within_two_seconds_and_keep_established_connections() {
     // b1 out, b2 in.
     sidecar.write_config(&config(&format!("'{}'", endpoint(&b[1]))));
     let took = within(Duration::from_secs(2), "new endpoint used", || {
-        counts(&tally(&client, VIP, 1, 1, 0)).contains_key(&endpoint(&b[1]))
+        tally_by_server(&tally(&client, VIP, 1, 1, 0)).contains_key(&endpoint(&b[1]))
     });
     eprintln!("endpoint change visible after {took:?}");
     // An invalid edit keeps the previous set.
@@ -533,7 +525,7 @@ fn config_edits_apply_within_two_seconds_and_keep_established_connections() {
     );
     let summary = tally(&client, VIP, 10, 1, 0);
     assert_eq!(
-        counts(&summary).get(&endpoint(&b[1])),
+        tally_by_server(&summary).get(&endpoint(&b[1])),
         Some(&10),
         "{summary}"
     );
@@ -604,7 +596,7 @@ fn dns_discovery_moves_new_connections_to_a_changed_answer() {
     });
     // A and AAAA: both of b1's addresses are endpoints.
     let summary = tally(&client, VIP, 20, 1, 0);
-    let c = counts(&summary);
+    let c = tally_by_server(&summary);
     assert_eq!(
         c.keys().cloned().collect::<Vec<_>>(),
         addrs(&b[0]).to_vec(),
@@ -613,12 +605,15 @@ fn dns_discovery_moves_new_connections_to_a_changed_answer() {
 
     dns.answer(&records(&b[1]));
     within(Duration::from_secs(5), "moved to b2", || {
-        let c = counts(&tally(&client, VIP, 4, 1, 0));
+        let c = tally_by_server(&tally(&client, VIP, 4, 1, 0));
         c.keys().all(|k| addrs(&b[1]).contains(k))
     });
     let summary = tally(&client, VIP, 20, 1, 0);
     assert_eq!(
-        counts(&summary).keys().cloned().collect::<Vec<_>>(),
+        tally_by_server(&summary)
+            .keys()
+            .cloned()
+            .collect::<Vec<_>>(),
         addrs(&b[1]).to_vec(),
         "{summary}"
     );
@@ -647,7 +642,7 @@ fn active_health_checks_take_a_dead_backend_out_without_traffic() {
     );
     let summary = tally(&client, VIP, 10, 1, 0);
     assert_eq!(
-        counts(&summary).get(&endpoint(&b[0])),
+        tally_by_server(&summary).get(&endpoint(&b[0])),
         Some(&10),
         "{summary}"
     );
@@ -662,7 +657,7 @@ fn active_health_checks_take_a_dead_backend_out_without_traffic() {
     apps[1] = Some(echo(&b[1], 0));
     within(Duration::from_secs(3), "healthy again", || healthy() == 1.0);
     let summary = tally(&client, VIP, 10, 1, 0);
-    assert_eq!(counts(&summary).len(), 2, "{summary}");
+    assert_eq!(tally_by_server(&summary).len(), 2, "{summary}");
 }
 
 #[test]
