@@ -190,24 +190,26 @@ where
             *version = Some(rv);
         }
         sink.metrics.event();
+        // The record is made before the lock: the builder waits on it, not on parsing.
+        let update = if deleted { None } else { record(&object) };
+        let meta = object.meta();
         let changed = {
             let mut records = lock(&sink.records);
-            let (ns, name) = (
-                object.meta().namespace.as_deref(),
-                object.meta().name.as_deref(),
-            );
-            let key: Option<Key> = ns.zip(name).map(|(n, m)| (n.into(), m.into()));
-            match (deleted, key) {
-                (_, None) => false,
-                (true, Some(key)) => records.remove(&key).is_some(),
-                (false, Some(key)) => match record(&object) {
-                    Some((key, r)) => records.insert(key, r.clone()).as_ref() != Some(&r),
-                    // Now without what routing needs (no IP any more, say).
-                    None => records.remove(&key).is_some(),
+            let changed = match update {
+                Some((key, r)) if records.get(&key) == Some(&r) => false,
+                Some((key, r)) => {
+                    records.insert(key, r);
+                    true
+                }
+                // Deleted, or now without what routing needs (no IP any more, say).
+                None => match meta.namespace.as_deref().zip(meta.name.as_deref()) {
+                    Some((n, m)) => records.remove(&(Arc::from(n), Arc::from(m))).is_some(),
+                    None => false,
                 },
-            }
+            };
+            sink.metrics.set_objects(records.len());
+            changed
         };
-        sink.metrics.set_objects(lock(&sink.records).len());
         if changed {
             debug!(deleted, "record changed");
             sink.changed.notify_one();
