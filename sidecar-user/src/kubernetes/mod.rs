@@ -204,6 +204,7 @@ pub fn start(
             };
             metrics.routed(discovered.services.len(), discovered.workloads.len());
             services.set_discovered(discovered);
+            objects::forget_unused_names();
             // A full list parses megabytes of JSON and frees them again; give the
             // pages back (glibc keeps them) so memory follows what is held.
             let done = lists.load(Relaxed);

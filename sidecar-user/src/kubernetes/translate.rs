@@ -77,7 +77,7 @@ impl Cluster<'_> {
                     c.hash_key = HashKey::ClientIp;
                 }
                 c.endpoints = endpoints(slices, port.name.as_deref(), svc, &workloads, rules);
-                services.push(c);
+                services.push(Arc::new(c));
             }
         }
         // Stable order: a rebuild with nothing changed finds every service equal.
@@ -110,8 +110,8 @@ impl Cluster<'_> {
                 identity,
                 hbone: pod.hbone,
             };
-            for ip in pod.ips.iter().flatten() {
-                out.insert(ip.to_canonical(), workload.clone());
+            for ip in pod.ips() {
+                out.insert(ip, workload.clone());
             }
         }
         out
@@ -142,7 +142,7 @@ fn endpoints(
     }
     if let (true, Some(zone)) = (svc.prefer_close, &rules.zone) {
         let close = |e: &EndpointRecord| {
-            e.for_zones.iter().any(|z| z == zone)
+            e.for_zones.iter().any(|z| **z == *zone)
                 || (e.for_zones.is_empty() && e.zone.as_deref() == Some(zone.as_str()))
         };
         if ready.iter().any(|(e, _)| close(e)) {

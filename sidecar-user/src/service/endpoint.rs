@@ -27,10 +27,8 @@ pub fn now_ns() -> u64 {
 /// An endpoint of a service as the balancer sees it.
 #[derive(Clone, Debug)]
 pub struct Endpoint {
-    /// Where it listens.
+    /// Where it listens (as text, its metric label and consistent-hashing name).
     pub addr: SocketAddr,
-    /// `addr` as text: the metric label and the consistent-hashing name.
-    pub name: String,
     /// Relative share.
     pub weight: u32,
     /// Locality.
@@ -127,6 +125,13 @@ impl EndpointState {
         } else {
             Health::Healthy
         }
+    }
+
+    /// Has carried a connection (or tried to), or is out of rotation: from then on
+    /// its series are reported even for a discovered service.
+    pub fn used(&self, now: u64) -> bool {
+        let (ok, failed) = self.attempts();
+        ok + failed > 0 || self.active() > 0 || self.health(now) != Health::Healthy
     }
 
     /// Times outlier detection ejected it.

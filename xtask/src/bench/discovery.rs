@@ -12,6 +12,8 @@ use sidecar_tests::{Net, Placement, Sidecar, kube_api::KubeApi};
 
 use super::{Figures, rss_kib};
 
+/// Rounds of (empty, synced) sidecars.
+const ROUNDS: usize = 3;
 /// Endpoints per service.
 const PER_SERVICE: usize = 5;
 
@@ -68,8 +70,9 @@ fn load(api: &KubeApi, services: usize) -> Result<()> {
     Ok(())
 }
 
-/// RSS of a sidecar watching everything, and of one watching an empty namespace.
-pub fn measure(quick: bool) -> Result<Figures> {
+/// RSS of a sidecar watching everything, and of one watching an empty namespace,
+/// in [`ROUNDS`] alternated rounds.
+pub fn measure(quick: bool) -> Result<Vec<Figures>> {
     let (services, endpoints) = scale(quick);
     let mut net = Net::new("bench-kube");
     let api_pod = net.pod("api");
@@ -87,23 +90,28 @@ pub fn measure(quick: bool) -> Result<Figures> {
         std::thread::sleep(Duration::from_secs(1));
         rss_kib(&[sidecar.pid()]) as f64
     };
-    let empty = Sidecar::start(&client, &config("[empty]"), Placement::InPodCgroup);
-    let base = rss(&empty);
-    drop(empty);
-    let full = Sidecar::start(&client, &config("[]"), Placement::InPodCgroup);
-    let held = rss(&full);
-    let routed = full.metric("sidecar_kubernetes_services", &[]);
-    anyhow::ensure!(
-        routed as usize == services,
-        "discovery routed {routed} services of {services}"
-    );
-    drop(full);
-    let mut f = Figures::new();
-    f.insert("kube_rss_mib_empty", base / 1024.0);
-    f.insert("kube_rss_mib_synced", held / 1024.0);
-    f.insert(
-        "kube_bytes_per_endpoint",
-        (held - base).max(0.0) * 1024.0 / endpoints as f64,
-    );
-    Ok(f)
+    // Alternated rounds (these VMs are noisy): the report takes medians and spread.
+    let mut rounds = Vec::new();
+    for _ in 0..ROUNDS {
+        let empty = Sidecar::start(&client, &config("[empty]"), Placement::InPodCgroup);
+        let base = rss(&empty);
+        drop(empty);
+        let full = Sidecar::start(&client, &config("[]"), Placement::InPodCgroup);
+        let held = rss(&full);
+        let routed = full.metric("sidecar_kubernetes_services", &[]);
+        anyhow::ensure!(
+            routed as usize == services,
+            "discovery routed {routed} services of {services}"
+        );
+        drop(full);
+        let mut f = Figures::new();
+        f.insert("kube_rss_mib_empty", base / 1024.0);
+        f.insert("kube_rss_mib_synced", held / 1024.0);
+        f.insert(
+            "kube_bytes_per_endpoint",
+            (held - base).max(0.0) * 1024.0 / endpoints as f64,
+        );
+        rounds.push(f);
+    }
+    Ok(rounds)
 }

@@ -156,8 +156,10 @@ pub fn bench(quick: bool) -> Result<()> {
         let (services, endpoints) = discovery::scale(quick);
         eprintln!("bench: discovery of {services} services / {endpoints} endpoints");
         let entry = results.rounds.entry(Setup::SidecarPlain).or_default();
-        for (k, v) in discovery::measure(quick)? {
-            entry.entry(k).or_default().push(v);
+        for round in discovery::measure(quick)? {
+            for (k, v) in round {
+                entry.entry(k).or_default().push(v);
+            }
         }
     }
     let haproxy = Rig::new(&bin)?.haproxy_configs()?;

@@ -60,20 +60,23 @@ pub struct Workload {
 /// What discovery adds to the config file's services.
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Discovered {
-    /// Services, each with its endpoints (and their identities) filled in.
-    pub services: Vec<ServiceConfig>,
+    /// Services, each with its endpoints (and their identities) filled in; shared
+    /// with the registry's services, and kept across rebuilds while unchanged.
+    pub services: Vec<Arc<ServiceConfig>>,
     /// Pods by IP.
     pub workloads: Arc<HashMap<IpAddr, Workload>>,
 }
 
 /// A service and its current endpoints.
 pub struct Service {
-    /// Its config.
-    pub config: ServiceConfig,
+    /// Its config (a discovered service shares it with [`Discovered`]).
+    pub config: Arc<ServiceConfig>,
     /// Budget for connecting across attempts.
     pub connect_timeout: Duration,
     /// State carried across reloads.
     pub state: Arc<ServiceState>,
+    /// Learned from Kubernetes, not the config file.
+    pub discovered: bool,
     balancer: ArcSwap<Balancer>,
     mesh: Arc<Vec<IpNet>>,
 }
@@ -92,7 +95,6 @@ pub struct ServiceState {
     pending: AtomicUsize,
     overflow_connections: AtomicU64,
     overflow_pending: AtomicU64,
-    endpoints: Mutex<HashMap<SocketAddr, Arc<EndpointState>>>,
     discovered: Mutex<Option<Vec<EndpointConfig>>>,
 }
 
@@ -116,7 +118,6 @@ pub struct Admission {
 /// The shared handle: the current registry, swapped on reload.
 pub struct Services {
     current: ArcSwap<Snapshot>,
-    states: Mutex<HashMap<String, Arc<ServiceState>>>,
     /// The inputs of the current snapshot: the last config and the last discovery.
     inputs: Mutex<(Arc<Config>, Arc<Discovered>)>,
 }
@@ -158,7 +159,7 @@ impl Snapshot {
 impl Service {
     /// A service of `c` with no endpoints yet.
     fn new(
-        c: ServiceConfig,
+        c: Arc<ServiceConfig>,
         config: &Config,
         state: Arc<ServiceState>,
         mesh: Arc<Vec<IpNet>>,
@@ -171,6 +172,7 @@ impl Service {
             }),
             config: c,
             state,
+            discovered: false,
             mesh,
         }
     }
@@ -249,24 +251,21 @@ impl Service {
         )
     }
 
-    fn build_balancer(&self, configs: &[EndpointConfig]) -> Balancer {
-        let mut states = match self.state.endpoints.lock() {
-            Ok(g) => g,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        let mut kept = HashMap::new();
+    /// The balancer over `configs`; an endpoint already in `previous` (by address)
+    /// keeps its live state.
+    fn build_balancer(&self, configs: &[EndpointConfig], previous: Option<&Balancer>) -> Balancer {
+        let states: HashMap<SocketAddr, &Arc<EndpointState>> = previous
+            .map(|b| b.endpoints.iter().map(|e| (e.addr, &e.state)).collect())
+            .unwrap_or_default();
         let endpoints: Vec<Endpoint> = configs
             .iter()
             .map(|c| {
                 let state = states
                     .get(&c.address)
-                    .cloned()
-                    .unwrap_or_else(|| Arc::new(EndpointState::default()));
-                kept.insert(c.address, state.clone());
+                    .map_or_else(|| Arc::new(EndpointState::default()), |s| Arc::clone(s));
                 let in_mesh = self.mesh.iter().any(|n| n.contains(&c.address.ip()));
                 Endpoint {
                     addr: c.address,
-                    name: c.address.to_string(),
                     weight: c.weight,
                     zone: c.zone.clone(),
                     mtls: c.mtls.unwrap_or_else(|| {
@@ -279,11 +278,13 @@ impl Service {
                 }
             })
             .collect();
-        *states = kept;
+        // Names only while the picker hashes them: 50,000 endpoints hold no text.
+        let names: Vec<String> = endpoints.iter().map(|e| e.addr.to_string()).collect();
         let weighted: Vec<Weighted<'_>> = endpoints
             .iter()
-            .map(|e| Weighted {
-                name: &e.name,
+            .zip(&names)
+            .map(|(e, name)| Weighted {
+                name,
                 weight: e.weight,
             })
             .collect();
@@ -293,7 +294,7 @@ impl Service {
 
     /// Replaces the endpoints (from DNS); established connections are untouched.
     pub fn set_endpoints(&self, configs: Vec<EndpointConfig>) {
-        let balancer = self.build_balancer(&configs);
+        let balancer = self.build_balancer(&configs, Some(&self.balancer.load()));
         if let Ok(mut d) = self.state.discovered.lock() {
             *d = Some(configs);
         }
@@ -351,7 +352,6 @@ impl Services {
     pub fn new(config: &Config) -> Self {
         let services = Self {
             current: ArcSwap::from_pointee(Snapshot::default()),
-            states: Mutex::new(HashMap::new()),
             inputs: Mutex::new((Arc::new(config.clone()), Arc::default())),
         };
         services.apply(config);
@@ -367,110 +367,6 @@ impl Services {
     pub fn load_full(&self) -> Arc<Snapshot> {
         self.current.load_full()
     }
-
-    /// Rebuilds the registry from `config`, keeping the live state of services (by
-    /// name) and endpoints (by address) that remain. Connections in flight keep their
-    /// endpoint whatever the new set is.
-    pub fn apply(&self, config: &Config) {
-        let mut inputs = lock(&self.inputs);
-        inputs.0 = Arc::new(config.clone());
-        self.rebuild(&inputs.0, &inputs.1, &inputs.1);
-    }
-
-    /// Replaces the discovered services and pods. The config file's services win:
-    /// a discovered service whose name or address one of them has is left out (or
-    /// keeps only its other addresses).
-    pub fn set_discovered(&self, discovered: Discovered) {
-        let mut inputs = lock(&self.inputs);
-        let before = std::mem::replace(&mut inputs.1, Arc::new(discovered));
-        self.rebuild(&inputs.0, &inputs.1, &before);
-    }
-
-    /// A new snapshot of `config`'s services and `discovered`'s (which replaced
-    /// `before`). A discovered service keeps its endpoints only in `discovered` (its
-    /// `config` has none): 50,000 endpoints are held once, not twice.
-    fn rebuild(&self, config: &Config, discovered: &Discovered, before: &Discovered) {
-        let mut states = lock(&self.states);
-        let previous = self.current.load_full();
-        let previous_by_name: HashMap<&str, &Arc<Service>> =
-            previous.services.iter().map(|s| (s.name(), s)).collect();
-        let endpoints_before: HashMap<&str, &[EndpointConfig]> = before
-            .services
-            .iter()
-            .map(|d| (d.name.as_str(), d.endpoints.as_slice()))
-            .collect();
-        let mesh = Arc::new(config.mesh.cidrs.clone());
-        let mut registry = Snapshot {
-            policy: config.outbound.policy,
-            allow_cidrs: config.outbound.allow_cidrs.clone(),
-            workloads: discovered.workloads.clone(),
-            plaintext_denied: config.kubernetes.plaintext == crate::config::PlaintextPolicy::Deny,
-            ..Snapshot::default()
-        };
-        let mut kept = HashMap::new();
-        let mut names = std::collections::HashSet::new();
-        for c in &config.services {
-            names.insert(c.name.as_str());
-            let state = states.get(&c.name).cloned().unwrap_or_default();
-            kept.insert(c.name.clone(), state.clone());
-            let mut service = Service::new(c.clone(), config, state, mesh.clone());
-            // DNS services keep their last answer until the resolver's next one.
-            let endpoints = match &c.dns {
-                Some(_) => service.discovered().unwrap_or_default(),
-                None => c.endpoints.clone(),
-            };
-            service.balancer = ArcSwap::from_pointee(service.build_balancer(&endpoints));
-            let service = Arc::new(service);
-            for vip in &c.addresses {
-                registry.by_vip.insert(*vip, service.clone());
-            }
-            registry.services.push(service);
-        }
-        for d in &discovered.services {
-            if names.contains(d.name.as_str()) {
-                continue;
-            }
-            let addresses: Vec<SocketAddr> = d
-                .addresses
-                .iter()
-                .copied()
-                .filter(|a| !registry.by_vip.contains_key(a))
-                .collect();
-            if addresses.is_empty() {
-                continue;
-            }
-            let mut c = d.clone();
-            c.addresses = addresses;
-            c.endpoints = Vec::new();
-            // Unchanged since the last snapshot: the same service, balancer and all.
-            let unchanged_endpoints =
-                endpoints_before.get(d.name.as_str()) == Some(&d.endpoints.as_slice());
-            let service = match previous_by_name.get(c.name.as_str()) {
-                Some(s)
-                    if s.config == c
-                        && unchanged_endpoints
-                        && s.mesh == mesh
-                        && Some(s.connect_timeout)
-                            == Some(c.connect_timeout.unwrap_or(config.proxy.connect_timeout)) =>
-                {
-                    (*s).clone()
-                }
-                _ => {
-                    let state = states.get(&c.name).cloned().unwrap_or_default();
-                    let mut service = Service::new(c.clone(), config, state, mesh.clone());
-                    service.balancer = ArcSwap::from_pointee(service.build_balancer(&d.endpoints));
-                    Arc::new(service)
-                }
-            };
-            kept.insert(c.name.clone(), service.state.clone());
-            for vip in &c.addresses {
-                registry.by_vip.insert(*vip, service.clone());
-            }
-            registry.services.push(service);
-        }
-        *states = kept;
-        self.current.store(Arc::new(registry));
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -480,5 +376,6 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
     }
 }
 
+mod build;
 #[cfg(test)]
 mod tests;

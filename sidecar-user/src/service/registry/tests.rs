@@ -49,7 +49,7 @@ fn config_services_win_over_discovered_ones_and_unchanged_ones_are_kept() {
         ServiceConfig::named("web".into(), vec!["198.19.0.30:80".parse().expect("addr")]);
     same_name.endpoints = taken.endpoints.clone();
     let discovered = Discovered {
-        services: vec![taken, same_name],
+        services: vec![taken.into(), same_name.into()],
         workloads: Arc::default(),
     };
     services.set_discovered(discovered.clone());
@@ -148,4 +148,96 @@ fn retries_skip_tried_endpoints_and_panic_mode_uses_all() {
     // Eject both: panic mode balances across all instead of none.
     b.state.failed(&outlier);
     assert!(web.choose(1, &[]).is_some());
+}
+
+/// A discovered service `web.shop:80` at 198.19.0.40:80 over `endpoints`.
+fn discovered(endpoints: &[&str]) -> Discovered {
+    let mut web = ServiceConfig::named(
+        "web.shop:80".into(),
+        vec!["198.19.0.40:80".parse().expect("addr")],
+    );
+    web.endpoints = endpoints
+        .iter()
+        .map(|a| EndpointConfig::at(a.parse().expect("addr")))
+        .collect();
+    Discovered {
+        services: vec![web.into()],
+        workloads: Arc::default(),
+    }
+}
+
+#[test]
+fn discovered_endpoint_changes_keep_the_state_of_those_that_stay() {
+    let services = Services::new(&config(TWO));
+    services.set_discovered(discovered(&["10.1.0.1:8080", "10.1.0.2:8080"]));
+    let reg = services.load();
+    let web = reg.get("web.shop:80").expect("discovered");
+    let kept = web
+        .balancer()
+        .endpoints
+        .iter()
+        .find(|e| e.addr.to_string() == "10.1.0.1:8080")
+        .expect("endpoint")
+        .clone();
+    let lease = kept.state.lease();
+    services.set_discovered(discovered(&["10.1.0.1:8080", "10.1.0.3:8080"]));
+    let reg = services.load();
+    let web = reg.get("web.shop:80").expect("discovered");
+    let b = web.balancer();
+    let addrs: Vec<String> = b.endpoints.iter().map(|e| e.addr.to_string()).collect();
+    assert_eq!(addrs, ["10.1.0.1:8080", "10.1.0.3:8080"]);
+    assert!(Arc::ptr_eq(&b.endpoints[0].state, &kept.state));
+    assert_eq!(b.endpoints[0].state.active(), 1, "live state carried over");
+    assert_eq!(
+        b.endpoints[1].state.active(),
+        0,
+        "a new endpoint starts afresh"
+    );
+    drop(lease);
+}
+
+#[test]
+fn discovered_endpoints_have_series_only_once_used() {
+    let services = Arc::new(Services::new(&config(TWO)));
+    services.set_discovered(discovered(&["10.1.0.1:8080", "10.1.0.2:8080"]));
+    let mut registry = prometheus_client::registry::Registry::default();
+    crate::service::metrics::ServiceCollector::register(
+        services.clone(),
+        Arc::default(),
+        &mut registry,
+    );
+    let scrape = || {
+        let mut text = String::new();
+        prometheus_client::encoding::text::encode(&mut text, &registry).expect("encode");
+        text
+    };
+    let text = scrape();
+    // The config file's endpoints always have their series, used or not.
+    assert!(
+        text.contains(r#"endpoint_healthy{service="web",endpoint="10.0.0.1:8080"} 1"#),
+        "{text}"
+    );
+    assert!(!text.contains("web.shop:80"), "{text}");
+    let reg = services.load();
+    let web = reg.get("web.shop:80").expect("discovered");
+    let used = web.choose(0, &[]).expect("endpoint");
+    used.state.connected(std::time::Duration::from_millis(1));
+    let text = scrape();
+    let name = used.addr.to_string();
+    assert!(
+        text.contains(&format!(
+            r#"endpoint_connect_attempts_total{{service="web.shop:80",endpoint="{name}",result="success"}} 1"#
+        )),
+        "{text}"
+    );
+    assert!(
+        text.contains(r#"service_overflow_total{service="web.shop:80""#),
+        "{text}"
+    );
+    assert_eq!(
+        text.matches(r#"endpoint_healthy{service="web.shop:80""#)
+            .count(),
+        1,
+        "only the used endpoint: {text}"
+    );
 }
