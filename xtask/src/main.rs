@@ -43,8 +43,14 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Two pods, the sidecar, an unmodified curl: shows capture end to end (root).
-    Demo,
+    /// Pods, sidecars, an unmodified curl: capture, HBONE and services end to end
+    /// (root). `--kubernetes`: the services come from a test API server instead of
+    /// the config file.
+    Demo {
+        /// Feed the client's sidecar two Services from a test Kubernetes API server.
+        #[arg(long)]
+        kubernetes: bool,
+    },
     /// Install the Debian packages the tests and demo use, and the Python linters.
     Deps,
     /// The release build the image ships: eBPF object + release `sidecar` into OUT
@@ -72,7 +78,7 @@ fn main() -> Result<()> {
         Task::Lint => tasks::lint()?,
         Task::Layout => layout::layout()?,
         Task::Run { args } => tasks::run(&args)?,
-        Task::Demo => demo::demo()?,
+        Task::Demo { kubernetes } => demo::demo(kubernetes)?,
         Task::Bench { quick } => bench::bench(quick)?,
         Task::Deps => tasks::deps()?,
         Task::Dist { out } => tasks::dist(&out)?,

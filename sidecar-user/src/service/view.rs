@@ -9,6 +9,8 @@ use super::{Health, Services, endpoint::now_ns};
 pub struct ServiceView {
     /// Name.
     pub name: String,
+    /// Where it comes from: `config` (the file) or `kubernetes` (discovery).
+    pub source: &'static str,
     /// Virtual addresses.
     pub addresses: Vec<SocketAddr>,
     /// LB policy.
@@ -30,6 +32,9 @@ pub struct EndpointView {
     pub zone: Option<String>,
     /// Reached over mTLS.
     pub mtls: bool,
+    /// The identity it must present: its pod's (discovered endpoints) or the
+    /// service's `server_identity`; `None`: any identity of the trust domain.
+    pub identity: Option<String>,
     /// Healthy, ejected or unhealthy.
     pub health: Health,
     /// Connections (and connects in progress).
@@ -53,6 +58,7 @@ impl Services {
             .iter()
             .map(|s| ServiceView {
                 name: s.name().to_string(),
+                source: if s.discovered { "kubernetes" } else { "config" },
                 addresses: s.config.addresses.clone(),
                 policy: s.config.policy,
                 active: s.state.active.load(Relaxed),
@@ -67,6 +73,12 @@ impl Services {
                             weight: e.weight,
                             zone: e.zone.as_deref().map(str::to_string),
                             mtls: e.mtls,
+                            identity: e
+                                .identity
+                                .as_deref()
+                                .or(s.config.server_identity.as_ref())
+                                .filter(|_| e.mtls)
+                                .map(ToString::to_string),
                             health: e.state.health(now),
                             active: e.state.active(),
                             latency_ms: e.state.latency() * 1e3,

@@ -5,7 +5,7 @@
 //! application connections on one mTLS connection) and what the proxy carried, then
 //! cleans up.
 
-use std::process::Command;
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use sidecar_tests::{
@@ -13,23 +13,13 @@ use sidecar_tests::{
     tools::{Background, attached_programs, firewall_rules},
 };
 
-use crate::{cmd, tasks};
+use super::{Certs, curl, http_server, step, strip_ansi};
 
 /// The demo service's virtual address: no route to it exists anywhere.
 const VIP: &str = "198.19.0.10:80";
 
-/// Runs the demo.
-pub fn demo() -> Result<()> {
-    tasks::require_root("cargo xtask demo")?;
-    tasks::deps()?;
-    let bin = tasks::build_release(&["sidecar-user", "sidecar-tests"])?;
-
-    // SAFETY: single-threaded at this point; the pod harness reads these.
-    unsafe {
-        std::env::set_var("SIDECAR_BIN", bin.join("sidecar"));
-        std::env::set_var("POD_TOOL_BIN", bin.join("pod-tool"));
-        std::env::set_var("SIDECAR_TEST_LOG", "info,sidecar=debug");
-    }
+/// Runs the demo with the config file's service; `bin` holds the release binaries.
+pub fn run(bin: &Path) -> Result<()> {
     let firewall_before = firewall_rules();
 
     step("Creating three pods (network namespace + cgroup v2) on a private bridge");
@@ -51,42 +41,12 @@ pub fn demo() -> Result<()> {
     step("Starting an HTTP server in each server pod on :8080 (bound to the pod IPs only)");
     let _http: Vec<Background> = [&server, &server2]
         .iter()
-        .map(|pod| {
-            let mut http = pod.app(&bin.join("pod-tool").to_string_lossy());
-            http.args([
-                "http",
-                "--listen",
-                &format!("{}:8080", pod.ip4),
-                "--listen",
-                &format!("[{}]:8080", pod.ip6),
-            ]);
-            Background::start_ready(http)
-        })
+        .map(|pod| http_server(pod, bin))
         .collect();
 
     step("Issuing dev certificates (sidecar certs): client = shop/cart, server = shop/db");
-    let certs = std::env::temp_dir().join(format!("sidecar-demo-certs-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&certs);
-    cmd::run(
-        Command::new(bin.join("sidecar"))
-            .args(["certs", "--out"])
-            .arg(&certs)
-            .args([
-                "--workload",
-                "client=shop/cart",
-                "--workload",
-                "server=shop/db",
-            ]),
-    )?;
-    let identity = |who: &str| {
-        let dir = certs.join(who);
-        format!(
-            "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display(),
-            dir.join("bundle.pem").display()
-        )
-    };
+    let certs = Certs::issue(bin, &["client=shop/cart", "server=shop/db"])?;
+    let identity = |who: &str| certs.identity(who);
 
     step(
         "Starting the server pods' sidecars: HBONE on :15008, strict (only HBONE gets in), only spiffe://cluster.local/ns/shop/*",
@@ -144,15 +104,7 @@ pub fn demo() -> Result<()> {
         "Service db: the app curls the virtual address {VIP} (routed nowhere) 4 times"
     ));
     for _ in 0..4 {
-        let out = client
-            .app("curl")
-            .args(["-sS", "--max-time", "10", &format!("http://{VIP}/")])
-            .output()
-            .context("curl")?;
-        print!("  {}", String::from_utf8_lossy(&out.stdout));
-        if !out.status.success() {
-            bail!("curl failed: {}", String::from_utf8_lossy(&out.stderr));
-        }
+        print!("  {}", curl(&client, &format!("http://{VIP}/"))?);
     }
     for s in sidecar
         .admin_json("/services")
@@ -235,28 +187,7 @@ pub fn demo() -> Result<()> {
     drop(server_sidecar);
     drop(server2_sidecar);
     drop(net);
-    let _ = std::fs::remove_dir_all(&certs);
+    drop(certs);
     step("Cleaned up: pods, cgroups, namespaces and certificates removed");
     Ok(())
-}
-
-fn step(text: &str) {
-    println!("\n==> {text}");
-}
-
-fn strip_ansi(line: &str) -> String {
-    let mut out = String::with_capacity(line.len());
-    let mut chars = line.chars();
-    while let Some(c) = chars.next() {
-        if c == '\u{1b}' {
-            for c in chars.by_ref() {
-                if c.is_ascii_alphabetic() {
-                    break;
-                }
-            }
-        } else {
-            out.push(c);
-        }
-    }
-    out
 }
