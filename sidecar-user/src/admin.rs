@@ -22,7 +22,7 @@ use tracing::debug;
 use crate::{
     ebpf::KernelMaps,
     metrics::{Metrics, render},
-    proxy::{connections::ConnTable, unauthenticated::Gate},
+    proxy::{connections::ConnTable, gate::Gate},
 };
 
 /// State the endpoints report on.

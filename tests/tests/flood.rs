@@ -146,3 +146,70 @@ fn stalled_handshakes_are_bounded_and_a_real_client_keeps_working() {
     assert_eq!(summary["opened"], 40, "{summary}");
     assert_eq!(summary["closed_by_server"], 40, "{summary}");
 }
+
+/// A client that completes mTLS with a valid certificate of the mesh (any workload,
+/// or a compromised one) is still held to its share of HBONE connections: past
+/// `max_hbone_connections_per_client` its new connections are reset at accept, while
+/// another pod's sidecar still gets in, and a closed connection frees its slot.
+#[test]
+fn an_authenticated_client_is_held_to_its_share_of_hbone_connections() {
+    let mut net = Net::new("flood-auth");
+    let b = net.pod("b");
+    let good = net.pod("good");
+    let greedy = net.pod("greedy");
+    let certs = Certs::new(
+        "flood-auth",
+        &["b=shop/db", "good=shop/web", "greedy=shop/web"],
+    );
+    let (_echo, dst) = echo_server(&b, 8080);
+    let server = Sidecar::start(
+        &b,
+        &format!(
+            "{}inbound:\n  mode: strict\n  max_hbone_connections: 8\n  \
+             max_hbone_connections_per_client: 4\n",
+            certs.identity("b")
+        ),
+        Placement::InPodCgroup,
+    );
+    let _client = Sidecar::start(
+        &good,
+        &format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
+            certs.identity("good")
+        ),
+        Placement::InPodCgroup,
+    );
+    let hold = |count: usize, hold_ms: u64| {
+        let mut cmd = greedy.outsider(&pod_tool_bin());
+        cmd.args(["hbone-hold", "--to", &format!("{}:15008", b.ip4)])
+            .arg("--cert")
+            .arg(certs.dir().join("greedy"))
+            .args(["--authority", &dst, "--count", &count.to_string()])
+            .args(["--hold-ms", &hold_ms.to_string()]);
+        InFlight::start(cmd)
+    };
+    let refused = |limit: &str| {
+        server.metric(
+            "sidecar_inbound_hbone_connections_refused_total",
+            &[("limit", limit)],
+        )
+    };
+    // Ten connections, one after another, each proving its identity and carrying
+    // an echo: four are held, the other six reset at accept.
+    let greedy_run = hold(10, 8_000);
+    assert_eq!(refused("client"), 6.0);
+    assert_eq!(refused("sidecar"), 0.0);
+    assert_eq!(server.metric("sidecar_inbound_hbone_connections", &[]), 4.0);
+    // Another pod is not refused for it.
+    echo_time(&good, &dst, 20);
+    let summary = greedy_run.finish();
+    assert_eq!(summary["ok"], 4, "{summary}");
+    assert_eq!(summary["refused"], 6, "{summary}");
+    // Its connections closed, the greedy client gets slots again.
+    within(Duration::from_secs(10), "the slots are freed", || {
+        server.metric("sidecar_inbound_hbone_connections", &[]) <= 1.0
+    });
+    let again = hold(2, 0).finish();
+    assert_eq!(again["ok"], 2, "{again}");
+    assert_eq!(refused("client"), 6.0);
+}

@@ -299,6 +299,12 @@ pub struct InboundConfig {
     pub max_unauthenticated: usize,
     /// The same, per client address, so one client cannot take every slot.
     pub max_unauthenticated_per_client: usize,
+    /// HBONE connections open at once (handshaking or not), per sidecar; more are
+    /// reset at once (`sidecar_inbound_hbone_connections_refused_total`).
+    pub max_hbone_connections: usize,
+    /// The same, per client address: a peer that proved its identity still cannot
+    /// open connections without end.
+    pub max_hbone_connections_per_client: usize,
 }
 
 impl Default for InboundConfig {
@@ -319,6 +325,11 @@ impl Default for InboundConfig {
             // most a few MiB, and far more handshakes than a pod completes at once.
             max_unauthenticated: 1024,
             max_unauthenticated_per_client: 128,
+            // A client pool opens one connection per 100 concurrent streams: 256 is
+            // 25,600 application connections from one pod. Above the unauthenticated
+            // cap per client, so a handshake flood meets that one first.
+            max_hbone_connections: 4096,
+            max_hbone_connections_per_client: 256,
         }
     }
 }

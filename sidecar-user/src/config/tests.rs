@@ -170,6 +170,27 @@ fn proxy_uid_zero_is_refused() {
 }
 
 #[test]
+fn connection_caps_of_zero_are_refused_by_name() {
+    for (yaml, field) in [
+        (
+            "inbound:\n  max_hbone_connections: 0\n",
+            "inbound.max_hbone_connections",
+        ),
+        (
+            "inbound:\n  max_hbone_connections_per_client: 0\n",
+            "inbound.max_hbone_connections",
+        ),
+        (
+            "inbound:\n  max_unauthenticated: 0\n",
+            "inbound.max_unauthenticated",
+        ),
+    ] {
+        let e = error(yaml);
+        assert!(e.contains(field), "{yaml}: {e}");
+    }
+}
+
+#[test]
 fn env_overrides_fields_and_is_named_on_error() {
     let env = vec![
         (

@@ -178,6 +178,14 @@ impl Config {
                 "must be greater than 0 (as must max_unauthenticated_per_client)",
             );
         }
+        if self.inbound.max_hbone_connections == 0
+            || self.inbound.max_hbone_connections_per_client == 0
+        {
+            return invalid(
+                "inbound.max_hbone_connections",
+                "must be greater than 0 (as must max_hbone_connections_per_client)",
+            );
+        }
         if self.inbound.handshake_timeout.is_zero() {
             return invalid("inbound.handshake_timeout", "must be greater than 0");
         }

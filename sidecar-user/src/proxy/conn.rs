@@ -25,12 +25,12 @@ use crate::{
         admission::InboundPolicy,
         connections::{ConnTable, Entry},
         copy::{self, CopyError},
+        gate::Gate,
         labels::{PASSTHROUGH, ServiceLabels},
         listener,
         metrics::{ConnRecorder, ProxyMetrics},
         pod_addrs::PodAddrs,
         socket_opts::DeadPeer,
-        unauthenticated::Gate,
         upstream::{self, Upstream, UpstreamError},
     },
     service::{Admission, EndpointLease, Overflow, Services},
@@ -68,6 +68,8 @@ pub struct Inputs {
     pub dead_peer: DeadPeer,
     /// Bounds inbound HBONE connections still in their handshakes.
     pub unauthenticated: Arc<Gate>,
+    /// Bounds inbound HBONE connections over their whole life.
+    pub hbone_connections: Arc<Gate>,
     /// The live identity rules, when an identity is configured.
     pub peers: Option<Arc<PeerPolicy>>,
     /// With Kubernetes discovery: outbound connections wait for its first list.

@@ -5,7 +5,7 @@
 //! [`balance`] (a service's endpoint, retries) or [`upstream`] (connect, or an HBONE
 //! stream through the mesh protocol's client half) → [`conn`] (metrics guard,
 //! connection table, [`copy`], close reason). One inbound HBONE stream: [`tunnel`]
-//! (accept on port 15008, the cap on [`unauthenticated`] connections, the handshakes,
+//! (accept on port 15008, the caps of [`gate`] on connections, the handshakes,
 //! each stream's checks) → [`inbound`] (delivery to the app through [`upstream`]) →
 //! [`conn`]. A direct inbound connection: [`inbound`] → [`admission`] (the port's
 //! mode) → delivery → [`conn`].
@@ -16,6 +16,7 @@ pub mod balance;
 pub mod conn;
 pub mod connections;
 pub mod copy;
+pub mod gate;
 pub mod inbound;
 pub mod labels;
 pub mod listener;
@@ -27,7 +28,6 @@ pub mod splice;
 #[cfg(test)]
 pub(crate) mod test_support;
 pub mod tunnel;
-pub mod unauthenticated;
 pub mod upstream;
 
 pub use addr::{ClientAddr, OrigDstAddr};

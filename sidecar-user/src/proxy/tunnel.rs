@@ -1,7 +1,7 @@
 //! Inbound HBONE: the listener on port 15008 (every pod address, never captured).
 //! Each connection from a client sidecar (or ztunnel) gets the mTLS and HTTP/2
-//! handshakes ([`crate::mesh::hbone::server`]) within the cap on unauthenticated
-//! connections; each `CONNECT` stream on it is then one inbound connection: checked
+//! handshakes ([`crate::mesh::hbone::server`]) within the caps on open and on
+//! unauthenticated connections ([`super::gate`]); each `CONNECT` stream on it is then one inbound connection: checked
 //! (400 for a bad target, 503 for the sidecar's own ports, 401 for a peer the
 //! allow-list refuses), delivered to the application like a direct connection
 //! ([`super::inbound::deliver`]: 503 when it refuses), answered 200, and carried.
@@ -83,6 +83,20 @@ async fn connection(
     let local = match tcp.local_addr() {
         Ok(local) => unmap(local).ip(),
         Err(_) => return,
+    };
+    // Held for the connection's life, whoever the client turns out to be.
+    let _held = match inputs.hbone_connections.enter(client.0.ip()) {
+        Ok(pass) => pass,
+        Err(limit) => {
+            let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain);
+            conn.refused(
+                None,
+                &format_args!("too many open HBONE connections ({} cap)", limit.as_str()),
+                CloseReason::Overflow,
+            );
+            let _ = tcp.set_zero_linger();
+            return;
+        }
     };
     // Held until the client has proved who it is (or failed).
     let pass = match inputs.unauthenticated.enter(client.0.ip()) {
@@ -235,7 +249,7 @@ async fn stream(
         let reject = Reject {
             status: StatusCode::UNAUTHORIZED,
             reason: format!(
-                "peer {} is not allowed by inbound.allow (empty: the local trust domain only)",
+                "peer {} is not allowed by inbound.allow (an empty list allows the local trust domain)",
                 peer.id
             ),
         };

@@ -119,6 +119,22 @@ enum Cmd {
         #[arg(long)]
         to: SocketAddr,
     },
+    /// `count` authenticated HBONE connections to `to` (a peer's port 15008) with the
+    /// certificate in `cert`, opened one after another, each carrying one echo stream
+    /// to `authority`. Prints `connected` once all were tried, holds the ones that
+    /// worked `hold_ms`, and prints how many worked and how many were refused.
+    HboneHold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        authority: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long)]
+        hold_ms: u64,
+    },
     /// A slow-loris flood: `count` connections to `to`, each sending nothing (even
     /// ones) or the first half of a TLS ClientHello offering HBONE's ALPN (odd
     /// ones), then stalling. Prints `connected` once all connects are done, holds them
@@ -214,6 +230,13 @@ fn main() -> Result<()> {
                 read_ms,
             } => hbone(to, cert, authorities, method, payload, read_ms).await,
             Cmd::Enrol { to } => enrol(to).await,
+            Cmd::HboneHold {
+                to,
+                cert,
+                authority,
+                count,
+                hold_ms,
+            } => hbone_hold(to, &cert, &authority, count, hold_ms).await,
             Cmd::Stall { to, count, hold_ms } => stall(to, count, hold_ms).await,
         }
     })
@@ -813,6 +836,42 @@ async fn hbone(
     println!(
         "{}",
         serde_json::json!({"server_identity": client.server_identity, "answers": answers})
+    );
+    Ok(())
+}
+
+async fn hbone_hold(
+    to: SocketAddr,
+    cert: &std::path::Path,
+    authority: &str,
+    count: usize,
+    hold_ms: u64,
+) -> Result<()> {
+    use sidecar_tests::hbone::{Client, expect_echo, tls_config};
+    let config = Arc::new(tls_config(Some(cert))?);
+    let (mut held, mut refused, mut first_error) = (Vec::new(), 0, None);
+    for _ in 0..count {
+        let attempt = async {
+            let client = Client::connect(to, config.clone()).await?;
+            let answer = client
+                .request("CONNECT", authority, b"Hx-echo", Duration::from_secs(5))
+                .await?;
+            expect_echo(&answer, "x-echo")?;
+            anyhow::Ok(client)
+        };
+        match attempt.await {
+            Ok(client) => held.push(client),
+            Err(e) => {
+                refused += 1;
+                first_error.get_or_insert_with(|| format!("{e:#}"));
+            }
+        }
+    }
+    println!("connected");
+    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    println!(
+        "{}",
+        serde_json::json!({"ok": held.len(), "refused": refused, "first_error": first_error})
     );
     Ok(())
 }

@@ -1,11 +1,13 @@
-//! A bound on inbound connections that have not proved anything yet: those in
-//! protocol detection or in the mTLS handshake on a strict or permissive port. Each
-//! holds a socket and a task for up to twice `inbound.detect_timeout` (detection, then
-//! the handshake, each with that budget), so without a bound a
-//! client that opens connections and stalls grows descriptors and memory without
-//! limit. Past the sidecar-wide cap, or past the per-client-address cap (so that one
-//! flooding client cannot take every slot from the others), a new connection is reset
-//! at once and counted.
+//! Bounds on inbound HBONE connections held at once, sidecar-wide and per client
+//! address (so that one client cannot take every slot from the others); past either,
+//! a new connection is reset at once and counted. Two gates:
+//! - [`Gate::unauthenticated`]: connections that have not proved anything yet (in the
+//!   mTLS and HTTP/2 handshakes). Each holds a socket and a task for up to
+//!   `inbound.handshake_timeout`, so a client that opens connections and stalls would
+//!   otherwise grow descriptors and memory without limit.
+//! - [`Gate::hbone`]: every HBONE connection, from accept to close. A peer that did
+//!   prove its identity (any workload of the mesh, or a compromised one) could
+//!   otherwise open connections without end, each allowed its streams.
 
 use std::{
     collections::HashMap,
@@ -22,15 +24,18 @@ use prometheus_client::{
 /// Which cap refused a connection.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Limit {
-    /// `inbound.max_unauthenticated`.
+    /// The sidecar-wide cap (`inbound.max_unauthenticated`, `max_hbone_connections`).
     Sidecar,
-    /// `inbound.max_unauthenticated_per_client`.
+    /// The per-client cap (`..._per_client`).
     Client,
 }
 
-/// Admits unauthenticated connections up to the caps.
+/// Admits connections up to the caps.
 #[derive(Debug)]
 pub struct Gate {
+    /// Metric names (and what the gate holds, for logs).
+    name: &'static str,
+    held: &'static str,
     max: usize,
     max_per_client: usize,
     state: Mutex<State>,
@@ -49,7 +54,7 @@ struct RefusedLabels {
     limit: &'static str,
 }
 
-/// A slot held while a connection is unauthenticated; dropping it frees the slot.
+/// A slot held while a connection is in the gate; dropping it frees the slot.
 #[derive(Debug)]
 pub struct Pass {
     gate: Arc<Gate>,
@@ -67,9 +72,39 @@ impl Limit {
 }
 
 impl Gate {
-    /// A gate with these caps.
+    /// The gate on HBONE connections in their handshakes (metrics
+    /// `sidecar_inbound_unauthenticated`, `..._refused_total`).
+    pub fn unauthenticated(max: usize, max_per_client: usize) -> Arc<Self> {
+        Self::named(
+            ("inbound_unauthenticated", "in the mTLS or HTTP/2 handshake"),
+            max,
+            max_per_client,
+        )
+    }
+
+    /// The gate on HBONE connections over their whole life (metrics
+    /// `sidecar_inbound_hbone_connections`, `..._refused_total`).
+    pub fn hbone(max: usize, max_per_client: usize) -> Arc<Self> {
+        Self::named(
+            ("inbound_hbone_connections", "open, from accept to close"),
+            max,
+            max_per_client,
+        )
+    }
+
+    /// A gate with these caps and no metrics of its own (the admin listeners').
     pub fn new(max: usize, max_per_client: usize) -> Arc<Self> {
+        Self::named(("", ""), max, max_per_client)
+    }
+
+    fn named(
+        (name, held): (&'static str, &'static str),
+        max: usize,
+        max_per_client: usize,
+    ) -> Arc<Self> {
         Arc::new(Self {
+            name,
+            held,
             max,
             max_per_client,
             state: Mutex::default(),
@@ -80,14 +115,20 @@ impl Gate {
 
     /// Registers the gate's metrics.
     pub fn register(&self, registry: &mut Registry) {
+        if self.name.is_empty() {
+            return;
+        }
         registry.register(
-            "inbound_unauthenticated",
-            "Inbound connections in protocol detection or the mTLS handshake now",
+            self.name,
+            format!("Inbound HBONE connections {} now", self.held),
             self.in_progress.clone(),
         );
         registry.register(
-            "inbound_unauthenticated_refused",
-            "Inbound connections reset because too many were unauthenticated, by cap",
+            format!("{}_refused", self.name),
+            format!(
+                "Inbound HBONE connections reset because too many were {}, by cap",
+                self.held
+            ),
             self.refused.clone(),
         );
         // Declared at zero, so a dashboard sees the series before the first refusal.
@@ -147,7 +188,7 @@ mod tests {
 
     #[test]
     fn caps_the_sidecar_and_each_client_and_frees_on_drop() {
-        let gate = Gate::new(3, 2);
+        let gate = Gate::unauthenticated(3, 2);
         let a: IpAddr = "10.0.0.1".parse().expect("ip");
         let b: IpAddr = "10.0.0.2".parse().expect("ip");
         let c: IpAddr = "10.0.0.3".parse().expect("ip");
