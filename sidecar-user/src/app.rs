@@ -28,12 +28,12 @@ use crate::{
         admission::InboundPolicy,
         conn::{self, Inputs},
         connections::ConnTable,
+        gate::Gate,
         listener::{self, BindError},
         metrics::ProxyMetrics,
         pod_addrs::PodAddrs,
         socket_opts::DeadPeer,
         tunnel::{self, TunnelServer},
-        unauthenticated::Gate,
     },
     service::{
         Services,
@@ -283,11 +283,16 @@ impl Bound {
         metrics.registry_mut().register_collector(Box::new(
             crate::ebpf::held_links::CaptureCollector(capture.held_links()),
         ));
-        let unauthenticated = Gate::new(
+        let unauthenticated = Gate::unauthenticated(
             config.inbound.max_unauthenticated,
             config.inbound.max_unauthenticated_per_client,
         );
         unauthenticated.register(metrics.registry_mut());
+        let hbone_connections = Gate::hbone(
+            config.inbound.max_hbone_connections,
+            config.inbound.max_hbone_connections_per_client,
+        );
+        hbone_connections.register(metrics.registry_mut());
         let connections = Arc::new(ConnTable::default());
         let hbone_metrics = Arc::new(HboneMetrics::default());
         hbone_metrics.register(metrics.registry_mut());
@@ -382,6 +387,7 @@ impl Bound {
                         })
                         .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string()),
                     zone: config.kubernetes.zone.clone(),
+                    pod_ips: pod.all().to_vec(),
                     plaintext: config.kubernetes.plaintext,
                 };
                 Some(kubernetes::start(
@@ -413,6 +419,7 @@ impl Bound {
             pod,
             dead_peer: DeadPeer::new(&config.proxy),
             unauthenticated,
+            hbone_connections,
             peers,
             synced: synced.clone(),
         });

@@ -22,6 +22,8 @@ pub fn run(mut config: Config, trust_domain: Option<String>, json: bool) -> Resu
             .or_else(|| config.kubernetes.trust_domain.clone())
             .unwrap_or_else(|| DEFAULT_TRUST_DOMAIN.to_string()),
         zone: config.kubernetes.zone.clone(),
+        // Not in a pod: only `kubernetes.zone` says where it would be.
+        pod_ips: Vec::new(),
         plaintext: config.kubernetes.plaintext,
     };
     let discovered = tokio::runtime::Builder::new_current_thread()

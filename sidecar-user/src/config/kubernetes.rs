@@ -25,7 +25,8 @@ pub struct KubernetesConfig {
     /// the sidecar's own.
     pub trust_domain: Option<String>,
     /// This pod's zone (`topology.kubernetes.io/zone` of its node), for services with
-    /// `trafficDistribution: PreferClose` or topology hints; unset: no preference.
+    /// `trafficDistribution: PreferClose` or topology hints; unset: the zone of the
+    /// pod's own endpoint in an EndpointSlice, if it backs a Service.
     pub zone: Option<String>,
     /// Endpoints with no sidecar or ztunnel in front (plain pods): `allow` reaches
     /// them in plaintext, `deny` refuses them (a mesh that requires mTLS).

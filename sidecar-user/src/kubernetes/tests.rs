@@ -59,6 +59,21 @@ fn translate(
     pods: Vec<(Key, PodRecord)>,
     plaintext: PlaintextPolicy,
 ) -> Discovered {
+    let rules = Rules {
+        trust_domain: "cluster.local".into(),
+        zone: Some("a".into()),
+        pod_ips: Vec::new(),
+        plaintext,
+    };
+    translate_with(services, slices, pods, &rules)
+}
+
+fn translate_with(
+    services: Vec<(Key, ServiceRecord)>,
+    slices: Vec<(Key, SliceRecord)>,
+    pods: Vec<(Key, PodRecord)>,
+    rules: &Rules,
+) -> Discovered {
     let (s, e, p): (HashMap<_, _>, HashMap<_, _>, HashMap<_, _>) = (
         services.into_iter().collect(),
         slices.into_iter().collect(),
@@ -69,11 +84,7 @@ fn translate(
         slices: &e,
         pods: &p,
     }
-    .translate(&Rules {
-        trust_domain: "cluster.local".into(),
-        zone: Some("a".into()),
-        plaintext,
-    })
+    .translate(rules)
 }
 
 fn addr(s: &str) -> SocketAddr {
@@ -200,6 +211,39 @@ fn affinity_maps_to_ring_hash_and_prefer_close_keeps_the_zone() {
     );
     let eps: Vec<_> = web.endpoints.iter().map(|e| e.address).collect();
     assert_eq!(eps, vec![addr("10.0.0.1:8080")], "only zone a, ours");
+}
+
+#[test]
+fn without_a_configured_zone_the_pod_s_own_endpoint_tells_it() {
+    let prefer_close = || {
+        let (_, e, p) = shop();
+        let svc = service(
+            "shop",
+            "web",
+            json!({"clusterIP": "10.96.0.10", "trafficDistribution": "PreferClose",
+                   "ports": [{"name": "http", "port": 80}]}),
+        );
+        (vec![svc], e, p)
+    };
+    let routed = |pod_ips: &[&str]| {
+        let (s, e, p) = prefer_close();
+        let rules = Rules {
+            trust_domain: "cluster.local".into(),
+            zone: None,
+            pod_ips: pod_ips.iter().map(|ip| ip.parse().expect("ip")).collect(),
+            plaintext: PlaintextPolicy::Allow,
+        };
+        let d = translate_with(s, e, p, &rules);
+        let eps: Vec<_> = d.services[0].endpoints.iter().map(|e| e.address).collect();
+        eps
+    };
+    // This pod is 10.0.0.2, an endpoint in zone b: zone b it is.
+    assert_eq!(routed(&["10.0.0.2"]), vec![addr("10.0.0.2:8080")]);
+    // A pod no slice names has no zone: every endpoint.
+    assert_eq!(
+        routed(&["10.9.9.9"]),
+        vec![addr("10.0.0.1:8080"), addr("10.0.0.2:8080")]
+    );
 }
 
 #[test]

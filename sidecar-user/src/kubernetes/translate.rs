@@ -31,8 +31,12 @@ pub struct Cluster<'a> {
 pub struct Rules {
     /// Trust domain of the pods' SPIFFE IDs.
     pub trust_domain: String,
-    /// This pod's zone, for `PreferClose`.
+    /// This pod's zone, for `PreferClose` (`kubernetes.zone`). Unset: the zone its
+    /// own endpoint has in an EndpointSlice (found by `pod_ips`), if it backs any
+    /// Service; else none, and `PreferClose` services use every endpoint.
     pub zone: Option<String>,
+    /// This pod's addresses, to find its own zone.
+    pub pod_ips: Vec<IpAddr>,
     /// Endpoints without a sidecar.
     pub plaintext: PlaintextPolicy,
 }
@@ -46,6 +50,10 @@ impl Cluster<'_> {
     /// The services and pods to route, under `rules`.
     pub fn translate(&self, rules: &Rules) -> Discovered {
         let workloads = self.workloads(rules);
+        let zone = rules
+            .zone
+            .as_deref()
+            .or_else(|| self.own_zone(&rules.pod_ips));
         let mut by_service: HashMap<(&str, &str), Vec<&SliceRecord>> = HashMap::new();
         for ((ns, _), slice) in self.slices {
             by_service
@@ -76,7 +84,8 @@ impl Cluster<'_> {
                     c.policy = LbPolicy::RingHash;
                     c.hash_key = HashKey::ClientIp;
                 }
-                c.endpoints = endpoints(slices, port.name.as_deref(), svc, &workloads, rules);
+                let port_name = port.name.as_deref();
+                c.endpoints = endpoints(slices, port_name, svc, &workloads, rules, zone);
                 services.push(Arc::new(c));
             }
         }
@@ -86,6 +95,18 @@ impl Cluster<'_> {
             services,
             workloads: Arc::new(workloads),
         }
+    }
+
+    /// This pod's zone, as an EndpointSlice with one of `ips` as an endpoint says.
+    fn own_zone(&self, ips: &[IpAddr]) -> Option<&str> {
+        if ips.is_empty() {
+            return None;
+        }
+        self.slices
+            .values()
+            .flat_map(|s| &s.endpoints)
+            .filter(|e| ips.contains(&e.address.to_canonical()))
+            .find_map(|e| e.zone.as_deref())
     }
 
     fn workloads(&self, rules: &Rules) -> HashMap<IpAddr, Workload> {
@@ -126,6 +147,7 @@ fn endpoints(
     svc: &ServiceRecord,
     workloads: &HashMap<IpAddr, Workload>,
     rules: &Rules,
+    zone: Option<&str>,
 ) -> Vec<EndpointConfig> {
     let mut ready: Vec<(&EndpointRecord, u16)> = Vec::new();
     for slice in slices {
@@ -140,10 +162,10 @@ fn endpoints(
                 .map(|e| (e, target)),
         );
     }
-    if let (true, Some(zone)) = (svc.prefer_close, &rules.zone) {
+    if let (true, Some(zone)) = (svc.prefer_close, zone) {
         let close = |e: &EndpointRecord| {
-            e.for_zones.iter().any(|z| **z == *zone)
-                || (e.for_zones.is_empty() && e.zone.as_deref() == Some(zone.as_str()))
+            e.for_zones.iter().any(|z| &**z == zone)
+                || (e.for_zones.is_empty() && e.zone.as_deref() == Some(zone))
         };
         if ready.iter().any(|(e, _)| close(e)) {
             ready.retain(|(e, _)| close(e));
