@@ -49,14 +49,33 @@ fn identity(dir: &Path) -> String {
     )
 }
 
-fn local_config(path: &Path, a: &Pod, b: &Pod) {
-    let yaml = format!(
-        "workloads:\n\
-- uid: cluster1//v1/Pod/shop/web\n  name: web\n  namespace: shop\n  serviceAccount: web\n  trustDomain: cluster.local\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  services: {{}}\n\
-- uid: cluster1//v1/Pod/shop/db\n  name: db\n  namespace: shop\n  serviceAccount: db\n  trustDomain: cluster.local\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  services: {{}}\n",
-        a.ip4, b.ip4
+/// ztunnel's local workload file: `a` is shop/web (service account web), `b` and
+/// any of `more` are shop/db, shop/db2, ... (service account db).
+fn local_config(path: &Path, a: &Pod, b: &Pod, more: &[&Pod]) {
+    let workload = |name: &str, sa: &str, pod: &Pod| {
+        format!(
+            "- uid: cluster1//v1/Pod/shop/{name}\n  name: {name}\n  namespace: shop\n  serviceAccount: {sa}\n  \
+             trustDomain: cluster.local\n  workloadIps: [\"{}\"]\n  protocol: HBONE\n  services: {{}}\n",
+            pod.ip4
+        )
+    };
+    let mut yaml = format!(
+        "workloads:\n{}{}",
+        workload("web", "web", a),
+        workload("db", "db", b)
     );
+    for (i, pod) in more.iter().enumerate() {
+        yaml.push_str(&workload(&format!("db{}", i + 2), "db", pod));
+    }
     std::fs::write(path, yaml).expect("local config");
+}
+
+/// `curl` from `pod` through ztunnel's SOCKS5 listener.
+fn socks_curl(pod: &Pod, url: &str) -> std::process::Output {
+    pod.outsider("curl")
+        .args(["-sS", "--max-time", "5", "--socks5", "127.0.0.1:15080", url])
+        .output()
+        .expect("curl")
 }
 
 /// A running ztunnel, stopped (and reaped) when dropped, also when a test fails.
@@ -108,7 +127,7 @@ fn our_client_against_a_ztunnel_server() {
     let b = net.pod("b");
     let dir = std::env::temp_dir().join("zt1");
     cert(&dir.join("web"), "web");
-    local_config(&dir.join("local.yaml"), &a, &b);
+    local_config(&dir.join("local.yaml"), &a, &b, &[]);
     let mut http = b.app(&pod_tool_bin());
     http.args(["http", "--listen", &format!("{}:8080", b.ip4)]);
     let _http = Background::start_ready(http);
@@ -152,6 +171,35 @@ fn our_client_against_a_ztunnel_server() {
         .expect("curl");
     assert!(!refused.status.success());
     assert_eq!(sidecar.closed("refused"), 1, "{}", sidecar.logs());
+
+    // A client that expects another identity there refuses ztunnel's before any
+    // byte of the application's goes out.
+    let c = net.pod("c");
+    let strict_client = Sidecar::start(
+        &c,
+        &format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n  identities: [{{cidrs: [198.18.0.0/24], allow: ['spiffe://cluster.local/ns/shop/sa/other']}}]\n",
+            identity(&dir.join("web"))
+        ),
+        Placement::InPodCgroup,
+    );
+    let mismatch = c
+        .app("curl")
+        .args([
+            "-sS",
+            "--max-time",
+            "5",
+            &format!("http://{}:8080/zt", b.ip4),
+        ])
+        .output()
+        .expect("curl");
+    assert!(!mismatch.status.success());
+    assert_eq!(
+        strict_client.closed("identity_mismatch"),
+        1,
+        "{}",
+        strict_client.logs()
+    );
     drop(zt);
 }
 
@@ -163,7 +211,10 @@ fn a_ztunnel_client_against_our_server() {
     let b = net.pod("b");
     let dir = std::env::temp_dir().join("zt2");
     cert(&dir.join("db"), "db");
-    local_config(&dir.join("local.yaml"), &a, &b);
+    cert(&dir.join("other"), "other");
+    let c = net.pod("c");
+    let d = net.pod("d");
+    local_config(&dir.join("local.yaml"), &a, &b, &[&c, &d]);
     let mut http = b.app(&pod_tool_bin());
     http.args(["http", "--listen", &format!("{}:8080", b.ip4)]);
     let _http = Background::start_ready(http);
@@ -172,20 +223,71 @@ fn a_ztunnel_client_against_our_server() {
         &format!("{}inbound:\n  mode: strict\n", identity(&dir.join("db"))),
         Placement::InPodCgroup,
     );
+    // c: our sidecar, but with a certificate of another service account than the
+    // one ztunnel's config gives the pod. d: our sidecar, allowing only sa/db in.
+    let _c_http = {
+        let mut http = c.app(&pod_tool_bin());
+        http.args(["http", "--listen", &format!("{}:8080", c.ip4)]);
+        Background::start_ready(http)
+    };
+    let c_sidecar = Sidecar::start(
+        &c,
+        &format!("{}inbound:\n  mode: strict\n", identity(&dir.join("other"))),
+        Placement::InPodCgroup,
+    );
+    let d_sidecar = Sidecar::start(
+        &d,
+        &format!(
+            "{}inbound:\n  mode: strict\n  allow: ['spiffe://cluster.local/ns/shop/sa/db']\n",
+            identity(&dir.join("db"))
+        ),
+        Placement::InPodCgroup,
+    );
     let zt = ztunnel(&a, &dir.join("local.yaml"), "shop/web/web", true);
-    let out = a
-        .outsider("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            "--socks5",
-            "127.0.0.1:15080",
-            &format!("http://{}:8080/zt", b.ip4),
-        ])
-        .output()
-        .expect("curl");
+    let out = socks_curl(&a, &format!("http://{}:8080/zt", b.ip4));
+    // Nothing listens on b:8099: our 503 reads to ztunnel as a refusal.
+    let refused = socks_curl(&a, &format!("http://{}:8099/", b.ip4));
+    // ztunnel expects sa/db at c, which presents sa/other: ztunnel refuses it.
+    let impostor = socks_curl(&a, &format!("http://{}:8080/zt", c.ip4));
+    // d does not allow ztunnel's identity (sa/web): 401.
+    let unauthorized = socks_curl(&a, &format!("http://{}:8080/zt", d.ip4));
     drop(zt);
+    assert!(!refused.status.success());
+    assert_eq!(
+        sidecar.metric(
+            "sidecar_hbone_streams_refused_total",
+            &[("side", "server"), ("status", "503")]
+        ),
+        1.0
+    );
+    assert!(
+        !impostor.status.success(),
+        "{}",
+        String::from_utf8_lossy(&impostor.stdout)
+    );
+    // ztunnel aborted the TLS handshake on the certificate: no stream, nothing
+    // delivered.
+    assert_eq!(
+        c_sidecar.metric("sidecar_hbone_streams_opened_total", &[("side", "server")]),
+        0.0,
+        "nothing reached the impostor's application"
+    );
+    assert_eq!(
+        c_sidecar.closed("handshake_failed"),
+        1,
+        "{}",
+        c_sidecar.logs()
+    );
+    assert!(!unauthorized.status.success());
+    assert_eq!(
+        d_sidecar.metric(
+            "sidecar_hbone_streams_refused_total",
+            &[("side", "server"), ("status", "401")]
+        ),
+        1.0,
+        "{}",
+        d_sidecar.logs()
+    );
     let body = String::from_utf8_lossy(&out.stdout);
     // Delivered by our sidecar (from 127.0.0.6), to a stream from ztunnel's identity.
     assert!(
@@ -201,7 +303,8 @@ fn a_ztunnel_client_against_our_server() {
             ("peer_identity", "spiffe://cluster.local/ns/shop/sa/web"),
         ],
     );
-    assert_eq!(opened, 1.0);
+    // The stream answered 200, and the one answered 503.
+    assert_eq!(opened, 2.0);
     assert_eq!(
         sidecar.metric("sidecar_hbone_streams_opened_total", &[("side", "server")]),
         1.0
