@@ -36,9 +36,26 @@ fn service(name: &str, extra: Value) -> Service {
 
 /// The EndpointSlice of Service `name`: `(ip, ready)` endpoints on port 8080.
 fn slice(name: &str, endpoints: &[(Ipv4Addr, bool)]) -> EndpointSlice {
+    let with: Vec<(Ipv4Addr, Value)> = endpoints
+        .iter()
+        .map(|(ip, ready)| (*ip, json!({"ready": ready})))
+        .collect();
+    slice_with(name, &with)
+}
+
+/// The conditions of a terminating endpoint still serving its open connections, as
+/// the EndpointSlice controller writes them for a Service that publishes not-ready
+/// addresses (otherwise `ready` is false too): only `terminating` keeps new
+/// connections away.
+fn terminating() -> Value {
+    json!({"ready": true, "serving": true, "terminating": true})
+}
+
+/// The EndpointSlice of Service `name`: endpoints with these conditions, port 8080.
+fn slice_with(name: &str, endpoints: &[(Ipv4Addr, Value)]) -> EndpointSlice {
     let eps: Vec<Value> = endpoints
         .iter()
-        .map(|(ip, ready)| json!({"addresses": [ip.to_string()], "conditions": {"ready": ready}}))
+        .map(|(ip, conditions)| json!({"addresses": [ip.to_string()], "conditions": conditions}))
         .collect();
     object(
         json!({"apiVersion": "discovery.k8s.io/v1", "kind": "EndpointSlice",
@@ -340,8 +357,8 @@ fn endpoint_changes_reach_new_connections_within_a_second_and_spare_open_ones() 
         endpoint(&rig.b[2]),
     );
     assert!(
-        servers.contains(&b2),
-        "some held connections are on b2: {servers:?}"
+        servers.contains(&b1) && servers.contains(&b2),
+        "held connections are on b1 and b2: {servers:?}"
     );
     // Scale up (b3) and b2 stops being ready, in one change.
     let started = std::time::Instant::now();
@@ -373,10 +390,32 @@ fn endpoint_changes_reach_new_connections_within_a_second_and_spare_open_ones() 
         counts.contains_key(&b1) && counts.contains_key(&b3),
         "{counts:?}"
     );
+    // b1's pod is deleted: its endpoint is terminating (still serving what it has).
+    let started = std::time::Instant::now();
+    rig.api
+        .apply(&slice_with(
+            "web",
+            &[
+                (rig.b[0].ip4, terminating()),
+                (rig.b[1].ip4, json!({"ready": false})),
+                (rig.b[2].ip4, json!({"ready": true})),
+            ],
+        ))
+        .expect("apply");
+    loop {
+        let seen = tally_by_server(&tally(&rig.client, &vip, 4));
+        if seen.keys().eq([&b3]) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "the terminating endpoint still took new connections after 1 s: {seen:?}"
+        );
+    }
     assert_eq!(
         holders.check(),
         6,
-        "every open connection kept running, b2's too"
+        "every open connection kept running, b1's and b2's too"
     );
 }
 
