@@ -98,6 +98,14 @@ fn a_slow_reader_does_not_stall_the_other_streams_of_its_connection() {
     let pool = p.a_sidecar.admin_json("/pool");
     assert_eq!(pool.as_array().map(Vec::len), Some(1), "{pool}");
     assert_eq!(pool[0]["streams"], 1, "{pool}");
+    // `/connections` shows the stream with the TCP state of the pooled connection
+    // carrying it (a stream has no socket of its own).
+    let table = p.a_sidecar.admin_json("/connections");
+    assert_eq!(table.as_array().map(Vec::len), Some(1), "{table}");
+    let tcp = &table[0]["tcp"];
+    assert_eq!(tcp["shared"], true, "{table}");
+    assert_eq!(tcp["state"], "established", "{table}");
+    assert!(tcp["rtt_us"].as_u64().is_some_and(|r| r > 0), "{table}");
     // Meanwhile 40 echo connections over the same connection, two of them moving
     // 4 MiB each way, finish promptly and byte-exact.
     let mut busy = p.a.app("timeout");

@@ -33,8 +33,11 @@ pub fn render_table(views: &[ConnView]) -> String {
                 v.bytes_sent.to_string(),
                 v.bytes_received.to_string(),
                 format!("{:.1}s", v.age_seconds),
-                tcp.map(|t| format!("{:.2}ms", f64::from(t.rtt_us) / 1000.0))
-                    .unwrap_or_else(|| "-".into()),
+                tcp.map(|t| {
+                    let pooled = if t.shared { " (pooled)" } else { "" };
+                    format!("{:.2}ms{pooled}", f64::from(t.rtt_us) / 1000.0)
+                })
+                .unwrap_or_else(|| "-".into()),
                 tcp.map(|t| t.total_retransmits.to_string())
                     .unwrap_or_else(|| "-".into()),
             ]

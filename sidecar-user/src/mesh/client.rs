@@ -119,7 +119,8 @@ pub async fn connect(
                     id: tunnel.peer.clone(),
                     handshake: opened.then(|| tunnel.handshake()),
                 };
-                let stream = H2Stream::new(send_stream, response.into_body(), Some(slot));
+                let stream = H2Stream::new(send_stream, response.into_body(), Some(slot))
+                    .with_socket(tunnel.socket().clone());
                 return Ok((stream, peer));
             }
             // The connection is going away (GOAWAY, reset, I/O): never again, and

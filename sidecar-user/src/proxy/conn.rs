@@ -368,6 +368,7 @@ impl Conn {
                 started: std::time::Instant::now(),
                 transfer: self.recorder.transfer.clone(),
                 upstream_fd: connected.up.own_fd(),
+                shared_socket: connected.up.shared_socket(),
             });
             let transfer = self.recorder.transfer.clone();
             let totals = self.recorder.totals();

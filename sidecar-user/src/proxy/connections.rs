@@ -14,7 +14,10 @@ use std::{
 
 use serde::{Deserialize, Serialize};
 
-use crate::proxy::{Direction, copy::Transfer};
+use crate::{
+    mesh::hbone::tunnel::SharedSocket,
+    proxy::{Direction, copy::Transfer},
+};
 
 /// Open connections, keyed by a process-unique id.
 ///
@@ -56,6 +59,8 @@ pub struct Entry {
     /// The upstream socket, for `TCP_INFO`, when the connection has one of its own
     /// (not an HBONE stream). Removed from the table before it closes.
     pub upstream_fd: Option<RawFd>,
+    /// An outbound HBONE stream's: the socket of the pooled connection carrying it.
+    pub shared_socket: Option<Arc<SharedSocket>>,
 }
 
 /// Removes its connection from the table when dropped.
@@ -81,10 +86,13 @@ pub struct ConnView {
     pub tcp: Option<TcpState>,
 }
 
-/// The kernel's state of the upstream socket.
+/// The kernel's state of the upstream socket (`shared`: the pooled HBONE
+/// connection's, which the stream shares with the connection's other streams).
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
 #[allow(missing_docs)]
 pub struct TcpState {
+    #[serde(default)]
+    pub shared: bool,
     pub state: String,
     pub rtt_us: u32,
     pub rtt_var_us: u32,
@@ -131,7 +139,13 @@ impl ConnTable {
                     bytes_sent: e.transfer.sent.load(Relaxed),
                     bytes_received: e.transfer.received.load(Relaxed),
                     age_seconds: e.started.elapsed().as_secs_f64(),
-                    tcp: fd.and_then(tcp_info),
+                    tcp: fd.and_then(tcp_info).or_else(|| {
+                        let shared = e.shared_socket.as_ref()?.with_fd(tcp_info)?;
+                        Some(TcpState {
+                            shared: true,
+                            ..shared
+                        })
+                    }),
                 }
             })
             .collect();
@@ -176,6 +190,7 @@ fn tcp_info(fd: RawFd) -> Option<TcpState> {
         return None;
     }
     Some(TcpState {
+        shared: false,
         state: tcp_state_name(info.tcpi_state).to_string(),
         rtt_us: info.tcpi_rtt,
         rtt_var_us: info.tcpi_rttvar,
@@ -225,6 +240,7 @@ mod tests {
             started: Instant::now(),
             transfer,
             upstream_fd: Some(stream.as_raw_fd()),
+            shared_socket: None,
         });
         let views = table.snapshot();
         assert_eq!(views.len(), 1);
@@ -236,5 +252,32 @@ mod tests {
         assert!(views[0].tcp.as_ref().is_some_and(|t| t.rtt_us > 0));
         drop(reg);
         assert!(table.snapshot().is_empty());
+    }
+
+    #[test]
+    fn an_hbone_stream_shows_its_pooled_connection_s_socket_until_it_closes() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        let stream =
+            std::net::TcpStream::connect(listener.local_addr().expect("addr")).expect("connect");
+        let socket = Arc::new(SharedSocket::of(&stream));
+        let table = Arc::new(ConnTable::default());
+        let _reg = table.register(Entry {
+            direction: Direction::Outbound,
+            client: "127.0.0.1:1000".parse().expect("addr"),
+            orig_dst: "198.18.0.2:80".parse().expect("addr"),
+            endpoint: "198.18.0.2:15008".parse().expect("addr"),
+            peer_identity: Some("spiffe://cluster.local/ns/shop/sa/db".into()),
+            tls: true,
+            started: Instant::now(),
+            transfer: Arc::default(),
+            upstream_fd: None,
+            shared_socket: Some(socket.clone()),
+        });
+        let tcp = table.snapshot().remove(0).tcp.expect("tcp info");
+        assert!(tcp.shared);
+        assert_eq!(tcp.state, "established");
+        // The connection ended: nothing is read from its (duplicate) descriptor.
+        socket.close();
+        assert_eq!(table.snapshot()[0].tcp, None);
     }
 }

@@ -9,7 +9,10 @@ use tokio::{
 };
 
 use crate::{
-    mesh::{MeshError, MeshTarget, PeerIdentity, client, hbone::H2Stream},
+    mesh::{
+        MeshError, MeshTarget, PeerIdentity, client,
+        hbone::{H2Stream, tunnel::SharedSocket},
+    },
     proxy::{
         CloseReason, Direction,
         socket_opts::{self, DeadPeer},
@@ -47,6 +50,14 @@ impl Upstream {
         match self {
             Upstream::Plain(tcp) => Some(tcp.as_raw_fd()),
             Upstream::Hbone(_) => None,
+        }
+    }
+
+    /// The socket of the pooled connection carrying this one (an HBONE stream).
+    pub fn shared_socket(&self) -> Option<std::sync::Arc<SharedSocket>> {
+        match self {
+            Upstream::Plain(_) => None,
+            Upstream::Hbone(stream) => stream.socket.clone(),
         }
     }
 

@@ -34,7 +34,7 @@ use tracing::{debug, warn};
 use super::{
     ALPN, Settings, keepalive,
     metrics::{HboneMetrics, Side},
-    tunnel::{Key, Slot, Tunnel, TunnelView, now_unix},
+    tunnel::{Key, SharedSocket, Slot, Tunnel, TunnelView, now_unix},
 };
 use crate::{
     mesh::MeshError,
@@ -275,6 +275,7 @@ impl Pool {
         // Small records (handshake, SETTINGS, headers) must not wait for delayed ACKs.
         tcp.set_nodelay(true)
             .map_err(|e| MeshError::Connect(dst, e))?;
+        let socket = Arc::new(SharedSocket::of(&tcp));
         let local = self.store.current();
         let name = rustls::pki_types::ServerName::IpAddress(dst.ip().into());
         let tls = self
@@ -322,6 +323,7 @@ impl Pool {
             idle_since: AtomicU64::new(0),
             retired: AtomicBool::new(false),
             idle: Notify::new(),
+            socket,
         });
         self.metrics.connection_opened(Side::Client);
         debug!(%dst, peer = %tunnel.peer, id = tunnel.id, "HBONE connection opened");
@@ -356,6 +358,7 @@ impl Pool {
                 }
             }
             pool.retire(&driven);
+            driven.socket.close();
             pool.metrics.connection_closed(Side::Client);
         });
         Ok(tunnel)

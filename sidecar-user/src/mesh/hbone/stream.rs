@@ -6,6 +6,7 @@
 use std::{
     io,
     pin::Pin,
+    sync::Arc,
     task::{Context, Poll, ready},
 };
 
@@ -26,6 +27,8 @@ pub struct H2Stream {
     pub write: H2Writer,
     /// Kept until the stream is dropped (the tunnel's stream count).
     _guard: Option<Box<dyn Send + Sync>>,
+    /// The socket of the connection carrying it (client streams), for `TCP_INFO`.
+    pub socket: Option<Arc<super::tunnel::SharedSocket>>,
 }
 
 /// The receiving half: data frames in, flow-control capacity given back as they are
@@ -60,7 +63,14 @@ impl H2Stream {
                 finished: false,
             },
             _guard: guard,
+            socket: None,
         }
+    }
+
+    /// Names the socket of the connection carrying it.
+    pub fn with_socket(mut self, socket: Arc<super::tunnel::SharedSocket>) -> Self {
+        self.socket = Some(socket);
+        self
     }
 
     /// Resets the stream (`RST_STREAM` with `CONNECT_ERROR`): the peer passes it on

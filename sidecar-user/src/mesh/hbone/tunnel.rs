@@ -3,6 +3,7 @@
 
 use std::{
     net::SocketAddr,
+    os::fd::{AsFd, AsRawFd, OwnedFd, RawFd},
     sync::{
         Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering::Relaxed},
@@ -27,6 +28,30 @@ pub(super) struct Key {
     pub(super) local: String,
 }
 
+/// The socket of a pooled connection, for `TCP_INFO` in `/connections` (its streams
+/// have none of their own): a duplicate descriptor, closed when the connection's
+/// task ends. Readers hold the lock, so a closed number is never read.
+#[derive(Debug, Default)]
+pub struct SharedSocket(Mutex<Option<OwnedFd>>);
+
+impl SharedSocket {
+    /// A handle on `socket` (none if the descriptor cannot be duplicated).
+    pub fn of(socket: &impl AsFd) -> Self {
+        Self(Mutex::new(socket.as_fd().try_clone_to_owned().ok()))
+    }
+
+    /// `f` of the socket while its connection is open.
+    pub fn with_fd<T>(&self, f: impl FnOnce(RawFd) -> Option<T>) -> Option<T> {
+        let fd = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        fd.as_ref().and_then(|fd| f(fd.as_raw_fd()))
+    }
+
+    /// The connection has ended: let the socket go.
+    pub fn close(&self) {
+        *self.0.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
 /// One pooled mTLS connection.
 pub struct Tunnel {
     pub(super) id: u64,
@@ -49,6 +74,8 @@ pub struct Tunnel {
     pub(super) retired: AtomicBool,
     /// Wakes the idle watcher when the last stream closes.
     pub(super) idle: Notify,
+    /// Its socket, for `/connections`.
+    pub(super) socket: Arc<SharedSocket>,
 }
 
 /// A stream's claim on its tunnel, released when the stream is dropped.
@@ -132,6 +159,11 @@ impl Tunnel {
 }
 
 impl Tunnel {
+    /// Its socket, shared by its streams (for `TCP_INFO`).
+    pub fn socket(&self) -> &Arc<SharedSocket> {
+        &self.socket
+    }
+
     /// How long the handshake that opened it took.
     pub fn handshake(&self) -> Duration {
         self.handshake
