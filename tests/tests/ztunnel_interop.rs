@@ -70,6 +70,27 @@ fn local_config(path: &Path, a: &Pod, b: &Pod, more: &[&Pod]) {
     std::fs::write(path, yaml).expect("local config");
 }
 
+/// A client sidecar in `pod` with the certificate in `cert`, expecting the pod
+/// network to present service account `sa` of shop.
+fn client_sidecar(pod: &Pod, cert: &Path, sa: &str) -> Sidecar {
+    Sidecar::start(
+        pod,
+        &format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n  identities: [{{cidrs: [198.18.0.0/24], allow: ['spiffe://cluster.local/ns/shop/sa/{sa}']}}]\n",
+            identity(cert)
+        ),
+        Placement::InPodCgroup,
+    )
+}
+
+/// `curl` from the app in `pod` (captured by its sidecar).
+fn app_curl(pod: &Pod, url: &str) -> std::process::Output {
+    pod.app("curl")
+        .args(["-sS", "--max-time", "5", url])
+        .output()
+        .expect("curl")
+}
+
 /// `curl` from `pod` through ztunnel's SOCKS5 listener.
 fn socks_curl(pod: &Pod, url: &str) -> std::process::Output {
     pod.outsider("curl")
@@ -132,24 +153,8 @@ fn our_client_against_a_ztunnel_server() {
     http.args(["http", "--listen", &format!("{}:8080", b.ip4)]);
     let _http = Background::start_ready(http);
     let zt = ztunnel(&b, &dir.join("local.yaml"), "shop/db/db", false);
-    let sidecar = Sidecar::start(
-        &a,
-        &format!(
-            "{}mesh:\n  cidrs: [198.18.0.0/24]\n  identities: [{{cidrs: [198.18.0.0/24], allow: ['spiffe://cluster.local/ns/shop/sa/db']}}]\n",
-            identity(&dir.join("web"))
-        ),
-        Placement::InPodCgroup,
-    );
-    let out = a
-        .app("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{}:8080/zt", b.ip4),
-        ])
-        .output()
-        .expect("curl");
+    let sidecar = client_sidecar(&a, &dir.join("web"), "db");
+    let out = app_curl(&a, &format!("http://{}:8080/zt", b.ip4));
     let body = String::from_utf8_lossy(&out.stdout);
     assert!(
         body.contains(&format!("served-by {}:8080", b.ip4)),
@@ -164,35 +169,15 @@ fn our_client_against_a_ztunnel_server() {
     );
     assert_eq!(pool[0]["destination"], format!("{}:15008", b.ip4), "{pool}");
     // Nothing listens on 8099: ztunnel's answer reads as the application refusing.
-    let refused = a
-        .app("curl")
-        .args(["-sS", "--max-time", "5", &format!("http://{}:8099/", b.ip4)])
-        .output()
-        .expect("curl");
+    let refused = app_curl(&a, &format!("http://{}:8099/", b.ip4));
     assert!(!refused.status.success());
     assert_eq!(sidecar.closed("refused"), 1, "{}", sidecar.logs());
 
     // A client that expects another identity there refuses ztunnel's before any
     // byte of the application's goes out.
     let c = net.pod("c");
-    let strict_client = Sidecar::start(
-        &c,
-        &format!(
-            "{}mesh:\n  cidrs: [198.18.0.0/24]\n  identities: [{{cidrs: [198.18.0.0/24], allow: ['spiffe://cluster.local/ns/shop/sa/other']}}]\n",
-            identity(&dir.join("web"))
-        ),
-        Placement::InPodCgroup,
-    );
-    let mismatch = c
-        .app("curl")
-        .args([
-            "-sS",
-            "--max-time",
-            "5",
-            &format!("http://{}:8080/zt", b.ip4),
-        ])
-        .output()
-        .expect("curl");
+    let strict_client = client_sidecar(&c, &dir.join("web"), "other");
+    let mismatch = app_curl(&c, &format!("http://{}:8080/zt", b.ip4));
     assert!(!mismatch.status.success());
     assert_eq!(
         strict_client.closed("identity_mismatch"),

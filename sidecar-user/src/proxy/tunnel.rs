@@ -33,6 +33,7 @@ use crate::{
         ClientAddr, CloseReason, Direction, OrigDstAddr,
         addr::unmap,
         conn::{Conn, ConnError, Downstream, Inputs},
+        gate::{Gate, Pass},
         inbound::deliver,
         listener,
     },
@@ -85,32 +86,14 @@ async fn connection(
         Err(_) => return,
     };
     // Held for the connection's life, whoever the client turns out to be.
-    let _held = match inputs.hbone_connections.enter(client.0.ip()) {
-        Ok(pass) => pass,
-        Err(limit) => {
-            let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain);
-            conn.refused(
-                None,
-                &format_args!("too many open HBONE connections ({} cap)", limit.as_str()),
-                CloseReason::Overflow,
-            );
-            let _ = tcp.set_zero_linger();
-            return;
-        }
+    let gate = &inputs.hbone_connections;
+    let Some(_held) = enter_or_reset(gate, "open HBONE", &inputs, &tcp, client, &drain) else {
+        return;
     };
     // Held until the client has proved who it is (or failed).
-    let pass = match inputs.unauthenticated.enter(client.0.ip()) {
-        Ok(pass) => pass,
-        Err(limit) => {
-            let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain);
-            conn.refused(
-                None,
-                &format_args!("too many unauthenticated connections ({})", limit.as_str()),
-                CloseReason::Overflow,
-            );
-            let _ = tcp.set_zero_linger();
-            return;
-        }
+    let gate = &inputs.unauthenticated;
+    let Some(pass) = enter_or_reset(gate, "unauthenticated", &inputs, &tcp, client, &drain) else {
+        return;
     };
     let budget = inputs.handshake_timeout;
     let (mut h2, peer) =
@@ -181,6 +164,31 @@ async fn connection(
         }
     }
     server.metrics.connection_closed(Side::Server);
+}
+
+/// A slot in `gate` for a connection from `client`; past a cap, the connection is
+/// counted as refused (too many `what` connections) and reset at once.
+fn enter_or_reset(
+    gate: &Arc<Gate>,
+    what: &str,
+    inputs: &Arc<Inputs>,
+    tcp: &TcpStream,
+    client: ClientAddr,
+    drain: &DrainWatcher,
+) -> Option<Pass> {
+    match gate.enter(client.0.ip()) {
+        Ok(pass) => Some(pass),
+        Err(limit) => {
+            let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain.clone());
+            conn.refused(
+                None,
+                &format_args!("too many {what} connections ({} cap)", limit.as_str()),
+                CloseReason::Overflow,
+            );
+            let _ = tcp.set_zero_linger();
+            None
+        }
+    }
 }
 
 /// A server stream, counted from its request to its end: in its connection's
