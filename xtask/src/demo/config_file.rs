@@ -9,11 +9,11 @@ use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use sidecar_tests::{
-    Net, Placement, Sidecar,
+    Certs, Net, Placement, Sidecar,
     tools::{Background, attached_programs, firewall_rules},
 };
 
-use super::{Certs, curl, http_server, step, strip_ansi};
+use super::{curl, http_server, step, strip_ansi};
 
 /// The demo service's virtual address: no route to it exists anywhere.
 const VIP: &str = "198.19.0.10:80";
@@ -45,7 +45,7 @@ pub fn run(bin: &Path) -> Result<()> {
         .collect();
 
     step("Issuing dev certificates (sidecar certs): client = shop/cart, server = shop/db");
-    let certs = Certs::issue(bin, &["client=shop/cart", "server=shop/db"])?;
+    let certs = Certs::new("demo", &["client=shop/cart", "server=shop/db"]);
     let identity = |who: &str| certs.identity(who);
 
     step(

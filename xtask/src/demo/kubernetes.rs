@@ -15,12 +15,12 @@ use std::{
 use anyhow::{Context, Result, bail};
 use serde_json::{Value, json};
 use sidecar_tests::{
-    Net, Placement, Pod, Sidecar,
+    Certs, Net, Placement, Pod, Sidecar,
     kube_api::KubeApi,
     tools::{Background, firewall_rules},
 };
 
-use super::{Certs, curl, http_server, step};
+use super::{curl, http_server, step};
 
 /// The Services' cluster IPs: they exist in no pod and have no route anywhere.
 const WEB_IP: &str = "10.96.0.10";
@@ -47,7 +47,10 @@ pub fn run(bin: &Path) -> Result<()> {
     step(
         "Dev certificates: client = shop/cart; web-1 and web-2 = shop/web (their service account)",
     );
-    let certs = Certs::issue(bin, &["client=shop/cart", "web1=shop/web", "web2=shop/web"])?;
+    let certs = Certs::new(
+        "demo-kube",
+        &["client=shop/cart", "web1=shop/web", "web2=shop/web"],
+    );
     let strict = |who: &str| format!("{}inbound:\n  mode: strict\n", certs.identity(who));
     let _web1_sidecar = Sidecar::start(&web1, &strict("web1"), Placement::InPodCgroup);
     let web2_sidecar = Sidecar::start(&web2, &strict("web2"), Placement::InPodCgroup);

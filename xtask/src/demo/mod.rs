@@ -6,15 +6,12 @@
 mod config_file;
 mod kubernetes;
 
-use std::{
-    path::{Path, PathBuf},
-    process::Command,
-};
+use std::path::Path;
 
 use anyhow::{Context, Result, bail};
 use sidecar_tests::{Pod, tools::Background};
 
-use crate::{cmd, tasks};
+use crate::tasks;
 
 /// Runs the demo: the config file's services, or Kubernetes discovery's.
 pub fn demo(kubernetes: bool) -> Result<()> {
@@ -31,43 +28,6 @@ pub fn demo(kubernetes: bool) -> Result<()> {
     match kubernetes {
         true => kubernetes::run(&bin),
         false => config_file::run(&bin),
-    }
-}
-
-/// Dev certificates issued by `sidecar certs` for the demo's workloads.
-struct Certs {
-    dir: PathBuf,
-}
-
-impl Certs {
-    /// Issues one certificate per `pod=namespace/service-account`.
-    fn issue(bin: &Path, workloads: &[&str]) -> Result<Self> {
-        let dir = std::env::temp_dir().join(format!("sidecar-demo-certs-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        let mut certs = Command::new(bin.join("sidecar"));
-        certs.args(["certs", "--out"]).arg(&dir);
-        for w in workloads {
-            certs.args(["--workload", w]);
-        }
-        cmd::run(&mut certs)?;
-        Ok(Self { dir })
-    }
-
-    /// The `identity:` config section of `who`.
-    fn identity(&self, who: &str) -> String {
-        let dir = self.dir.join(who);
-        format!(
-            "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n",
-            dir.join("cert.pem").display(),
-            dir.join("key.pem").display(),
-            dir.join("bundle.pem").display()
-        )
-    }
-}
-
-impl Drop for Certs {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -87,7 +87,8 @@ impl Services {
                 continue;
             }
             let taken = |a: &SocketAddr| registry.by_vip.contains_key(a);
-            let c = if d.addresses.iter().any(taken) {
+            let narrowed = d.addresses.iter().any(taken);
+            let c = if narrowed {
                 let addresses: Vec<SocketAddr> =
                     d.addresses.iter().copied().filter(|a| !taken(a)).collect();
                 if addresses.is_empty() {
@@ -103,7 +104,9 @@ impl Services {
             let before = previous_by_name.get(c.name.as_str());
             let service = match before {
                 Some(s)
-                    if (Arc::ptr_eq(&s.config, &c) || s.config == c)
+                    // set_discovered already compared the discovered configs; only
+                    // a narrowed copy needs comparing again.
+                    if (Arc::ptr_eq(&s.config, &c) || (narrowed && s.config == c))
                         && s.mesh == mesh
                         && s.connect_timeout
                             == c.connect_timeout.unwrap_or(config.proxy.connect_timeout) =>
