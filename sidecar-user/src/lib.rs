@@ -20,3 +20,4 @@ pub mod proxy;
 pub mod service;
 pub mod telemetry;
 pub mod tls;
+pub mod woken;

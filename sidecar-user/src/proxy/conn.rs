@@ -35,6 +35,7 @@ use crate::{
     },
     service::{Admission, EndpointLease, Overflow, Services},
     tls::IdentityMatcher,
+    woken::woken,
 };
 
 /// What every connection task shares.
@@ -381,8 +382,9 @@ impl Conn {
             let up = &mut connected.up;
             let ended = tokio::select! {
                 result = copy_between(&mut down, up, inputs.idle_timeout, &transfer, totals) => Ended::Copied(result),
-                () = self.drain.forced() => Ended::Drained,
-                () = revoked => Ended::Revoked,
+                // Polled when they fire, not for every message copied.
+                () = woken(self.drain.forced()) => Ended::Drained,
+                () = woken(revoked) => Ended::Revoked,
             };
             // Leave the table before the sockets close (see `ConnTable::snapshot`).
             drop(registration);

@@ -8,7 +8,7 @@
 
 use std::sync::{
     Arc,
-    atomic::{AtomicUsize, Ordering::Relaxed},
+    atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
 };
 
 use bytes::Bytes;
@@ -37,6 +37,7 @@ use crate::{
         inbound::deliver,
         listener,
     },
+    woken::woken,
 };
 
 /// What the HBONE listener needs beyond the shared inputs.
@@ -112,26 +113,36 @@ async fn connection(
     drop(pass);
     server.metrics.connection_opened(Side::Server);
     debug!(peer = %peer.id, "HBONE connection accepted");
-    let keepalive = keepalive(
+    // The branches beside `accept` are polled when they fire, not on every frame.
+    let keepalive = woken(keepalive(
         h2.ping_pong(),
         server.settings.keepalive_interval,
         server.settings.keepalive_timeout,
-    );
-    tokio::pin!(keepalive);
+    ));
     // Only the first stream waited for the handshake.
     let mut first = Some(peer.clone());
     let mut draining = false;
     // A connection that carries no stream for a whole idle period (between one and
     // two `idle_timeout`s) is closed: a peer cannot keep connections it does not use.
     let open = Arc::new(AtomicUsize::new(0));
-    let mut idle = tokio::time::interval(server.settings.idle_timeout);
-    idle.reset();
-    let mut used = false;
+    let used = AtomicBool::new(false);
+    let unused = woken(async {
+        let mut idle = tokio::time::interval(server.settings.idle_timeout);
+        idle.reset();
+        loop {
+            idle.tick().await;
+            if !used.swap(false, Relaxed) && open.load(Relaxed) == 0 {
+                return;
+            }
+        }
+    });
+    let drained = woken(drain.wait_for_drain());
+    tokio::pin!(keepalive, unused, drained);
     loop {
         tokio::select! {
             next = h2.accept() => match next {
                 Some(Ok((request, respond))) => {
-                    used = true;
+                    used.store(true, Relaxed);
                     let peer = first.take().unwrap_or_else(|| PeerIdentity { id: peer.id.clone(), handshake: None });
                     let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain.clone());
                     let span = info_span!("stream", peer = %peer.id);
@@ -148,15 +159,12 @@ async fn connection(
                 warn!(timeout = ?server.settings.keepalive_timeout, "HBONE connection closed: PING unanswered");
                 break;
             }
-            _ = idle.tick(), if !draining => {
-                if !used && open.load(Relaxed) == 0 {
-                    debug!("HBONE connection idle: closing");
-                    draining = true;
-                    h2.graceful_shutdown();
-                }
-                used = false;
+            () = &mut unused, if !draining => {
+                debug!("HBONE connection idle: closing");
+                draining = true;
+                h2.graceful_shutdown();
             }
-            () = drain.wait_for_drain(), if !draining => {
+            () = &mut drained, if !draining => {
                 // GOAWAY: no new streams; the open ones finish.
                 draining = true;
                 h2.graceful_shutdown();

@@ -44,6 +44,7 @@ use crate::{
         read_ahead::ReadAhead,
         rustls_config::{peer_identity, resumed_with_expired_certificate},
     },
+    woken::woken,
 };
 
 /// Pooled HBONE connections.
@@ -331,12 +332,13 @@ impl Pool {
         let (pool, driven) = (self.clone(), tunnel.clone());
         tokio::spawn(async move {
             let settings = &pool.settings;
-            let keepalive = keepalive(
+            // Polled when their timers fire, not on every frame.
+            let keepalive = woken(keepalive(
                 ping,
                 settings.keepalive_interval,
                 settings.keepalive_timeout,
-            );
-            let retire = driven.retire_when_done(settings.idle_timeout);
+            ));
+            let retire = woken(driven.retire_when_done(settings.idle_timeout));
             tokio::pin!(keepalive, retire);
             let mut retired = false;
             loop {

@@ -33,6 +33,7 @@ use tokio::{
 use crate::{
     mesh::hbone::stream::{H2Reader, H2Writer},
     proxy::splice::Pipe,
+    woken::woken,
 };
 
 mod h2;
@@ -181,9 +182,10 @@ where
             start,
         },
     };
+    // Each direction is polled when it has work, not when the other one has.
     tokio::select! {
-        result = async { tokio::try_join!(out.run(), back.run()) } => result.map(|_| ()),
-        () = idle_expired(&last_activity, start, idle) => Err(CopyError::Idle(idle)),
+        result = async { tokio::try_join!(woken(out.run()), woken(back.run())) } => result.map(|_| ()),
+        () = woken(idle_expired(&last_activity, start, idle)) => Err(CopyError::Idle(idle)),
     }
 }
 

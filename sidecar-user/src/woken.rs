@@ -1,0 +1,173 @@
+//! Futures polled only when they asked to be: a branch of a `select!` or `join!`
+//! that rarely has work (a drain, a timer, the idle direction of a copy) is not
+//! polled each time its task wakes for another branch. Polling such a branch is not
+//! free: a drain's token takes a lock shared by every connection, a timer reads the
+//! clock, an HBONE stream locks its connection's state; on the data path that was
+//! paid for every message.
+
+use std::{
+    future::Future,
+    pin::Pin,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    task::{Context, Poll, Wake, Waker},
+};
+
+use futures_util::task::AtomicWaker;
+
+pin_project_lite::pin_project! {
+    /// `inner`, polled only on its first poll and after it woke its waker.
+    pub struct Woken<F> {
+        #[pin]
+        inner: F,
+        flag: Arc<Flag>,
+        // `flag` as a waker, made once.
+        waker: Waker,
+        // The task's waker as last registered with `flag`.
+        task: Option<Waker>,
+    }
+}
+
+/// Set by the inner future's waker; passes the wake on to the task.
+#[derive(Default)]
+struct Flag {
+    woken: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Flag {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.woken.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// Wraps `inner` so that it is polled only when it has work.
+pub fn woken<F: Future>(inner: F) -> Woken<F> {
+    let flag = Arc::new(Flag {
+        woken: AtomicBool::new(true),
+        task: AtomicWaker::new(),
+    });
+    let waker = Waker::from(flag.clone());
+    Woken {
+        inner,
+        flag,
+        waker,
+        task: None,
+    }
+}
+
+impl<F: Future> Future for Woken<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        let this = self.project();
+        let registered = this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker()));
+        if !this.flag.woken.load(Ordering::Acquire) {
+            if registered {
+                // Not woken since the task's waker was registered, so `flag` still
+                // holds it: nothing to do (an atomic load, on every poll of the
+                // task).
+                return Poll::Pending;
+            }
+            this.flag.task.register(cx.waker());
+            *this.task = Some(cx.waker().clone());
+            // A wake before the registration set the flag: do not miss it.
+            if !this.flag.woken.load(Ordering::Acquire) {
+                return Poll::Pending;
+            }
+        }
+        // Woken: the wake took the registered waker, so register again, then let
+        // the inner future see what woke it (a wake from here on is seen by the
+        // next poll of the task).
+        this.flag.woken.store(false, Ordering::Release);
+        this.flag.task.register(cx.waker());
+        if !registered {
+            *this.task = Some(cx.waker().clone());
+        }
+        this.inner.poll(&mut Context::from_waker(this.waker))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::{
+        sync::atomic::{AtomicUsize, Ordering::Relaxed},
+        time::Duration,
+    };
+
+    use super::*;
+
+    /// Counts its polls; ready once `ready` is set (and it was woken).
+    struct Probe<'a> {
+        polls: &'a AtomicUsize,
+        ready: &'a AtomicBool,
+        waker: &'a std::sync::Mutex<Option<Waker>>,
+    }
+
+    impl Future for Probe<'_> {
+        type Output = ();
+        fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+            self.polls.fetch_add(1, Relaxed);
+            if self.ready.load(Relaxed) {
+                return Poll::Ready(());
+            }
+            *self.waker.lock().expect("lock") = Some(cx.waker().clone());
+            Poll::Pending
+        }
+    }
+
+    #[tokio::test]
+    async fn a_branch_is_polled_only_after_its_own_wake() {
+        let (polls, ready, waker) = (
+            AtomicUsize::new(0),
+            AtomicBool::new(false),
+            std::sync::Mutex::new(None),
+        );
+        let probe = woken(Probe {
+            polls: &polls,
+            ready: &ready,
+            waker: &waker,
+        });
+        tokio::pin!(probe);
+        let mut ticks = 0;
+        loop {
+            tokio::select! {
+                () = &mut probe => break,
+                () = tokio::time::sleep(Duration::from_millis(1)) => {
+                    ticks += 1;
+                    if ticks == 20 {
+                        ready.store(true, Relaxed);
+                        let waker = waker.lock().expect("lock").take().expect("a waker was kept");
+                        waker.wake();
+                    }
+                }
+            }
+        }
+        // Once at the start, once after its wake: not once per tick of the other
+        // branch.
+        assert_eq!(polls.load(Relaxed), 2, "polled on other branches' wakes");
+        assert_eq!(ticks, 20);
+    }
+
+    #[tokio::test]
+    async fn a_wake_from_another_task_reaches_the_branch() {
+        let (tx, rx) = tokio::sync::oneshot::channel::<u8>();
+        let rx = woken(rx);
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = tx.send(7);
+        });
+        let got = tokio::time::timeout(Duration::from_secs(5), rx)
+            .await
+            .expect("the wake was lost")
+            .expect("sent");
+        assert_eq!(got, 7);
+    }
+}
