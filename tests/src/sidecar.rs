@@ -7,7 +7,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::{pod::Pod, tools};
+use crate::{certs::Certs, pod::Pod, tools};
 
 /// Where the sidecar process itself runs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -28,6 +28,16 @@ pub struct Sidecar {
 }
 
 impl Sidecar {
+    /// The sidecar of `pod` as workload `workload` of `certs`, originating HBONE to
+    /// every test pod.
+    pub fn meshed_client(pod: &Pod, certs: &Certs, workload: &str) -> Self {
+        let config = format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
+            certs.identity(workload)
+        );
+        Self::start(pod, &config, Placement::InPodCgroup)
+    }
+
     /// Starts the sidecar for `pod` with `config` (YAML) and waits for `/readyz`.
     /// Logs at `SIDECAR_TEST_LOG` (default `info`).
     pub fn start(pod: &Pod, config: &str, placement: Placement) -> Self {

@@ -50,14 +50,7 @@ fn stalled_handshakes_are_bounded_and_a_real_client_keeps_working() {
         ),
         Placement::InPodCgroup,
     );
-    let _client = Sidecar::start(
-        &good,
-        &format!(
-            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
-            certs.identity("good")
-        ),
-        Placement::InPodCgroup,
-    );
+    let _client = Sidecar::meshed_client(&good, &certs, "good");
     // Warm up (first handshakes, session tickets), then the unloaded figure.
     echo_time(&good, &dst, 20);
     let unloaded = echo_time(&good, &dst, 100);
@@ -171,14 +164,7 @@ fn an_authenticated_client_is_held_to_its_share_of_hbone_connections() {
         ),
         Placement::InPodCgroup,
     );
-    let _client = Sidecar::start(
-        &good,
-        &format!(
-            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
-            certs.identity("good")
-        ),
-        Placement::InPodCgroup,
-    );
+    let _client = Sidecar::meshed_client(&good, &certs, "good");
     let hold = |count: usize, hold_ms: u64| {
         let mut cmd = greedy.outsider(&pod_tool_bin());
         cmd.args(["hbone-hold", "--to", &format!("{}:15008", b.ip4)])

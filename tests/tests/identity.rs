@@ -10,16 +10,6 @@ use sidecar_tests::{
 
 const VIP: &str = "198.19.0.10:80";
 
-/// The sidecar of pod `client` (workload `client` in `certs`), originating mTLS to
-/// every test pod.
-fn meshed_client(client: &Pod, certs: &Certs) -> Sidecar {
-    let config = format!(
-        "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
-        certs.identity("client")
-    );
-    Sidecar::start(client, &config, Placement::InPodCgroup)
-}
-
 fn tally(pod: &Pod, to: &str, count: usize) -> serde_json::Value {
     let mut cmd = pod.app(&pod_tool_bin());
     cmd.args(["tally", "--to", to, "--count", &count.to_string()]);
@@ -122,7 +112,7 @@ fn an_allow_list_reload_closes_open_connections_of_peers_no_longer_allowed() {
         &server_config("spiffe://cluster.local/ns/shop/sa/web"),
         Placement::InPodCgroup,
     );
-    let _client_sidecar = meshed_client(&client, &certs);
+    let _client_sidecar = Sidecar::meshed_client(&client, &certs, "client");
     // One connection held open (enrol waits for a line on stdin that never comes).
     let mut app = client.app(&pod_tool_bin());
     app.args(["enrol", "--to", &dst])
@@ -175,14 +165,7 @@ fn outbound_mtls_to_a_plain_server_is_refused_and_nothing_goes_in_plaintext() {
             cmd.spawn().expect("socat")
         })
         .collect();
-    let sidecar = Sidecar::start(
-        &client,
-        &format!(
-            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
-            certs.identity("client")
-        ),
-        Placement::InPodCgroup,
-    );
+    let sidecar = Sidecar::meshed_client(&client, &certs, "client");
     // Wait until both listen (a plain connect from outside the capture).
     for port in ["8080", "15008"] {
         wait_until(std::time::Duration::from_secs(5), "socat listens", || {
@@ -246,7 +229,7 @@ fn sixteen_mib_each_way_over_mtls_arrive_byte_exact() {
         &format!("{}inbound:\n  mode: strict\n", certs.identity("server")),
         Placement::InPodCgroup,
     );
-    let _client_sidecar = meshed_client(&client, &certs);
+    let _client_sidecar = Sidecar::meshed_client(&client, &certs, "client");
     // Eight connections: the eighth sends 16 MiB (and gets it echoed back), the
     // others random small payloads; half of them half-close.
     let mut cmd = client.app(&pod_tool_bin());
