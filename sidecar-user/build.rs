@@ -15,4 +15,12 @@ fn main() {
         );
     }
     println!("cargo:rustc-env=SIDECAR_EBPF_OBJECT={}", obj.display());
+    // Relative relocations packed (DT_RELR, glibc >= 2.36, the runtime image's): the
+    // position-independent binary's 0.8 MB of `.rela.dyn`, all read at every start,
+    // shrinks to a few KB.
+    if std::env::var("CARGO_CFG_TARGET_OS").as_deref() == Ok("linux")
+        && std::env::var("CARGO_CFG_TARGET_ENV").as_deref() == Ok("gnu")
+    {
+        println!("cargo:rustc-link-arg-bins=-Wl,-z,pack-relative-relocs");
+    }
 }
