@@ -9,6 +9,7 @@
 
 pub mod metrics;
 pub mod objects;
+pub mod pod;
 #[cfg(test)]
 mod tests;
 pub mod translate;
@@ -23,10 +24,7 @@ use std::{
     time::Duration,
 };
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::Api;
 use tokio::sync::{Notify, watch as channel};
 use tracing::info;
@@ -34,6 +32,7 @@ use tracing::info;
 use self::{
     metrics::DiscoveryMetrics,
     objects::{PodRecord, ServiceRecord, SliceRecord},
+    pod::PodIdentity,
     translate::{Cluster, Rules},
     watch::Sink,
 };
@@ -160,7 +159,7 @@ pub fn start(
             ),
         ));
         tokio::spawn(watch::run(
-            api::<Pod>(&client, ns.as_deref()),
+            api::<PodIdentity>(&client, ns.as_deref()),
             format!("pods ({scope})"),
             PodRecord::of,
             sink(
@@ -269,7 +268,7 @@ pub async fn snapshot(
         );
         extend(
             &mut pods,
-            watch::list_all(&api::<Pod>(client, ns), PodRecord::of).await?,
+            watch::list_all(&api::<PodIdentity>(client, ns), PodRecord::of).await?,
         );
     }
     Ok(Cluster {

@@ -8,10 +8,9 @@ use std::{
     sync::{Arc, LazyLock, Mutex},
 };
 
-use k8s_openapi::api::{
-    core::v1::{Pod, Service},
-    discovery::v1::EndpointSlice,
-};
+use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
+
+use super::pod::PodIdentity;
 
 /// The annotation `sidecar inject` sets on the pods it injects: they speak HBONE.
 pub const INJECTED_ANNOTATION: &str = "sidecar.example.dev/injected";
@@ -234,7 +233,7 @@ impl PodRecord {
 
     /// The record of `pod`, with its key; `None` for a pod with no IP of its own yet
     /// (pending, or on the host network: its IP is the node's).
-    pub fn of(pod: &Pod) -> Option<(Key, Self)> {
+    pub fn of(pod: &PodIdentity) -> Option<(Key, Self)> {
         let key = key(&pod.metadata)?;
         let spec = pod.spec.as_ref()?;
         if spec.host_network == Some(true) {

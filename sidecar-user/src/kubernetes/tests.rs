@@ -10,6 +10,7 @@ use serde_json::json;
 
 use super::{
     objects::{Key, PodRecord, ServiceRecord, SliceRecord},
+    pod::PodIdentity,
     translate::{Cluster, Rules},
 };
 use crate::{
@@ -44,7 +45,7 @@ fn pod(
     ip: &str,
     annotations: serde_json::Value,
 ) -> (Key, PodRecord) {
-    let p: Pod = serde_json::from_value(json!({
+    let p: PodIdentity = serde_json::from_value(json!({
         "metadata": {"namespace": ns, "name": name, "annotations": annotations},
         "spec": {"serviceAccountName": sa, "containers": []},
         "status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}]},
@@ -279,17 +280,71 @@ fn headless_and_external_name_services_route_no_virtual_address() {
 
 #[test]
 fn pods_without_their_own_ip_are_left_out() {
-    let host: Pod = serde_json::from_value(json!({
+    let host: PodIdentity = serde_json::from_value(json!({
         "metadata": {"namespace": "kube-system", "name": "proxy"},
         "spec": {"hostNetwork": true, "containers": []},
         "status": {"phase": "Running", "podIP": "192.168.1.10"},
     }))
     .expect("json");
     assert!(PodRecord::of(&host).is_none(), "its IP is the node's");
-    let pending: Pod = serde_json::from_value(json!({
+    let pending: PodIdentity = serde_json::from_value(json!({
         "metadata": {"namespace": "a", "name": "p"},
         "spec": {"containers": []}, "status": {"phase": "Pending"},
     }))
     .expect("json");
     assert!(PodRecord::of(&pending).is_none());
+}
+
+#[test]
+fn a_full_pod_reads_as_its_identity_fields() {
+    // A pod as the API server sends it, written by `k8s_openapi`'s own serializer
+    // (so the field names are the API's): every field the slim type does not name is
+    // skipped, and the ones it names are read.
+    let full: Pod = serde_json::from_value(json!({
+        "metadata": {
+            "namespace": "shop", "name": "web-7d4f", "uid": "0b1c",
+            "labels": {"app": "web"}, "annotations": {"sidecar.example.dev/injected": "true"},
+            "ownerReferences": [{"apiVersion": "apps/v1", "kind": "ReplicaSet", "name": "web", "uid": "9"}],
+            "managedFields": [{"manager": "kubelet", "operation": "Update", "fieldsType": "FieldsV1", "fieldsV1": {"f:status": {}}}],
+        },
+        "spec": {
+            "serviceAccountName": "web", "nodeName": "node-1", "hostNetwork": false,
+            "containers": [{
+                "name": "app", "image": "nginx",
+                "ports": [{"containerPort": 8080, "protocol": "TCP"}],
+                "env": [{"name": "A", "valueFrom": {"fieldRef": {"fieldPath": "status.podIP"}}}],
+                "volumeMounts": [{"name": "data", "mountPath": "/data"}],
+                "securityContext": {"runAsUser": 1000, "capabilities": {"drop": ["ALL"]}},
+            }],
+            "volumes": [{"name": "data", "emptyDir": {}}],
+            "affinity": {"podAntiAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+                {"weight": 1, "podAffinityTerm": {"topologyKey": "kubernetes.io/hostname"}}]}},
+        },
+        "status": {
+            "phase": "Running", "podIP": "10.0.1.5",
+            "podIPs": [{"ip": "10.0.1.5"}, {"ip": "fd00::15"}],
+            "conditions": [{"type": "Ready", "status": "True"}],
+            "containerStatuses": [{"name": "app", "ready": true, "restartCount": 0, "image": "nginx", "imageID": "x"}],
+        },
+    }))
+    .expect("a full pod");
+    let wire = serde_json::to_value(&full).expect("serialize");
+    let slim: PodIdentity =
+        serde_json::from_value(wire).expect("the slim pod reads the API's JSON");
+    let (key, record) = PodRecord::of(&slim).expect("record");
+    assert_eq!((&*key.0, &*key.1), ("shop", "web-7d4f"));
+    assert_eq!(&*record.service_account, "web");
+    assert_eq!(record.ipv4, Some("10.0.1.5".parse().expect("ip")));
+    assert_eq!(record.ipv6, Some("fd00::15".parse().expect("ip")));
+    assert!(record.hbone, "the injected annotation was read");
+
+    // The fields that leave a pod out are read too.
+    let mut host = serde_json::to_value(&full).expect("serialize");
+    host["spec"]["hostNetwork"] = json!(true);
+    let host: PodIdentity = serde_json::from_value(host).expect("json");
+    assert!(PodRecord::of(&host).is_none(), "hostNetwork was read");
+    let mut done = serde_json::to_value(&full).expect("serialize");
+    done["status"]["phase"] = json!("Succeeded");
+    let done: PodIdentity = serde_json::from_value(done).expect("json");
+    assert!(PodRecord::of(&done).is_none(), "the phase was read");
 }
