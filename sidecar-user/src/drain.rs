@@ -56,12 +56,15 @@ impl DrainWatcher {
         self.forced.cancelled().await
     }
 
-    /// Spawns a connection task the drain waits for.
+    /// Spawns a connection task the drain waits for. The task's future is boxed
+    /// first: a connection's future is kilobytes, and unboxed it was copied whole
+    /// into the tracker's wrapper, into the runtime's task cell and again when it
+    /// finished (memcpy was 8% of the sidecars' user time at new connections).
     pub fn spawn<F>(&self, task: F)
     where
         F: Future<Output = ()> + Send + 'static,
     {
-        self.tracker.spawn(task);
+        self.tracker.spawn(Box::pin(task));
     }
 }
 

@@ -3,12 +3,19 @@
 //! into buffers HTTP/2 sends and frees, and received chunks are written on as HTTP/2
 //! holds them.
 
+use std::{
+    io,
+    pin::Pin,
+    task::{Context, Poll, ready},
+};
+
+use bytes::Bytes;
 use tokio::{
-    io::{AsyncReadExt, AsyncWrite, AsyncWriteExt},
+    io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf},
     net::TcpStream,
 };
 
-use super::{CopyError, Halves, Meter, ReadTcp, SCRATCH_SIZE, Side, WriteTcp};
+use super::{CopyError, Halves, Meter, ReadTcp, SCRATCH, SCRATCH_SIZE, Side, WriteTcp};
 use crate::mesh::hbone::stream::{H2Reader, H2Stream, H2Writer};
 
 /// An HBONE stream splits into its HTTP/2 halves without a lock.
@@ -42,18 +49,23 @@ impl WriteTcp for &mut H2Writer {
 
 impl Meter<'_> {
     /// Copies from a plain socket into an HBONE stream until the socket's EOF. Once
-    /// bytes are waiting, it waits for window, then reads at most that much into a
-    /// buffer of exactly that size, which HTTP/2 sends and frees: no copy, and an
-    /// idle direction holds no buffer. A read that leaves room in the buffer drained
-    /// the socket (epoll is edge-triggered): the next round waits for readiness
-    /// instead of trying a read that would find nothing, so the connection's task
-    /// writes the frame one system call sooner.
+    /// bytes are waiting, it waits for window, then reads at most that much. Small
+    /// messages are read into the thread's scratch buffer and only the bytes read are
+    /// copied into the chunk HTTP/2 sends (a read of 70 bytes allocates 70, not the
+    /// 64 KiB window). After a read of [`SMALL_READ`] or more the transfer is bulk:
+    /// reads go straight into buffers of the window's size, which HTTP/2 sends and
+    /// frees, no copy; a shorter read goes back to the scratch buffer. An idle
+    /// direction holds no buffer either way. A read that leaves room in the buffer
+    /// drained the socket (epoll is edge-triggered): the next round waits for
+    /// readiness instead of trying a read that would find nothing, so the
+    /// connection's task writes the frame one system call sooner.
     pub(super) async fn plain_to_h2<R: ReadTcp>(
         &self,
         src: &mut R,
         writer: &mut H2Writer,
         (from, to): (Side, Side),
     ) -> Result<(), CopyError> {
+        let mut bulk = false;
         loop {
             if let Some(tcp) = src.tcp() {
                 tcp.readable().await.map_err(|e| from.error(e))?;
@@ -61,15 +73,22 @@ impl Meter<'_> {
             let window = std::future::poll_fn(|cx| writer.poll_reserve(cx, SCRATCH_SIZE))
                 .await
                 .map_err(|e| to.error(e))?;
-            let mut buf = bytes::BytesMut::with_capacity(window);
-            match src.read_buf(&mut buf).await {
-                Ok(0) => return Ok(()),
-                Ok(n) => {
-                    writer.send(buf.freeze()).map_err(|e| to.error(e))?;
-                    self.moved(n);
-                }
-                Err(e) => return Err(from.error(e)),
+            let chunk = if bulk {
+                let mut buf = bytes::BytesMut::with_capacity(window);
+                src.read_buf(&mut buf).await.map_err(|e| from.error(e))?;
+                buf.freeze()
+            } else {
+                std::future::poll_fn(|cx| read_small(&mut *src, window, cx))
+                    .await
+                    .map_err(|e| from.error(e))?
+            };
+            let n = chunk.len();
+            if n == 0 {
+                return Ok(());
             }
+            writer.send(chunk).map_err(|e| to.error(e))?;
+            self.moved(n);
+            bulk = n >= SMALL_READ;
         }
     }
 
@@ -95,4 +114,23 @@ impl Meter<'_> {
             self.moved(chunk.len());
         }
     }
+}
+
+/// Reads below this size, in a bulk transfer, mean small messages again.
+const SMALL_READ: usize = 4 * 1024;
+
+/// One read of at most `max` bytes from `src` into the thread's scratch buffer, the
+/// bytes read copied out (empty at EOF). Through `poll_read`, so a short read clears
+/// the socket's readiness as a drained socket's should.
+fn read_small<R: AsyncRead + Unpin>(
+    src: &mut R,
+    max: usize,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<Bytes>> {
+    SCRATCH.with_borrow_mut(|scratch| {
+        let len = max.min(scratch.len());
+        let mut buf = ReadBuf::new(&mut scratch[..len]);
+        ready!(Pin::new(src).poll_read(cx, &mut buf))?;
+        Poll::Ready(Ok(Bytes::copy_from_slice(buf.filled())))
+    })
 }

@@ -310,7 +310,7 @@ thread_local! {
     /// the write that follows it happen without yielding, so one buffer per thread
     /// serves every connection; only bytes the destination cannot take at once are
     /// copied into memory the connection owns.
-    static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; SCRATCH_SIZE]);
+    pub(super) static SCRATCH: RefCell<Vec<u8>> = RefCell::new(vec![0u8; SCRATCH_SIZE]);
 }
 
 /// One read from a plain socket and the write that follows it.
