@@ -24,16 +24,25 @@ async fn rig_with<U: Halves + 'static>(idle: Duration, wrap: fn(TcpStream) -> U)
     let (proxy_upstream, server) = pair().await;
     let task = tokio::spawn(async move {
         let mut upstream = wrap(proxy_upstream);
-        let transfer = Transfer::default();
-        let totals = Totals {
-            sent: Counter::default(),
-            received: Counter::default(),
-        };
-        let result =
-            copy_bidirectional(&mut proxy_client, &mut upstream, idle, &transfer, totals).await;
-        (result, transfer)
+        copy_counted(&mut proxy_client, &mut upstream, idle).await
     });
     Rig { app, server, task }
+}
+
+/// Copies both ways between `client` and `upstream` with fresh counters; the result
+/// and what was counted.
+async fn copy_counted<C: Halves, U: Halves>(
+    client: &mut C,
+    upstream: &mut U,
+    idle: Duration,
+) -> (Result<(), CopyError>, Transfer) {
+    let transfer = Transfer::default();
+    let totals = Totals {
+        sent: Counter::default(),
+        received: Counter::default(),
+    };
+    let result = copy_bidirectional(client, upstream, idle, &transfer, totals).await;
+    (result, transfer)
 }
 
 #[tokio::test]
@@ -69,19 +78,7 @@ async fn bytes_a_writer_holds_back_are_flushed() {
     let (proxy_upstream, mut server) = pair().await;
     let task = tokio::spawn(async move {
         let mut held = tokio::io::BufWriter::new(proxy_upstream);
-        let totals = Totals {
-            sent: Counter::default(),
-            received: Counter::default(),
-        };
-        let transfer = Transfer::default();
-        copy_bidirectional(
-            &mut proxy_client,
-            &mut held,
-            Duration::from_secs(30),
-            &transfer,
-            totals,
-        )
-        .await
+        copy_counted(&mut proxy_client, &mut held, Duration::from_secs(30)).await
     });
     app.write_all(b"ping").await.expect("write");
     let mut got = [0u8; 4];
@@ -206,7 +203,7 @@ async fn reset_ends_both_directions() {
 async fn h2_rig() -> (
     TcpStream,
     crate::mesh::hbone::H2Stream,
-    tokio::task::JoinHandle<Result<(), CopyError>>,
+    tokio::task::JoinHandle<(Result<(), CopyError>, Transfer)>,
 ) {
     use crate::mesh::hbone::H2Stream;
     let (app, mut proxy_client) = pair().await;
@@ -236,19 +233,7 @@ async fn h2_rig() -> (
     let recv = response.await.expect("response").into_body();
     let task = tokio::spawn(async move {
         let mut stream = H2Stream::new(send, recv, None);
-        let totals = Totals {
-            sent: Counter::default(),
-            received: Counter::default(),
-        };
-        let transfer = Transfer::default();
-        copy_bidirectional(
-            &mut proxy_client,
-            &mut stream,
-            Duration::from_secs(30),
-            &transfer,
-            totals,
-        )
-        .await
+        copy_counted(&mut proxy_client, &mut stream, Duration::from_secs(30)).await
     });
     (app, served, task)
 }
@@ -297,5 +282,8 @@ async fn messages_of_every_size_into_an_h2_stream_are_byte_exact() {
         .await
         .expect("end of stream");
     assert!(rest.is_empty(), "{} stray bytes", rest.len());
-    task.await.expect("join").expect("clean close");
+    let (result, transfer) = task.await.expect("join");
+    result.expect("clean close");
+    let total: usize = sizes.iter().sum();
+    assert_eq!(transfer.sent.load(Relaxed), total as u64, "bytes counted");
 }
