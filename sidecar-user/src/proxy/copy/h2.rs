@@ -116,7 +116,8 @@ impl Meter<'_> {
     }
 }
 
-/// Reads below this size, in a bulk transfer, mean small messages again.
+/// A read of at least this much marks a bulk transfer (the next reads go in place);
+/// a shorter one, small messages (the next reads go through the scratch buffer).
 const SMALL_READ: usize = 4 * 1024;
 
 /// One read of at most `max` bytes from `src` into the thread's scratch buffer, the
