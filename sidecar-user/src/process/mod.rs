@@ -2,7 +2,11 @@
 //! pod's network namespace and dropping root for the proxy UID (both change only the
 //! calling thread's state in the kernel, so they must happen while it is the only one).
 
+mod memory;
+
 use std::{fs::File, path::Path};
+
+pub use memory::release_startup_memory;
 
 use nix::{
     sched::{CloneFlags, setns},
@@ -102,16 +106,4 @@ pub fn raise_nofile_limit() -> u64 {
         }
     }
     lim.rlim_cur
-}
-
-/// Gives freed heap memory back to the kernel. Loading the kernel programs parses the
-/// kernel's BTF (megabytes) and frees it again, and so does a full list from the
-/// Kubernetes API, but glibc keeps freed heap pages resident until told otherwise;
-/// this runs before serving and after each full list.
-pub fn release_startup_memory() {
-    #[cfg(target_env = "gnu")]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
