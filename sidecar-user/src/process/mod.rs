@@ -1,6 +1,8 @@
 //! Process-level setup done before the async runtime starts threads: entering the
 //! pod's network namespace and dropping root for the proxy UID (both change only the
-//! calling thread's state in the kernel, so they must happen while it is the only one).
+//! calling thread's state in the kernel, so they must happen while it is the only one),
+//! and giving back the memory start-up used (`memory`, also after each full list from
+//! the Kubernetes API, when the runtime's threads are running).
 
 mod memory;
 
