@@ -114,6 +114,8 @@ fn install_bpf_linker(sysroot: &Path) -> Result<()> {
             &format!("+{}", nightly()),
             "install",
             "--locked",
+            // A copy that does not run (its libLLVM moved) is replaced, not kept.
+            "--force",
             "bpf-linker",
         ])
         .args(["--version", BPF_LINKER_VERSION, "--no-default-features"])
