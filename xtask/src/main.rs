@@ -1,10 +1,12 @@
-//! Project tasks: `cargo xtask build-ebpf | test | lint | layout | run | demo | deps | dist | certs`.
+//! Project tasks: `cargo xtask build-ebpf | test | lint | layout | run | demo | bench | pgo |
+//! deps | dist | certs`.
 
 mod bench;
 mod build_ebpf;
 mod cmd;
 mod demo;
 mod layout;
+mod pgo;
 mod tasks;
 mod toolchain;
 
@@ -43,6 +45,9 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
+    /// Refresh the PGO profile (pgo/sidecar.profdata): an instrumented sidecar carries
+    /// the bench's workloads (root); release builds then compile with it.
+    Pgo,
     /// Pods, sidecars, an unmodified curl: capture, HBONE and services end to end
     /// (root). `--kubernetes`: the services come from a test API server instead of
     /// the config file.
@@ -80,6 +85,7 @@ fn main() -> Result<()> {
         Task::Run { args } => tasks::run(&args)?,
         Task::Demo { kubernetes } => demo::demo(kubernetes)?,
         Task::Bench { quick } => bench::bench(quick)?,
+        Task::Pgo => bench::train::train()?,
         Task::Deps => tasks::deps()?,
         Task::Dist { out } => tasks::dist(&out)?,
         Task::Certs { args } => {

@@ -265,7 +265,8 @@ pub fn lint() -> Result<()> {
     )
 }
 
-/// Builds `packages` (release) and returns the folder holding their binaries.
+/// Builds `packages` (release, with the PGO profile when it applies: see `pgo`) and
+/// returns the folder holding their binaries.
 pub fn build_release(packages: &[&str]) -> Result<std::path::PathBuf> {
     build_ebpf()?;
     let root = workspace_root();
@@ -273,6 +274,9 @@ pub fn build_release(packages: &[&str]) -> Result<std::path::PathBuf> {
     build
         .current_dir(&root)
         .args(["build", "--release", "--bins"]);
+    if let Some(flags) = crate::pgo::release_rustflags()? {
+        build.env("RUSTFLAGS", flags);
+    }
     for package in packages {
         build.args(["-p", package]);
     }

@@ -11,6 +11,7 @@ mod discovery;
 mod plot;
 mod report;
 mod rig;
+pub mod train;
 
 use std::{
     collections::BTreeMap,
@@ -91,7 +92,22 @@ pub fn bench(quick: bool) -> Result<()> {
         std::env::set_var("POD_TOOL_BIN", bin.join("pod-tool"));
         std::env::set_var("SIDECAR_TEST_LOG", "warn");
     }
+    // BENCH_SIDECAR=PATH measures another build of the sidecar (A/B runs of a change).
+    let build = match std::env::var("BENCH_SIDECAR") {
+        Ok(other) => {
+            // SAFETY: as above.
+            unsafe { std::env::set_var("SIDECAR_BIN", &other) };
+            format!("{other} (BENCH_SIDECAR)")
+        }
+        Err(_) => format!("release, fat LTO, {}", crate::pgo::summary()),
+    };
     let mut plan = Plan::new(quick);
+    if let Some(n) = std::env::var("BENCH_ROUNDS")
+        .ok()
+        .and_then(|n| n.parse().ok())
+    {
+        plan.rounds = n;
+    }
     if let Some(n) = std::env::var("BENCH_IDLE")
         .ok()
         .and_then(|n| n.parse().ok())
@@ -165,7 +181,7 @@ pub fn bench(quick: bool) -> Result<()> {
     let haproxy = Rig::new(&bin)?.haproxy_configs()?;
     let out = crate::workspace_root().join("target/bench");
     std::fs::create_dir_all(&out)?;
-    let machine = report::Machine::detect(started.elapsed(), quick);
+    let machine = report::Machine::detect(started.elapsed(), quick, build);
     let table = report::write(&out, &results, &plan, &machine, &haproxy)?;
     plot::latency(&out.join("latency.png"), &results)?;
     println!("{table}");
@@ -333,8 +349,14 @@ fn measure(
     f.insert("newconn_p50_us", num(&r, "p50_us"));
     f.insert("newconn_p99_us", num(&r, "p99_us"));
 
-    // 3. Bulk throughput, 1 and 8 streams (iperf3).
-    for (streams, key) in [(1, "bulk1_gbit_s"), (8, "bulk8_gbit_s")] {
+    // 3. Bulk throughput, 1 and 8 streams (iperf3); none when the plan says 0 s.
+    let bulk = if plan.bulk_seconds > 0 {
+        &[1, 8][..]
+    } else {
+        &[]
+    };
+    for (streams, key) in bulk.iter().zip(["bulk1_gbit_s", "bulk8_gbit_s"]) {
+        let streams = *streams;
         let cpu0 = cpu_usec(cgroups);
         let mut cmd = rig.client_app.app("iperf3");
         cmd.args(["-c", &running.iperf.0, "-p", &running.iperf.1.to_string()])

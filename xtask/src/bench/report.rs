@@ -15,6 +15,8 @@ pub struct Machine {
     cpus: usize,
     cpu_model: String,
     commit: String,
+    /// How the sidecar was built (PGO or not, or which binary).
+    build: String,
     date: String,
     duration_s: f64,
     quick: bool,
@@ -22,7 +24,7 @@ pub struct Machine {
 
 impl Machine {
     /// Reads the kernel, CPUs and git commit.
-    pub fn detect(took: Duration, quick: bool) -> Self {
+    pub fn detect(took: Duration, quick: bool, build: String) -> Self {
         let read = |p: &str| std::fs::read_to_string(p).unwrap_or_default();
         let cmd = |prog: &str, args: &[&str]| {
             std::process::Command::new(prog)
@@ -44,6 +46,7 @@ impl Machine {
                 })
                 .unwrap_or_default(),
             commit: cmd("git", &["rev-parse", "--short=12", "HEAD"]),
+            build,
             date: cmd("date", &["-u", "+%Y-%m-%d %H:%M UTC"]),
             duration_s: took.as_secs_f64(),
             quick,
@@ -248,8 +251,14 @@ pub fn write(
         md,
         "Machine: Linux {}, {} CPUs ({}), commit {}, {}; {} round(s), setups alternated; \
          median over rounds (min–max). All traffic between two pods (network namespaces on \
-         a veth bridge) on this machine.\n",
-        machine.kernel, machine.cpus, machine.cpu_model, machine.commit, machine.date, plan.rounds
+         a veth bridge) on this machine. Sidecar: {}.\n",
+        machine.kernel,
+        machine.cpus,
+        machine.cpu_model,
+        machine.commit,
+        machine.date,
+        plan.rounds,
+        machine.build
     );
     md.push_str("| figure |");
     for s in Setup::ALL {
