@@ -45,7 +45,7 @@ enum Task {
         #[arg(long)]
         quick: bool,
     },
-    /// Refresh the PGO profile (pgo/sidecar.profdata): an instrumented sidecar carries
+    /// Refresh the PGO profile (pgo/sidecar.profdata.gz): an instrumented sidecar carries
     /// the bench's workloads (root); release builds then compile with it.
     Pgo,
     /// Pods, sidecars, an unmodified curl: capture, HBONE and services end to end

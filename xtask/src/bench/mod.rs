@@ -86,16 +86,11 @@ pub fn bench(quick: bool) -> Result<()> {
     crate::tasks::require_root("cargo xtask bench")?;
     crate::tasks::deps()?;
     let bin = crate::tasks::build_release(&["sidecar-user", "sidecar-tests"])?;
-    // SAFETY: single-threaded here; the pod harness reads these.
-    unsafe {
-        std::env::set_var("SIDECAR_BIN", bin.join("sidecar"));
-        std::env::set_var("POD_TOOL_BIN", bin.join("pod-tool"));
-        std::env::set_var("SIDECAR_TEST_LOG", "warn");
-    }
+    use_binaries(&bin);
     // BENCH_SIDECAR=PATH measures another build of the sidecar (A/B runs of a change).
     let build = match std::env::var("BENCH_SIDECAR") {
         Ok(other) => {
-            // SAFETY: as above.
+            // SAFETY: single-threaded, as in `use_binaries`.
             unsafe { std::env::set_var("SIDECAR_BIN", &other) };
             format!("{other} (BENCH_SIDECAR)")
         }
@@ -194,6 +189,16 @@ pub fn bench(quick: bool) -> Result<()> {
         bail!("the bench found problems:\n{}", results.problems.join("\n"));
     }
     Ok(())
+}
+
+/// Points the pod harness at the sidecar and pod-tool in `bin`, with quiet sidecar logs.
+fn use_binaries(bin: &Path) {
+    // SAFETY: xtask is single-threaded when this runs; the pod harness reads these.
+    unsafe {
+        std::env::set_var("SIDECAR_BIN", bin.join("sidecar"));
+        std::env::set_var("POD_TOOL_BIN", bin.join("pod-tool"));
+        std::env::set_var("SIDECAR_TEST_LOG", "warn");
+    }
 }
 
 /// CPU time (µs) used so far by every process in `cgroups`.

@@ -53,12 +53,7 @@ pub fn train() -> Result<()> {
         std::fs::copy(from.join(name), bin.join(name))
             .with_context(|| format!("copying {name}"))?;
     }
-    // SAFETY: single-threaded here; the pod harness reads these.
-    unsafe {
-        std::env::set_var("SIDECAR_BIN", bin.join("sidecar"));
-        std::env::set_var("POD_TOOL_BIN", bin.join("pod-tool"));
-        std::env::set_var("SIDECAR_TEST_LOG", "warn");
-    }
+    super::use_binaries(&bin);
     let plan = Plan {
         rounds: ROUNDS,
         latency_seconds: 4.0,
