@@ -267,20 +267,24 @@ pub fn lint() -> Result<()> {
 
 /// Builds `packages` (release, with the PGO profile when it applies: see `pgo`) and
 /// returns the folder holding their binaries.
+///
+/// One cargo run per package: features unify across the packages of one run, so
+/// building the sidecar beside the test tools would make a second sidecar, not the one
+/// `dist` ships, and CI would pay a second fat-LTO build for it.
 pub fn build_release(packages: &[&str]) -> Result<std::path::PathBuf> {
     build_ebpf()?;
     let root = workspace_root();
-    let mut build = Command::new("cargo");
-    build
-        .current_dir(&root)
-        .args(["build", "--release", "--bins"]);
-    if let Some(flags) = crate::pgo::release_rustflags()? {
-        build.env("RUSTFLAGS", flags);
-    }
+    let flags = crate::pgo::release_rustflags()?;
     for package in packages {
-        build.args(["-p", package]);
+        let mut build = Command::new("cargo");
+        build
+            .current_dir(&root)
+            .args(["build", "--release", "--bins", "-p", package]);
+        if let Some(flags) = &flags {
+            build.env("RUSTFLAGS", flags);
+        }
+        cmd::run(&mut build)?;
     }
-    cmd::run(&mut build)?;
     Ok(root.join("target/release"))
 }
 

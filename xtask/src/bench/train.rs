@@ -25,7 +25,7 @@ pub fn train() -> Result<()> {
     crate::tasks::require_root("cargo xtask pgo")?;
     crate::tasks::deps()?;
     crate::pgo::llvm_profdata()?;
-    // The same package set as the bench's build, so the two share their artefacts.
+    // The same builds as the bench's, so the two share their artefacts.
     let tools = crate::tasks::build_release(&["sidecar-user", "sidecar-tests"])?;
     let root = workspace_root();
     let work = root.join("target/pgo");
