@@ -162,6 +162,58 @@ fn an_idle_pooled_connection_closes_and_an_open_stream_keeps_it() {
     );
 }
 
+/// The streams each pooled connection of A's carries, smallest first.
+fn pooled_streams(sidecar: &Sidecar) -> Vec<u64> {
+    let pool = sidecar.admin_json("/pool");
+    let mut streams: Vec<u64> = pool
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|t| t["streams"].as_u64().unwrap_or(u64::MAX))
+        .collect();
+    streams.sort_unstable();
+    streams
+}
+
+#[test]
+fn a_few_streams_share_one_connection_and_a_fan_out_spreads() {
+    let p = pair(
+        "hbone-spread",
+        None,
+        "  hbone:\n    parallel_connections: 2\n    spread_after_streams: 3\n",
+    );
+    // Three application connections held open (echoing slowly), opened one after
+    // another; `start` returns once all three are connected.
+    let slow = || {
+        let mut cmd = p.a.app(&pod_tool_bin());
+        cmd.args(["slow", "--to", &p.dst, "--streams", "3"]).args([
+            "--bytes",
+            "4000",
+            "--seconds",
+            "4",
+        ]);
+        InFlight::start(cmd)
+    };
+    // Three at once share one connection: no second handshake for a few streams.
+    let first = slow();
+    wait_until(Duration::from_secs(3), "three streams open", || {
+        pooled_streams(&p.a_sidecar).iter().sum::<u64>() == 3
+    });
+    assert_eq!(pooled_streams(&p.a_sidecar), [3]);
+    // Past three, the next ones go on a second connection until it carries as many.
+    let second = slow();
+    wait_until(Duration::from_secs(3), "six streams open", || {
+        pooled_streams(&p.a_sidecar).iter().sum::<u64>() == 6
+    });
+    assert_eq!(pooled_streams(&p.a_sidecar), [3, 3]);
+    assert_eq!(first.finish()["ok"], 3);
+    assert_eq!(second.finish()["ok"], 3);
+    assert_eq!(
+        client_metric(&p.a_sidecar, "sidecar_hbone_connections_opened_total"),
+        2.0
+    );
+}
+
 #[test]
 fn the_server_closes_a_connection_that_carries_nothing() {
     let p = pair_with(

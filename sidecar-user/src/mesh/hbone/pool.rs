@@ -201,8 +201,8 @@ impl Pool {
     }
 
     /// Takes a stream slot on a usable tunnel of `key`: the least loaded, unless
-    /// every one is busy and fewer than `parallel` exist (a new one spreads the
-    /// work). `any`: the least loaded one even over its limit.
+    /// every one carries `spread_after` streams and fewer than `parallel` exist (a
+    /// new one spreads the work). `any`: the least loaded one even over its limit.
     fn take_slot(&self, key: &Key, any: bool) -> Option<(Arc<Tunnel>, SendRequest<Bytes>)> {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
         let list = tunnels.get(key)?;
@@ -222,7 +222,9 @@ impl Pool {
                     t.usable(max)
                 })
                 .min_by_key(|t| t.streams.load(Relaxed))?;
-            if pick.streams.load(Relaxed) > 0 && list.len() < self.settings.parallel {
+            if pick.streams.load(Relaxed) >= self.settings.spread_after
+                && list.len() < self.settings.parallel
+            {
                 return None;
             }
             pick
