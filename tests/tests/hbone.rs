@@ -208,6 +208,14 @@ fn a_few_streams_share_one_connection_and_a_fan_out_spreads() {
     assert_eq!(pooled_streams(&p.a_sidecar), [3, 3]);
     assert_eq!(first.finish()["ok"], 3);
     assert_eq!(second.finish()["ok"], 3);
+    // With both connections still pooled, a few streams pack onto one again
+    // instead of being dealt out over both.
+    wait_until(Duration::from_secs(3), "the streams end", || {
+        pooled_streams(&p.a_sidecar) == [0, 0]
+    });
+    let third = slow();
+    assert_eq!(pooled_streams(&p.a_sidecar), [0, 3]);
+    assert_eq!(third.finish()["ok"], 3);
     assert_eq!(
         client_metric(&p.a_sidecar, "sidecar_hbone_connections_opened_total"),
         2.0
