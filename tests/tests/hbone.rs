@@ -162,7 +162,7 @@ fn an_idle_pooled_connection_closes_and_an_open_stream_keeps_it() {
     );
 }
 
-/// The streams each pooled connection of A's carries, smallest first.
+/// The streams each pooled connection of `sidecar`'s carries, smallest first.
 fn pooled_streams(sidecar: &Sidecar) -> Vec<u64> {
     let pool = sidecar.admin_json("/pool");
     let mut streams: Vec<u64> = pool
@@ -176,46 +176,28 @@ fn pooled_streams(sidecar: &Sidecar) -> Vec<u64> {
 }
 
 #[test]
-fn a_few_streams_share_one_connection_and_a_fan_out_spreads() {
+fn overlapping_streams_spread_over_parallel_connections_then_share() {
     let p = pair(
         "hbone-spread",
         None,
-        "  hbone:\n    parallel_connections: 2\n    spread_after_streams: 3\n",
+        "  hbone:\n    parallel_connections: 2\n",
     );
-    // Three application connections held open (echoing slowly), opened one after
-    // another; `start` returns once all three are connected.
-    let slow = || {
+    // `n` application connections held open (echoing slowly); `start` returns once
+    // all are connected, so their streams are open.
+    let slow = |n: usize| {
         let mut cmd = p.a.app(&pod_tool_bin());
-        cmd.args(["slow", "--to", &p.dst, "--streams", "3"]).args([
-            "--bytes",
-            "4000",
-            "--seconds",
-            "4",
-        ]);
+        cmd.args(["slow", "--to", &p.dst, "--streams", &n.to_string()])
+            .args(["--bytes", "4000", "--seconds", "3"]);
         InFlight::start(cmd)
     };
-    // Three at once share one connection: no second handshake for a few streams.
-    let first = slow();
-    wait_until(Duration::from_secs(3), "three streams open", || {
-        pooled_streams(&p.a_sidecar).iter().sum::<u64>() == 3
-    });
-    assert_eq!(pooled_streams(&p.a_sidecar), [3]);
-    // Past three, the next ones go on a second connection until it carries as many.
-    let second = slow();
-    wait_until(Duration::from_secs(3), "six streams open", || {
-        pooled_streams(&p.a_sidecar).iter().sum::<u64>() == 6
-    });
-    assert_eq!(pooled_streams(&p.a_sidecar), [3, 3]);
-    assert_eq!(first.finish()["ok"], 3);
-    assert_eq!(second.finish()["ok"], 3);
-    // With both connections still pooled, a few streams pack onto one again
-    // instead of being dealt out over both.
-    wait_until(Duration::from_secs(3), "the streams end", || {
-        pooled_streams(&p.a_sidecar) == [0, 0]
-    });
-    let third = slow();
-    assert_eq!(pooled_streams(&p.a_sidecar), [0, 3]);
-    assert_eq!(third.finish()["ok"], 3);
+    // Two overlapping streams: one connection each (encryption on both cores).
+    let first = slow(2);
+    assert_eq!(pooled_streams(&p.a_sidecar), [1, 1]);
+    // At `parallel_connections`, the next one shares the least loaded.
+    let second = slow(1);
+    assert_eq!(pooled_streams(&p.a_sidecar), [1, 2]);
+    assert_eq!(first.finish()["ok"], 2);
+    assert_eq!(second.finish()["ok"], 1);
     assert_eq!(
         client_metric(&p.a_sidecar, "sidecar_hbone_connections_opened_total"),
         2.0

@@ -48,10 +48,6 @@ pub struct HboneConfig {
     /// connection's encryption runs on one core at a time, so bulk transfers to one
     /// destination use every core.
     pub parallel_connections: Option<usize>,
-    /// Streams a pooled connection carries before overlapping streams are spread
-    /// over `parallel_connections`: a few streams share one connection (their frames
-    /// batch, fewer cores wake per message), a fan-out of many spreads.
-    pub spread_after_streams: u32,
     /// A pooled connection that carried no stream for this long is closed.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
@@ -72,7 +68,6 @@ impl Default for HboneConfig {
             max_inbound_streams_per_connection: 200,
             max_connections_per_destination: 64,
             parallel_connections: None,
-            spread_after_streams: 4,
             idle_timeout: Duration::from_secs(300),
             keepalive_interval: Duration::from_secs(10),
             keepalive_timeout: Duration::from_secs(20),

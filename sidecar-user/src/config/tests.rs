@@ -184,10 +184,6 @@ fn connection_caps_of_zero_are_refused_by_name() {
             "inbound:\n  max_unauthenticated: 0\n",
             "inbound.max_unauthenticated",
         ),
-        (
-            "mesh:\n  hbone:\n    spread_after_streams: 0\n",
-            "spread_after_streams",
-        ),
     ] {
         let e = error(yaml);
         assert!(e.contains(field), "{yaml}: {e}");

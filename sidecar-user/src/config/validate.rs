@@ -193,13 +193,11 @@ impl Config {
         if hbone.max_streams_per_connection == 0
             || hbone.max_inbound_streams_per_connection == 0
             || hbone.max_connections_per_destination == 0
-            || hbone.spread_after_streams == 0
         {
             return invalid(
                 "mesh.hbone",
-                "max_streams_per_connection, max_inbound_streams_per_connection, \
-                 max_connections_per_destination and spread_after_streams must be \
-                 greater than 0",
+                "max_streams_per_connection, max_inbound_streams_per_connection and \
+                 max_connections_per_destination must be greater than 0",
             );
         }
         if hbone.keepalive_interval.is_zero() || hbone.keepalive_timeout.is_zero() {

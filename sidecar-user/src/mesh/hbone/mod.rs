@@ -49,8 +49,6 @@ pub struct Settings {
     pub max_connections: usize,
     /// Connections overlapping streams are spread over before they share one.
     pub parallel: usize,
-    /// Streams a connection carries before further ones are spread.
-    pub spread_after: usize,
     /// Idle pooled connections close after this long.
     pub idle_timeout: Duration,
     /// PING interval.
@@ -67,7 +65,6 @@ impl Settings {
                 .parallel_connections
                 .unwrap_or(workers)
                 .clamp(1, config.max_connections_per_destination),
-            spread_after: config.spread_after_streams as usize,
             port: config.port,
             max_streams: config.max_streams_per_connection as usize,
             max_inbound_streams: config.max_inbound_streams_per_connection,

@@ -200,12 +200,9 @@ impl Pool {
         (tunnel, send, slot, opened)
     }
 
-    /// Takes a stream slot on a usable tunnel of `key`. Streams pack: the busiest
-    /// tunnel that carries fewer than `spread_after` streams takes it, so a few
-    /// streams share one connection even when a past fan-out left several open.
-    /// When every tunnel carries that many, a new one is opened while fewer than
-    /// `parallel` exist (it spreads the work), else the least loaded takes it. `any`:
-    /// the least loaded one even over its limit.
+    /// Takes a stream slot on a usable tunnel of `key`: the least loaded, unless
+    /// every one is busy and fewer than `parallel` exist (a new one spreads the
+    /// work). `any`: the least loaded one even over its limit.
     fn take_slot(&self, key: &Key, any: bool) -> Option<(Arc<Tunnel>, SendRequest<Bytes>)> {
         let tunnels = self.tunnels.lock().unwrap_or_else(|p| p.into_inner());
         let list = tunnels.get(key)?;
@@ -215,7 +212,7 @@ impl Pool {
         let pick = if any {
             open.min_by_key(|t| t.streams.load(Relaxed))?
         } else {
-            let usable: Vec<&Arc<Tunnel>> = open
+            let pick = open
                 .filter(|t| {
                     let send = t.send.lock().unwrap_or_else(|p| p.into_inner());
                     let max = send
@@ -224,17 +221,11 @@ impl Pool {
                         .min(self.settings.max_streams);
                     t.usable(max)
                 })
-                .collect();
-            let spread_after = self.settings.spread_after;
-            let packing = usable
-                .iter()
-                .filter(|t| t.streams.load(Relaxed) < spread_after)
-                .max_by_key(|t| t.streams.load(Relaxed));
-            match packing {
-                Some(pick) => *pick,
-                None if list.len() < self.settings.parallel => return None,
-                None => usable.into_iter().min_by_key(|t| t.streams.load(Relaxed))?,
+                .min_by_key(|t| t.streams.load(Relaxed))?;
+            if pick.streams.load(Relaxed) > 0 && list.len() < self.settings.parallel {
+                return None;
             }
+            pick
         };
         let send = pick
             .send
