@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 /// Largest chunk one write hands to HTTP/2: at most this much of a connection's
 /// send window is reserved by one stream at a time, so streams sharing a connection
 /// take turns.
-const MAX_WRITE: usize = 256 * 1024;
+pub(crate) const MAX_WRITE: usize = 256 * 1024;
 
 /// An open HBONE stream, either side.
 pub struct H2Stream {

@@ -16,7 +16,7 @@ use tokio::{
 };
 
 use super::{CopyError, Halves, Meter, ReadTcp, SCRATCH, SCRATCH_SIZE, Side, WriteTcp};
-use crate::mesh::hbone::stream::{H2Reader, H2Stream, H2Writer};
+use crate::mesh::hbone::stream::{H2Reader, H2Stream, H2Writer, MAX_WRITE};
 
 /// An HBONE stream splits into its HTTP/2 halves without a lock.
 impl Halves for H2Stream {
@@ -70,7 +70,8 @@ impl Meter<'_> {
             if let Some(tcp) = src.tcp() {
                 tcp.readable().await.map_err(|e| from.error(e))?;
             }
-            // Branch-free, so the PGO profile of this loop still applies.
+            // Bulk reads take up to what one write may hand to HTTP/2 (fewer, larger
+            // DATA frames). Branch-free, so the PGO profile of this loop still applies.
             let want = SCRATCH_SIZE << (BULK_SHIFT * usize::from(bulk));
             let window = std::future::poll_fn(|cx| writer.poll_reserve(cx, want))
                 .await
@@ -122,9 +123,9 @@ impl Meter<'_> {
 /// a shorter one, small messages (the next reads go through the scratch buffer).
 const SMALL_READ: usize = 4 * 1024;
 
-/// A bulk transfer's reads take up to `SCRATCH_SIZE << BULK_SHIFT` (256 KiB):
-/// fewer, larger DATA frames.
-const BULK_SHIFT: usize = 2;
+/// `MAX_WRITE` as a shift of [`SCRATCH_SIZE`] (the copy loop shifts, without a branch).
+const BULK_SHIFT: usize = (MAX_WRITE / SCRATCH_SIZE).trailing_zeros() as usize;
+const _: () = assert!(SCRATCH_SIZE << BULK_SHIFT == MAX_WRITE);
 
 /// One read of at most `max` bytes from `src` into the thread's scratch buffer, the
 /// bytes read copied out (empty at EOF). Through `poll_read`, so a short read clears
