@@ -99,15 +99,20 @@ pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminStat
             }
         };
         let state = state.clone();
+        let pass = Arc::new(pass);
         // The pod IP the kubelet dialed: forwarded app probes go to the same address.
         let local_ip = stream
             .local_addr()
             .map(|a| crate::proxy::addr::unmap_ip(a.ip()))
             .ok();
         tokio::spawn(async move {
+            let serving = pass.clone();
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
+                // A request in progress: this connection is not idle.
+                let busy = serving.busy();
                 async move {
+                    let _busy = busy;
                     let probe = state.app_probes.get(req.uri().path()).cloned();
                     let response = match (probe, local_ip) {
                         (Some(probe), Some(ip)) => {
@@ -123,15 +128,19 @@ pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminStat
                     Ok::<_, Infallible>(response)
                 }
             });
-            let _pass = pass;
             let connection = hyper::server::conn::http1::Builder::new()
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            match tokio::time::timeout(MAX_CONNECTION_AGE, connection).await {
-                Ok(Err(error)) => debug!(%error, %peer, "admin connection error"),
-                Err(_) => debug!(%peer, "admin connection closed at its maximum age"),
-                Ok(Ok(())) => {}
+            tokio::select! {
+                served = tokio::time::timeout(MAX_CONNECTION_AGE, connection) => match served {
+                    Ok(Err(error)) => debug!(%error, %peer, "admin connection error"),
+                    Err(_) => debug!(%peer, "admin connection closed at its maximum age"),
+                    Ok(Ok(())) => {}
+                },
+                // Idle (between requests), and a client holding fewer connections
+                // (the kubelet) needed its place.
+                () = pass.evicted() => debug!(%peer, "idle connection closed to admit a client holding fewer"),
             }
         });
     }

@@ -362,6 +362,7 @@ impl Bound {
                     settings: hbone_settings.clone(),
                     peers: connector.policy.clone(),
                     metrics: hbone_metrics.clone(),
+                    store: id.store.clone(),
                 };
                 (Some(Arc::new(tunnel_server)), Some(mesh), Some(connector))
             }
@@ -389,6 +390,7 @@ impl Bound {
                     zone: config.kubernetes.zone.clone(),
                     pod_ips: pod.all().to_vec(),
                     plaintext: config.kubernetes.plaintext,
+                    limits: config.kubernetes.limits,
                 };
                 Some(kubernetes::start(
                     client,
@@ -408,7 +410,10 @@ impl Bound {
             kernel,
             own_ports: config.own_ports().to_vec(),
             connect_timeout: config.proxy.connect_timeout,
-            idle_timeout: config.proxy.idle_timeout,
+            timeouts: crate::proxy::copy::Timeouts {
+                idle: config.proxy.idle_timeout,
+                half_closed: config.proxy.half_close_timeout,
+            },
             metrics: proxy_metrics,
             connections,
             inbound: InboundPolicy::new(&config),

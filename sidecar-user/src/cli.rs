@@ -73,6 +73,11 @@ pub struct InjectArgs {
     /// Mount no identity Secret (plaintext only).
     #[arg(long)]
     pub no_identity: bool,
+    /// Let the application containers keep the pod's service-account token (by
+    /// default only the sidecar gets one: `automountServiceAccountToken: false`,
+    /// unless the pod sets it).
+    #[arg(long)]
+    pub keep_app_token: bool,
 }
 
 /// `sidecar certs`.
@@ -95,6 +100,9 @@ pub struct CertsArgs {
     /// Validity of the workload certificates, in hours.
     #[arg(long, default_value_t = 24)]
     pub hours: i64,
+    /// Validity in seconds instead (short-lived certificates, for trying expiry).
+    #[arg(long)]
+    pub seconds: Option<i64>,
     /// Issue from the CA in this folder (`ca.pem`, `ca-key.pem` from an earlier run)
     /// instead of making a new one: for rotating a workload's certificate.
     #[arg(long)]

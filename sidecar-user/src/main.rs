@@ -20,8 +20,12 @@ fn main() -> ExitCode {
     telemetry::init(cli.log_format);
     match cli.command {
         Command::Check(args) => match Config::load(Some(&args.config), std::env::vars()) {
-            Ok(_) => {
+            Ok(config) => {
                 println!("{}: valid", args.config.display());
+                println!("inbound, what each port admits:");
+                for line in sidecar::proxy::admission::InboundPolicy::describe(&config) {
+                    println!("  {line}");
+                }
                 ExitCode::SUCCESS
             }
             Err(error) => {
@@ -118,7 +122,10 @@ fn certs(args: &cli::CertsArgs) -> anyhow::Result<()> {
     dev_ca::write(&args.out.join("ca.pem"), &ca.ca_pem(), false)?;
     dev_ca::write(&args.out.join("ca-key.pem"), &ca.ca_key_pem(), true)?;
     let validity = dev_ca::Validity {
-        lifetime: time::Duration::hours(args.hours),
+        lifetime: match args.seconds {
+            Some(seconds) => time::Duration::seconds(seconds),
+            None => time::Duration::hours(args.hours),
+        },
         ..Default::default()
     };
     for spec in &args.workloads {
@@ -155,6 +162,7 @@ fn inject(args: &cli::InjectArgs) -> anyhow::Result<String> {
         image: args.image.clone(),
         config_map: args.config_map.clone(),
         identity_secret: (!args.no_identity).then(|| args.identity_secret.clone()),
+        keep_app_token: args.keep_app_token,
     };
     Ok(cmd::inject::inject(&input, &options)?)
 }

@@ -4,6 +4,12 @@
 //! free: a drain's token takes a lock shared by every connection, a timer reads the
 //! clock, an HBONE stream locks its connection's state; on the data path that was
 //! paid for every message.
+//!
+//! The task's waker is registered on every poll that finds the branch not woken: a
+//! wake takes the registered waker, and one that races with the poll before it (its
+//! flag set before the poll cleared it, its waker taken after the poll registered
+//! again) leaves nothing registered, so a poll that trusted an earlier registration
+//! would lose every wake after it.
 
 use std::{
     future::Future,
@@ -25,8 +31,6 @@ pin_project_lite::pin_project! {
         flag: Arc<Flag>,
         // `flag` as a waker, made once.
         waker: Waker,
-        // The task's waker as last registered with `flag`.
-        task: Option<Waker>,
     }
 }
 
@@ -55,12 +59,7 @@ pub fn woken<F: Future>(inner: F) -> Woken<F> {
         task: AtomicWaker::new(),
     });
     let waker = Waker::from(flag.clone());
-    Woken {
-        inner,
-        flag,
-        waker,
-        task: None,
-    }
+    Woken { inner, flag, waker }
 }
 
 impl<F: Future> Future for Woken<F> {
@@ -68,16 +67,10 @@ impl<F: Future> Future for Woken<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
-        let registered = this.task.as_ref().is_some_and(|t| t.will_wake(cx.waker()));
         if !this.flag.woken.load(Ordering::Acquire) {
-            if registered {
-                // Not woken since the task's waker was registered, so `flag` still
-                // holds it: nothing to do (an atomic load, on every poll of the
-                // task).
-                return Poll::Pending;
-            }
+            // Registering the same waker again is two uncontended atomic operations,
+            // far less than polling the branch.
             this.flag.task.register(cx.waker());
-            *this.task = Some(cx.waker().clone());
             // A wake before the registration set the flag: do not miss it.
             if !this.flag.woken.load(Ordering::Acquire) {
                 return Poll::Pending;
@@ -88,9 +81,6 @@ impl<F: Future> Future for Woken<F> {
         // next poll of the task).
         this.flag.woken.store(false, Ordering::Release);
         this.flag.task.register(cx.waker());
-        if !registered {
-            *this.task = Some(cx.waker().clone());
-        }
         this.inner.poll(&mut Context::from_waker(this.waker))
     }
 }
@@ -172,5 +162,61 @@ mod tests {
             got = rx => got.expect("sent"),
         };
         assert_eq!(got, 7);
+    }
+
+    /// Counts the wakes of a task.
+    #[derive(Default)]
+    struct TaskWakes(AtomicUsize);
+
+    impl Wake for TaskWakes {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    /// A wake runs in two steps (flag set, then the registered waker taken and
+    /// woken); here another thread's wake straddles a poll of the task, in the order
+    /// that left no waker registered.
+    #[test]
+    fn a_wake_straddling_a_poll_does_not_lose_the_next_wake() {
+        let task = Arc::new(TaskWakes::default());
+        let task_waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&task_waker);
+        let (polls, ready, waker) = (
+            AtomicUsize::new(0),
+            AtomicBool::new(false),
+            std::sync::Mutex::new(None),
+        );
+        let probe = woken(Probe {
+            polls: &polls,
+            ready: &ready,
+            waker: &waker,
+        });
+        let flag = probe.flag.clone();
+        let mut probe = std::pin::pin!(probe);
+        assert!(probe.as_mut().poll(&mut cx).is_pending());
+        // Another thread's wake sets the flag ...
+        flag.woken.store(true, Ordering::Release);
+        // ... the task, polled meanwhile, clears it and registers ...
+        assert!(probe.as_mut().poll(&mut cx).is_pending());
+        // ... then that wake takes the waker and wakes the task,
+        flag.task.wake();
+        assert_eq!(task.0.load(Relaxed), 1);
+        // whose poll finds nothing new.
+        assert!(probe.as_mut().poll(&mut cx).is_pending());
+        // The branch's next wake must still reach the task.
+        ready.store(true, Relaxed);
+        waker
+            .lock()
+            .expect("lock")
+            .take()
+            .expect("a waker was kept")
+            .wake();
+        assert_eq!(
+            task.0.load(Relaxed),
+            2,
+            "the task was not woken: the wake was lost"
+        );
+        assert!(probe.as_mut().poll(&mut cx).is_ready());
     }
 }

@@ -27,6 +27,8 @@ pub struct Client {
     send: SendRequest<Bytes>,
     /// The server certificate's SPIFFE ID.
     pub server_identity: String,
+    /// How the connection ended, once it has: `closed`, `goaway <reason>`, or the error.
+    ended: Arc<std::sync::Mutex<Option<String>>>,
 }
 
 /// Client TLS with `cert_dir`'s cert.pem/key.pem (or no certificate), ALPN h2, no SNI.
@@ -65,7 +67,28 @@ fn load(
 impl Client {
     /// TCP, mTLS and the HTTP/2 handshake to `to` with `config`.
     pub async fn connect(to: SocketAddr, config: Arc<rustls::ClientConfig>) -> Result<Self> {
-        let tcp = TcpStream::connect(to).await.context("TCP connect")?;
+        Self::connect_from(None, to, config).await
+    }
+
+    /// As [`Client::connect`], from source address `from` when given.
+    pub async fn connect_from(
+        from: Option<std::net::IpAddr>,
+        to: SocketAddr,
+        config: Arc<rustls::ClientConfig>,
+    ) -> Result<Self> {
+        let tcp = match from {
+            None => TcpStream::connect(to).await.context("TCP connect")?,
+            Some(from) => {
+                let socket = match to {
+                    SocketAddr::V4(_) => tokio::net::TcpSocket::new_v4()?,
+                    SocketAddr::V6(_) => tokio::net::TcpSocket::new_v6()?,
+                };
+                socket
+                    .bind(SocketAddr::new(from, 0))
+                    .context("bind the source")?;
+                socket.connect(to).await.context("TCP connect")?
+            }
+        };
         tcp.set_nodelay(true)?;
         let name = rustls::pki_types::ServerName::IpAddress(to.ip().into());
         let tls = tokio_rustls::TlsConnector::from(config)
@@ -82,13 +105,67 @@ impl Client {
         let (send, connection) = h2::client::handshake(tls)
             .await
             .context("HTTP/2 handshake")?;
+        let ended = Arc::new(std::sync::Mutex::new(None));
+        let record = ended.clone();
         tokio::spawn(async move {
-            let _ = connection.await;
+            let how = match connection.await {
+                Ok(()) => "closed".to_string(),
+                Err(e) if e.is_go_away() => format!("goaway {:?}", e.reason()),
+                Err(e) => format!("error {e}"),
+            };
+            if let Ok(mut ended) = record.lock() {
+                *ended = Some(how);
+            }
         });
         Ok(Self {
             send,
             server_identity,
+            ended,
         })
+    }
+
+    /// How the connection ended, if it has.
+    pub fn ended(&self) -> Option<String> {
+        self.ended.lock().ok().and_then(|e| e.clone())
+    }
+
+    /// Rapid reset: `count` `CONNECT`s to `authority`, in batches of `batch`, each
+    /// batch reset (`CANCEL`) `reset_after` after its HEADERS went out (after the
+    /// server accepted the streams, not before). Returns how many streams were sent
+    /// before the connection refused more.
+    pub async fn reset_flood(
+        &self,
+        authority: &str,
+        count: usize,
+        batch: usize,
+        reset_after: Duration,
+    ) -> usize {
+        let mut sent = 0;
+        while sent < count {
+            let mut streams = Vec::with_capacity(batch);
+            for _ in 0..batch.min(count - sent) {
+                let Ok(request) = http::Request::builder()
+                    .method("CONNECT")
+                    .uri(authority)
+                    .body(())
+                else {
+                    return sent;
+                };
+                let Ok(mut send) = self.send.clone().ready().await else {
+                    return sent;
+                };
+                match send.send_request(request, false) {
+                    Ok((response, stream)) => streams.push((response, stream)),
+                    Err(_) => return sent,
+                }
+                sent += 1;
+            }
+            tokio::time::sleep(reset_after).await;
+            for (_, mut stream) in streams {
+                stream.send_reset(h2::Reason::CANCEL);
+            }
+        }
+        sent
     }
 
     /// Sends `method authority`, then (on 200) `payload` and END_STREAM, and reads

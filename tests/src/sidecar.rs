@@ -192,6 +192,8 @@ impl Sidecar {
                 .outsider("curl")
                 .args([
                     "-s",
+                    "--max-time",
+                    "2",
                     "-o",
                     "/dev/null",
                     "-w",
@@ -326,9 +328,26 @@ impl Sidecar {
 
 impl Drop for Sidecar {
     fn drop(&mut self) {
+        // A failed test shows what the sidecar still held open, read before it dies.
+        let open = std::thread::panicking().then(|| {
+            self.pod
+                .outsider("curl")
+                .args([
+                    "-sS",
+                    "--max-time",
+                    "3",
+                    "http://127.0.0.1:15000/connections",
+                ])
+                .output()
+                .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+                .unwrap_or_else(|e| format!("(curl: {e})"))
+        });
         if let Some(mut child) = self.child.take() {
             let _ = child.kill();
             let _ = child.wait();
+        }
+        if let Some(open) = open {
+            eprintln!("--- the sidecar's /connections ---\n{open}");
         }
         if std::thread::panicking() {
             let logs = self.logs();

@@ -3,7 +3,9 @@
 use std::{
     io::{BufRead, BufReader},
     path::PathBuf,
-    process::{Child, Command, Stdio},
+    process::{Child, Command, ExitStatus, Output, Stdio},
+    sync::mpsc,
+    time::{Duration, Instant},
 };
 
 /// A binary of this workspace, next to the running test executable (`target/<profile>/`).
@@ -45,27 +47,104 @@ pub fn echo_server(server: &crate::Pod, port: u16) -> (Background, String) {
     (Background::start_ready(cmd), dst)
 }
 
+/// How long a test waits for a workload's line or exit before it fails, naming what
+/// it waited for (pod-tool's own deadline, 120 s, normally ends it first).
+pub const WORKLOAD_DEADLINE: Duration = Duration::from_secs(150);
+
+/// The stdout lines of a child, read on a thread of their own, so that each wait for
+/// one has a deadline.
+pub struct Lines {
+    rx: mpsc::Receiver<String>,
+}
+
+impl Lines {
+    /// Reads `stdout` line by line.
+    pub fn new(stdout: impl std::io::Read + Send + 'static) -> Self {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Self { rx }
+    }
+
+    /// The next line; panics naming `what` when none comes within `limit`, and
+    /// returns an empty line at EOF.
+    pub fn next_within(&self, limit: Duration, what: &str) -> String {
+        match self.rx.recv_timeout(limit) {
+            Ok(line) => line,
+            Err(mpsc::RecvTimeoutError::Disconnected) => String::new(),
+            Err(mpsc::RecvTimeoutError::Timeout) => {
+                panic!("{what}: no line within {limit:?}")
+            }
+        }
+    }
+}
+
+/// Waits for `child` to exit; kills it and panics naming `what` after `limit`.
+pub fn wait_within(child: &mut Child, limit: Duration, what: &str) -> ExitStatus {
+    let started = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for child") {
+            return status;
+        }
+        if started.elapsed() > limit {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("{what}: did not exit within {limit:?} (killed)");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Runs `cmd` to completion with its output captured, like `Command::output`, but
+/// kills it and panics after `limit`.
+pub fn output_within(cmd: &mut Command, limit: Duration) -> Output {
+    cmd.stdout(Stdio::piped()).stderr(Stdio::piped());
+    let mut child = cmd.spawn().unwrap_or_else(|e| panic!("spawn {cmd:?}: {e}"));
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut all = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut all);
+            }
+            all
+        })
+    };
+    let out = drain(child.stdout.take().map(|s| Box::new(s) as _));
+    let err = drain(child.stderr.take().map(|s| Box::new(s) as _));
+    let status = wait_within(&mut child, limit, &format!("{cmd:?}"));
+    Output {
+        status,
+        stdout: out.join().unwrap_or_default(),
+        stderr: err.join().unwrap_or_default(),
+    }
+}
+
 /// A background process killed on drop.
 pub struct Background {
     child: Child,
 }
 
 impl Background {
-    /// Spawns `cmd` and waits for its first stdout line to be `ready`.
+    /// Spawns `cmd` and waits (with a deadline) for its first stdout line to be
+    /// `ready`.
     pub fn start_ready(mut cmd: Command) -> Self {
         cmd.stdout(Stdio::piped()).stderr(Stdio::inherit());
         let mut child = cmd.spawn().expect("spawn background process");
-        let stdout = child.stdout.take().expect("piped stdout");
-        let mut line = String::new();
-        BufReader::new(stdout)
-            .read_line(&mut line)
-            .expect("read readiness line");
+        let lines = Lines::new(child.stdout.take().expect("piped stdout"));
+        let guard = Self { child };
+        let line = lines.next_within(Duration::from_secs(20), &format!("readiness of {cmd:?}"));
         assert_eq!(
             line.trim(),
             "ready",
             "background process did not become ready: {cmd:?}"
         );
-        Self { child }
+        guard
     }
 }
 
@@ -80,23 +159,26 @@ impl Drop for Background {
 /// connections are open), until its JSON summary.
 pub struct InFlight {
     child: Child,
-    lines: std::io::Lines<BufReader<std::process::ChildStdout>>,
+    lines: Lines,
+    what: String,
 }
 
 impl InFlight {
-    /// Spawns `cmd` and waits until it reports `connected`.
+    /// Spawns `cmd` and waits (with a deadline) until it reports `connected`.
     pub fn start(mut cmd: Command) -> Self {
         let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn workload");
-        let mut lines = BufReader::new(child.stdout.take().expect("piped stdout")).lines();
-        let first = lines.next().and_then(Result::ok).unwrap_or_default();
+        let lines = Lines::new(child.stdout.take().expect("piped stdout"));
+        let what = format!("{cmd:?}");
+        let flight = Self { child, lines, what };
+        let first = flight.lines.next_within(WORKLOAD_DEADLINE, &flight.what);
         assert_eq!(first, "connected", "workload did not connect: {cmd:?}");
-        Self { child, lines }
+        flight
     }
 
-    /// Waits for the summary line and the exit.
+    /// Waits (with a deadline) for the summary line and the exit.
     pub fn finish(mut self) -> serde_json::Value {
-        let line = self.lines.next().and_then(Result::ok).unwrap_or_default();
-        let _ = self.child.wait();
+        let line = self.lines.next_within(WORKLOAD_DEADLINE, &self.what);
+        wait_within(&mut self.child, Duration::from_secs(10), &self.what);
         serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad summary ({e}): {line:?}"))
     }
 }
@@ -124,7 +206,7 @@ pub fn tally_by_server(summary: &serde_json::Value) -> std::collections::BTreeMa
 /// Runs `cmd` to completion and parses its last stdout line as JSON, panicking with
 /// stderr if it failed.
 pub fn run_json(mut cmd: Command) -> serde_json::Value {
-    let out = cmd.output().expect("run workload");
+    let out = output_within(&mut cmd, WORKLOAD_DEADLINE);
     let stdout = String::from_utf8_lossy(&out.stdout);
     assert!(
         out.status.success(),

@@ -178,7 +178,7 @@ fn process_outside_the_pod_cgroup_is_not_captured() {
     let out = rig
         .client
         .outsider("curl")
-        .args(["-sS", "-w", "remote=%{remote_ip}", &url])
+        .args(["-sS", "--max-time", "10", "-w", "remote=%{remote_ip}", &url])
         .output()
         .expect("curl");
     let body = curl_body(&out);

@@ -82,6 +82,47 @@ fn check_names_the_field_and_accepts_the_example() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout.contains(
+            "every other port: disabled: no mesh peers (no identity); plaintext admitted"
+        ),
+        "{stdout}"
+    );
+    // What each port admits, with an allow-list that does not name
+    // `unauthenticated`: plaintext is refused on every port, strict or not.
+    let listed =
+        std::env::temp_dir().join(format!("sidecar-check-allow-{}.yaml", std::process::id()));
+    let certs = sidecar_tests::Certs::new("check", &["b=shop/db"]);
+    std::fs::write(
+        &listed,
+        format!(
+            "{}inbound:\n  mode: disabled\n  port_modes: {{8080: strict}}\n  allow: ['spiffe://td/ns/a/*']\n",
+            certs.identity("b")
+        ),
+    )
+    .expect("write");
+    let out = Command::new(sidecar_bin())
+        .args(["check", "--config"])
+        .arg(&listed)
+        .output()
+        .expect("check");
+    let _ = std::fs::remove_file(&listed);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("port 8080: strict:") && stdout.contains("plaintext refused (strict)"),
+        "{stdout}"
+    );
+    assert!(
+        stdout.contains("every other port: disabled:")
+            && stdout.contains("plaintext refused (inbound.allow does not list `unauthenticated`)"),
+        "{stdout}"
+    );
     let bad = std::env::temp_dir().join(format!("sidecar-check-{}.yaml", std::process::id()));
     std::fs::write(&bad, "proxy:\n  idle_timeout: forever\n").expect("write");
     let out = Command::new(sidecar_bin())

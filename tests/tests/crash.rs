@@ -232,7 +232,14 @@ fn a_sidecar_cannot_touch_pins_and_readiness_follows_capture() {
     );
     let readyz = a
         .outsider("curl")
-        .args(["-s", "-w", " %{http_code}", "http://127.0.0.1:15020/readyz"])
+        .args([
+            "-s",
+            "--max-time",
+            "5",
+            "-w",
+            " %{http_code}",
+            "http://127.0.0.1:15020/readyz",
+        ])
         .output()
         .expect("curl");
     let readyz = String::from_utf8_lossy(&readyz.stdout).into_owned();

@@ -199,3 +199,210 @@ fn an_authenticated_client_is_held_to_its_share_of_hbone_connections() {
     assert_eq!(again["ok"], 2, "{again}");
     assert_eq!(refused("client"), 6.0);
 }
+
+/// Sockets of the sidecar in `pod` toward `port` on the pod's own address (its
+/// deliveries to the application), in any state but listening.
+fn deliveries(pod: &sidecar_tests::Pod, port: u16) -> usize {
+    let out = sidecar_tests::tools::output_within(
+        pod.outsider("ss").args([
+            "-Htn",
+            "state",
+            "all",
+            "dst",
+            &format!("{}:{port}", pod.ip4),
+        ]),
+        Duration::from_secs(5),
+    );
+    String::from_utf8_lossy(&out.stdout).lines().count()
+}
+
+#[test]
+fn streams_reset_after_their_headers_cannot_pile_up_deliveries() {
+    // Rapid reset: an admitted peer opens CONNECT streams and resets each a few
+    // milliseconds later (after the server accepted it), toward an application that
+    // never accepts. h2 frees a reset stream's slot at once; a server whose stream
+    // tasks kept connecting ran far more deliveries than its stream cap (thousands).
+    let mut net = Net::new("rst-flood");
+    let b = net.pod("b");
+    let attacker = net.pod("attacker");
+    let good = net.pod("good");
+    let certs = Certs::new("rst", &["b=shop/db", "attacker=shop/web", "good=shop/web"]);
+    // Listens with a backlog of one and never accepts: connects to it hang.
+    let mut sink = b.app("python3");
+    sink.args([
+        "-c",
+        "import socket,sys,time\n\
+         s=socket.socket(); s.bind((sys.argv[1], 9090)); s.listen(1)\n\
+         print('ready', flush=True)\n\
+         time.sleep(600)",
+        &b.ip4.to_string(),
+    ]);
+    let _sink = sidecar_tests::tools::Background::start_ready(sink);
+    let (_echo, dst) = echo_server(&b, 8080);
+    let server = Sidecar::start(
+        &b,
+        &format!("{}inbound:\n  mode: strict\n", certs.identity("b")),
+        Placement::InPodCgroup,
+    );
+    let peak = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let sampler = std::thread::spawn({
+        let (peak, done, b) = (peak.clone(), done.clone(), b.clone());
+        move || {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                peak.fetch_max(deliveries(&b, 9090), std::sync::atomic::Ordering::Relaxed);
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+    });
+    let mut flood = attacker.outsider(&pod_tool_bin());
+    flood
+        .args(["reset-flood", "--to", &format!("{}:15008", b.ip4)])
+        .arg("--cert")
+        .arg(certs.dir().join("attacker"))
+        .args(["--authority", &format!("{}:9090", b.ip4), "--count", "3000"])
+        .args(["--batch", "25", "--reset-after-ms", "20"]);
+    let summary = run_json(flood);
+    // Past the flood, the sampler sees what is still connecting.
+    std::thread::sleep(Duration::from_millis(500));
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    sampler.join().expect("sampler");
+    let peak = peak.load(std::sync::atomic::Ordering::Relaxed);
+    // The stream cap (200) bounds the deliveries of one connection, and resets stop
+    // them: far fewer than the streams sent.
+    assert!(
+        peak <= 200,
+        "{peak} deliveries at once on one connection: {summary}"
+    );
+    assert_eq!(
+        summary["ended"], "goaway Some(ENHANCE_YOUR_CALM)",
+        "the server tolerated the resets: {summary}"
+    );
+    let abuse = |kind: &str| server.metric("sidecar_hbone_server_abuse_total", &[("kind", kind)]);
+    assert_eq!(abuse("goaway_enhance_your_calm"), 1.0);
+    let resets = abuse("reset_before_answer");
+    assert!(resets >= 100.0, "{resets}");
+    // Each refusal is counted, but the log holds a bounded number of lines per reason
+    // (20 per 10 s), with a count of the rest.
+    let log = server.logs();
+    let lines = log.matches("refusing connection").count();
+    assert!(
+        lines <= 40,
+        "{lines} refusal lines for {resets} resets:\n{log}"
+    );
+    within(Duration::from_secs(10), "every delivery to end", || {
+        deliveries(&b, 9090) == 0
+    });
+    // A legitimate peer is still served.
+    let _client = Sidecar::meshed_client(&good, &certs, "good");
+    echo_time(&good, &dst, 5);
+}
+
+#[test]
+fn the_kubelet_gets_through_while_other_pods_hold_every_health_connection() {
+    // Sixteen client addresses each hold the per-client maximum (16) of keep-alive
+    // connections to the health port: all 256 of the listener's slots. The kubelet
+    // (a client holding none) must still get its probe answered: the oldest idle
+    // connection of a client holding the most makes room.
+    let mut net = Net::new("health-fair");
+    let b = net.pod("b");
+    let pods = net.pod("pods");
+    let kubelet = net.pod("kubelet");
+    let _server = Sidecar::start(&b, "", Placement::InPodCgroup);
+    let sources: Vec<String> = (0..16).map(|i| format!("198.18.0.{}", 100 + i)).collect();
+    for s in &sources {
+        pods.add_address(s.parse().expect("ip"));
+    }
+    let mut hold = pods.outsider(&pod_tool_bin());
+    hold.args(["http-hold", "--to", &format!("{}:15020", b.ip4)])
+        .args([
+            "--per-source",
+            "16",
+            "--path",
+            "/readyz",
+            "--every-ms",
+            "1000",
+        ])
+        .args(["--hold-ms", "8000"]);
+    for s in &sources {
+        hold.args(["--from", s]);
+    }
+    let holding = InFlight::start(hold);
+    for i in 0..5 {
+        let out = sidecar_tests::tools::output_within(
+            kubelet.outsider("curl").args([
+                "-sS",
+                "--max-time",
+                "3",
+                "-o",
+                "/dev/null",
+                "-w",
+                "%{http_code}",
+                &format!("http://{}:15020/readyz", b.ip4),
+            ]),
+            Duration::from_secs(10),
+        );
+        assert_eq!(
+            String::from_utf8_lossy(&out.stdout),
+            "200",
+            "probe {i} while every slot was held: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let summary = holding.finish();
+    assert_eq!(summary["opened"], 256, "{summary}");
+    // Only idle connections made room, one per probe connection at most.
+    let closed = summary["closed_by_server"].as_u64().unwrap_or(0);
+    assert!((1..=5).contains(&closed), "{summary}");
+}
+
+#[test]
+fn a_new_peer_is_served_while_others_hold_every_hbone_connection() {
+    // Two addresses of one pod hold their maximum (4 each) of authenticated,
+    // idle HBONE connections: the sidecar-wide cap of 8. A new peer is still served:
+    // the oldest idle connection of a client holding the most is closed (GOAWAY).
+    let mut net = Net::new("hbone-fair");
+    let b = net.pod("b");
+    let good = net.pod("good");
+    let greedy = net.pod("greedy");
+    let certs = Certs::new(
+        "hbone-fair",
+        &["b=shop/db", "good=shop/web", "greedy=shop/web"],
+    );
+    let (_echo, dst) = echo_server(&b, 8080);
+    let server = Sidecar::start(
+        &b,
+        &format!(
+            "{}inbound:\n  mode: strict\n  max_hbone_connections: 8\n  \
+             max_hbone_connections_per_client: 4\n",
+            certs.identity("b")
+        ),
+        Placement::InPodCgroup,
+    );
+    let sources = ["198.18.0.120", "198.18.0.121"];
+    for s in sources {
+        greedy.add_address(s.parse().expect("ip"));
+    }
+    let mut hold = greedy.outsider(&pod_tool_bin());
+    hold.args(["hbone-hold", "--to", &format!("{}:15008", b.ip4)])
+        .arg("--cert")
+        .arg(certs.dir().join("greedy"))
+        .args(["--authority", &dst, "--count", "4", "--hold-ms", "6000"])
+        .args(["--from", sources[0], "--from", sources[1]]);
+    let holding = InFlight::start(hold);
+    assert_eq!(server.metric("sidecar_inbound_hbone_connections", &[]), 8.0);
+    let _client = Sidecar::meshed_client(&good, &certs, "good");
+    echo_time(&good, &dst, 10);
+    let evicted = server.metric("sidecar_inbound_hbone_connections_evicted_total", &[]);
+    assert_eq!(evicted, 1.0, "one idle connection made room");
+    let summary = holding.finish();
+    assert_eq!(summary["ok"], 8, "{summary}");
+    assert_eq!(summary["open_at_end"], 7, "{summary}");
+    assert_eq!(
+        server.metric(
+            "sidecar_inbound_hbone_connections_refused_total",
+            &[("limit", "sidecar")]
+        ),
+        0.0
+    );
+}

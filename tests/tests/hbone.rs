@@ -389,3 +389,156 @@ fn a_killed_server_sidecar_fails_closed_and_its_broken_connection_is_never_reuse
     let pool = a_sidecar.admin_json("/pool");
     assert_eq!(pool.as_array().map(Vec::len), Some(1), "{pool}");
 }
+
+/// `sidecar certs --ca <ca_dir> --seconds <seconds>`: a certificate for `workload`
+/// from the CA in `ca_dir` valid for `seconds` more, in `<out>/<name>`.
+fn short_lived(ca_dir: &std::path::Path, out: &std::path::Path, workload: &str, seconds: u32) {
+    let done = sidecar_tests::tools::output_within(
+        std::process::Command::new(sidecar_tests::tools::sidecar_bin())
+            .args(["certs", "--out"])
+            .arg(out)
+            .arg("--ca")
+            .arg(ca_dir)
+            .args(["--workload", workload, "--seconds", &seconds.to_string()]),
+        Duration::from_secs(20),
+    );
+    assert!(
+        done.status.success(),
+        "{}",
+        String::from_utf8_lossy(&done.stderr)
+    );
+}
+
+/// An `identity:` section with `name`'s certificate and key from `certs`, the
+/// bundle at `bundle`, re-read every 200 ms (so the files are made readable by the
+/// proxy's unprivileged user, as a Secret volume's are).
+fn identity_with_bundle(certs: &Certs, name: &str, bundle: &std::path::Path) -> String {
+    let chmod = sidecar_tests::tools::output_within(
+        std::process::Command::new("chmod")
+            .args(["-R", "a+rX"])
+            .arg(certs.dir()),
+        Duration::from_secs(10),
+    );
+    assert!(chmod.status.success());
+    let d = certs.dir().join(name);
+    format!(
+        "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n  reload_interval: 200ms\n",
+        d.join("cert.pem").display(),
+        d.join("key.pem").display(),
+        bundle.display()
+    )
+}
+
+#[test]
+fn the_server_sends_goaway_at_a_clients_expiry_and_when_its_ca_leaves_the_bundle() {
+    let mut net = Net::new("trust-end");
+    let b = net.pod("b");
+    let x = net.pod("x");
+    let ours = Certs::new("trust-ours", &["b=shop/db", "good=shop/web"]);
+    let theirs = Certs::new("trust-theirs", &["other=shop/web"]);
+    let read = |c: &Certs| std::fs::read_to_string(c.dir().join("ca.pem")).expect("ca");
+    let bundle = ours.dir().join("b-bundle.pem");
+    std::fs::write(&bundle, format!("{}{}", read(&ours), read(&theirs))).expect("bundle");
+    let short_dir = ours.dir().join("short");
+    short_lived(ours.dir(), &short_dir, "short=shop/web", 8);
+    let (_echo, dst) = echo_server(&b, 8080);
+    let server = Sidecar::start(
+        &b,
+        &format!(
+            "{}inbound:\n  mode: strict\n",
+            identity_with_bundle(&ours, "b", &bundle)
+        ),
+        Placement::InPodCgroup,
+    );
+    let hold = |cert: std::path::PathBuf, hold_ms: u64| {
+        let mut cmd = x.outsider(&pod_tool_bin());
+        cmd.args(["hbone-hold", "--to", &format!("{}:15008", b.ip4)])
+            .arg("--cert")
+            .arg(cert)
+            .args(["--authority", &dst, "--count", "1"])
+            .args(["--hold-ms", &hold_ms.to_string()]);
+        InFlight::start(cmd)
+    };
+    let short = hold(short_dir.join("short"), 12_000);
+    let other = hold(theirs.dir().join("other"), 4_000);
+    // The other trust domain's CA leaves B's bundle: its connection is told to go.
+    std::fs::write(&bundle, read(&ours)).expect("bundle without their CA");
+    let other = other.finish();
+    assert_eq!(other["ok"], 1, "{other}");
+    assert_eq!(
+        other["open_at_end"], 0,
+        "a peer whose CA was removed kept its connection: {other}"
+    );
+    // A new connection under the new bundle is refused.
+    let again = hold(theirs.dir().join("other"), 0).finish();
+    assert_eq!(again["refused"], 1, "{again}");
+    // The short certificate expires 8 s after it was issued: its connection ends
+    // then (opened before the bundle change, it was also told to go by it; a
+    // connection opened after the change must end at the expiry alone).
+    let late = hold(short_dir.join("short"), 9_000).finish();
+    assert_eq!(late["ok"], 1, "{late}");
+    assert_eq!(
+        late["open_at_end"], 0,
+        "a peer kept its connection past its expiry: {late}"
+    );
+    let short = short.finish();
+    assert_eq!(short["open_at_end"], 0, "{short}");
+    // Our own workloads are served again over fresh handshakes.
+    let good = hold(ours.dir().join("good"), 0).finish();
+    assert_eq!(good["ok"], 1, "{good}");
+    assert!(
+        server.logs().contains("the peer is no longer trusted"),
+        "{}",
+        server.logs()
+    );
+}
+
+#[test]
+fn after_a_bundle_change_new_streams_go_over_a_new_pooled_connection() {
+    let mut net = Net::new("pool-bundle");
+    let a = net.pod("a");
+    let b = net.pod("b");
+    let ours = Certs::new("pool-ours", &["b=shop/db", "a=shop/web"]);
+    let theirs = Certs::new("pool-theirs", &["other=shop/web"]);
+    let read = |c: &Certs| std::fs::read_to_string(c.dir().join("ca.pem")).expect("ca");
+    let bundle = ours.dir().join("a-bundle.pem");
+    std::fs::write(&bundle, format!("{}{}", read(&ours), read(&theirs))).expect("bundle");
+    let (_echo, dst) = echo_server(&b, 8080);
+    let _server = Sidecar::start(
+        &b,
+        &format!("{}inbound:\n  mode: strict\n", ours.identity("b")),
+        Placement::InPodCgroup,
+    );
+    let client = Sidecar::start(
+        &a,
+        &format!(
+            "{}mesh:\n  cidrs: [198.18.0.0/24]\n",
+            identity_with_bundle(&ours, "a", &bundle)
+        ),
+        Placement::InPodCgroup,
+    );
+    let opened = || {
+        client.metric(
+            "sidecar_hbone_connections_opened_total",
+            &[("side", "client")],
+        )
+    };
+    let echo = || {
+        let mut cmd = a.app(&pod_tool_bin());
+        cmd.args(["tally", "--to", &dst, "--count", "3"]);
+        let t = run_json(cmd);
+        assert_eq!(t["ok"], 3, "{t}");
+    };
+    echo();
+    assert_eq!(opened(), 1.0);
+    std::fs::write(&bundle, read(&ours)).expect("bundle without their CA");
+    wait_until(Duration::from_secs(5), "the bundle is reloaded", || {
+        client.logs().contains("identity rotated")
+    });
+    echo();
+    assert_eq!(
+        opened(),
+        2.0,
+        "the connection verified under the old bundle took new streams"
+    );
+}

@@ -238,7 +238,7 @@ fn a_cluster_ip_balances_meshed_and_plain_pods_and_refuses_an_impostor() {
 /// still carries bytes both ways.
 struct Holders {
     child: std::process::Child,
-    out: std::io::BufReader<std::process::ChildStdout>,
+    out: sidecar_tests::tools::Lines,
     go: std::path::PathBuf,
 }
 
@@ -264,7 +264,6 @@ print(json.dumps({"servers": servers, "ok": ok}), flush=True)
 
 impl Holders {
     fn open(pod: &Pod, to: &str, n: usize) -> (Self, Vec<String>) {
-        use std::io::BufRead;
         let go = std::env::temp_dir().join(format!("kube-holders-{}-{n}", std::process::id()));
         let _ = std::fs::remove_file(&go);
         let mut child = pod
@@ -274,9 +273,8 @@ impl Holders {
             .stdout(std::process::Stdio::piped())
             .spawn()
             .expect("python3");
-        let mut out = std::io::BufReader::new(child.stdout.take().expect("stdout"));
-        let mut line = String::new();
-        out.read_line(&mut line).expect("holders report");
+        let out = sidecar_tests::tools::Lines::new(child.stdout.take().expect("stdout"));
+        let line = out.next_within(Duration::from_secs(60), "the holders' report");
         let v: Value = serde_json::from_str(&line).expect("holders json");
         let servers = v["servers"]
             .as_array()
@@ -289,11 +287,11 @@ impl Holders {
 
     /// How many connections still echoed.
     fn check(mut self) -> u64 {
-        use std::io::BufRead;
         std::fs::write(&self.go, b"go").expect("go file");
-        let mut line = String::new();
-        self.out.read_line(&mut line).expect("holders result");
-        let _ = self.child.wait();
+        let line = self
+            .out
+            .next_within(Duration::from_secs(60), "the holders' result");
+        sidecar_tests::tools::wait_within(&mut self.child, Duration::from_secs(10), "holders");
         let _ = std::fs::remove_file(&self.go);
         serde_json::from_str::<Value>(&line).expect("json")["ok"]
             .as_u64()
@@ -472,4 +470,90 @@ fn an_api_server_outage_keeps_traffic_flowing_and_a_410_relists() {
             > lists_before
     );
     sidecar_tests::tools::wait_until(Duration::from_secs(5), "fresh again", || stale() == 0.0);
+}
+
+#[test]
+fn watches_ended_at_once_back_off_and_a_flapping_pod_bounds_the_rebuilds() {
+    use sidecar_tests::kube_api::Kind;
+    let rig = plain("kube-spin", 2, &[0, 1]);
+    let vip = format!("{CLUSTER_IP}:80");
+    // A pod whose annotation flips 100 times in two seconds: each flip is a change
+    // (it decides HBONE), yet the routed cluster is rebuilt at most four times a
+    // second.
+    let rebuilds = || rig.sidecar.metric("sidecar_kubernetes_rebuilds_total", &[]);
+    let before = rebuilds();
+    for i in 0..100 {
+        rig.api
+            .apply(&kube_pod("web-1", "web", &rig.b[0], i % 2 == 0))
+            .expect("apply");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let flapped = rebuilds() - before;
+    assert!(
+        (1.0..=12.0).contains(&flapped),
+        "{flapped} rebuilds for 100 changes in 2 s"
+    );
+    // An API server (or a load balancer before it) that ends every watch at once
+    // with a 200: the sidecar resumes after a growing backoff instead of spinning.
+    rig.api.end_watches_at_once(true);
+    rig.api.set_down(true);
+    rig.api.set_down(false);
+    let watches = || rig.api.requests("watch", Kind::EndpointSlice);
+    let start = watches();
+    std::thread::sleep(Duration::from_secs(6));
+    let spun = watches() - start;
+    assert!(spun <= 10, "{spun} watches of one kind in 6 s");
+    // Traffic still flows on what is known.
+    let t = tally(&rig.client, &vip, 10);
+    assert_eq!(t["failed"], 0, "{t}");
+}
+
+#[test]
+fn narrowing_mesh_identities_keeps_open_connections_to_a_pod_discovery_vouches_for() {
+    // A StatefulSet member dialed by its pod IP: discovery says which service account
+    // serves it, and that requirement wins over `mesh.identities`. A reload that
+    // narrows the rules for its network must not reset connections a new connect to
+    // the same IP would still be allowed.
+    let mut net = Net::new("kube-narrow");
+    let api_pod = net.pod("api");
+    let client = net.pod("client");
+    let db = net.pod("db");
+    let certs = Certs::new("kube-narrow", &["client=shop/client", "db=shop/db"]);
+    let _app = echo(&db);
+    let _db_sidecar = Sidecar::start(
+        &db,
+        &format!("{}inbound:\n  mode: strict\n", certs.identity("db")),
+        Placement::InPodCgroup,
+    );
+    let api = KubeApi::start(&api_pod, Duration::from_secs(1)).expect("test API server");
+    api.apply(&kube_pod("db-0", "db", &db, true))
+        .expect("apply");
+    let config = |allowed_sa: &str| {
+        format!(
+            "{}{}mesh:\n  identities:\n  - cidrs: ['{}/32']\n    allow: ['spiffe://cluster.local/ns/shop/sa/{allowed_sa}']\n",
+            certs.identity("client"),
+            discovery(&api),
+            db.ip4
+        )
+    };
+    let sidecar = Sidecar::start(&client, &config("db"), Placement::InPodCgroup);
+    let to = format!("{}:{PORT}", db.ip4);
+    let (holders, servers) = Holders::open(&client, &to, 3);
+    assert_eq!(servers.len(), 3, "{servers:?}");
+    // The rules for the pod's network now name another service account.
+    sidecar.write_config(&config("other"));
+    sidecar_tests::tools::wait_until(Duration::from_secs(5), "the reload", || {
+        sidecar.metric("sidecar_config_reloads_total", &[("result", "applied")]) >= 1.0
+    });
+    // Discovery's requirement still holds for new connections to that IP ...
+    let t = tally(&client, &to, 3);
+    assert_eq!(t["failed"], 0, "{t}");
+    // ... so the open ones were not reset.
+    assert_eq!(
+        holders.check(),
+        3,
+        "open connections were reset by the reload"
+    );
+    assert_eq!(sidecar.closed("policy_denied"), 0);
 }

@@ -3,14 +3,16 @@
 //! already running, and forwarding the kubelet's rewritten probes to the app.
 
 use std::{
-    io::{BufRead, BufReader, Write},
+    io::Write,
     process::Stdio,
     time::{Duration, Instant},
 };
 
 use sidecar_tests::{
     Net, Placement, Sidecar,
-    tools::{Background, attached_programs, echo_server, pod_tool_bin, run_json},
+    tools::{
+        Background, Lines, attached_programs, echo_server, pod_tool_bin, run_json, wait_within,
+    },
 };
 
 #[test]
@@ -74,18 +76,19 @@ fn a_running_app_is_enrolled_without_restart_and_keeps_its_connection() {
         .stdout(Stdio::piped())
         .spawn()
         .expect("app");
-    let mut lines = BufReader::new(app.stdout.take().expect("stdout")).lines();
+    let lines = Lines::new(app.stdout.take().expect("stdout"));
     assert_eq!(
-        lines.next().and_then(Result::ok).as_deref(),
-        Some("connected")
+        lines.next_within(Duration::from_secs(30), "the app's first connection"),
+        "connected"
     );
 
     // Connection A is open, uncaptured. Now the sidecar attaches to the app's cgroup.
     let sidecar = Sidecar::start(&client, "", Placement::InPodCgroup);
     writeln!(app.stdin.take().expect("stdin"), "go").expect("signal the app");
     let summary: serde_json::Value =
-        serde_json::from_str(&lines.next().and_then(Result::ok).unwrap_or_default()).expect("json");
-    let _ = app.wait();
+        serde_json::from_str(&lines.next_within(Duration::from_secs(60), "the app's summary"))
+            .expect("json");
+    wait_within(&mut app, Duration::from_secs(10), "the app");
     assert_eq!(
         summary["a_ok"], true,
         "the earlier connection survived: {summary}"

@@ -182,6 +182,8 @@ fn prometheus_scrapes_exact_counts_for_a_known_workload() {
         .outsider("curl")
         .args([
             "-sS",
+            "--max-time",
+            "5",
             "-i",
             "-H",
             "Accept: application/openmetrics-text; version=1.0.0",
@@ -220,6 +222,8 @@ fn dashboard_queries_are_valid(prometheus: &Prometheus, exposition: &str) {
             .outsider("curl")
             .args([
                 "-sS",
+                "--max-time",
+                "5",
                 "-G",
                 "http://127.0.0.1:9090/api/v1/query",
                 "--data-urlencode",

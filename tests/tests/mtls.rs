@@ -77,6 +77,8 @@ struct Rig {
     a: Pod,
     b: Pod,
     certs: Certs,
+    /// B's sidecar config.
+    config: String,
     sidecar: Sidecar,
     _echo: Background,
     _net: Net,
@@ -97,7 +99,7 @@ fn rig(tag: &str) -> Rig {
     let config = format!(
         "identity:\n  cert: {}\n  key: {}\n  bundle: {}\n\
          inbound:\n  handshake_timeout: 1s\n  port_modes:\n    8080: strict\n    8090: permissive\n\
-         \x20 allow: ['spiffe://cluster.local/ns/shop/*']\n",
+         \x20 allow: ['spiffe://cluster.local/ns/shop/*', unauthenticated]\n",
         b_dir.join("cert.pem").display(),
         b_dir.join("key.pem").display(),
         bundle.display()
@@ -117,6 +119,7 @@ fn rig(tag: &str) -> Rig {
         a,
         b,
         certs,
+        config,
         sidecar,
         _echo: echo,
         _net: net,
@@ -367,13 +370,35 @@ fn strict_ports_refuse_direct_connections_and_permissive_ports_pass_them() {
     );
     assert_eq!(closed(&rig, "policy_denied"), before + 1);
 
-    // A permissive port: plaintext as it is, and HBONE too.
+    // A permissive port, with `unauthenticated` on the allow-list: plaintext as it
+    // is, and HBONE too.
     let port = format!("{}:8090", rig.b.ip4);
     let reply = plaintext(&rig, &port);
     assert!(
         reply.contains(&port) && reply.contains("marker-7f3a"),
         "plaintext: {reply:?}"
     );
+    let reply = hbone_as(&rig, Some("good"), "CONNECT", &[&port]);
+    assert_eq!(status(&reply, 0), 200, "{reply}");
+
+    // The same allow-list without `unauthenticated` (reloaded): a plaintext client
+    // has no identity to match, so the permissive port refuses it; allowed peers
+    // still get in over HBONE.
+    let narrowed = rig.config.replace(", unauthenticated]", "]");
+    assert_ne!(narrowed, rig.config);
+    rig.sidecar.write_config(&narrowed);
+    let reloads = || {
+        rig.sidecar
+            .metric("sidecar_config_reloads_total", &[("result", "applied")])
+    };
+    sidecar_tests::tools::wait_until(Duration::from_secs(5), "the reload", || reloads() >= 1.0);
+    let before = closed(&rig, "policy_denied");
+    let reply = plaintext(&rig, &port);
+    assert!(
+        !reply.contains("marker-7f3a"),
+        "plaintext walked around the allow-list: {reply:?}"
+    );
+    assert_eq!(closed(&rig, "policy_denied"), before + 1);
     let reply = hbone_as(&rig, Some("good"), "CONNECT", &[&port]);
     assert_eq!(status(&reply, 0), 200, "{reply}");
 }

@@ -677,3 +677,103 @@ fn default_limits_hold_more_connections_than_envoys_defaults() {
         0.0
     );
 }
+
+/// `pod-tool tally` with close order `order` and a 5 s deadline per connection,
+/// stopping after 10 errors (a hang fails in seconds).
+fn churn(pod: &Pod, to: &str, count: usize, order: &str) -> std::process::Command {
+    let mut cmd = pod.app(&pod_tool_bin());
+    cmd.args(["tally", "--to", to, "--count", &count.to_string()])
+        .args(["--concurrency", "16", "--order", order])
+        .args(["--conn-deadline-ms", "5000", "--max-errors", "10"]);
+    cmd
+}
+
+#[test]
+fn thousands_of_short_connections_all_finish_in_either_close_order_plain_and_over_hbone() {
+    // One service over plain backends, one over meshed backends (HBONE), both loaded
+    // at once: every connection must end (the client closing first and the server
+    // closing first, alternately) within its deadline, and none may stay in any
+    // sidecar's table. A direction that missed its EOF would leave the app waiting
+    // here and its entry in `/connections`.
+    let mut net = Net::new("svc-churn");
+    let client = net.pod("client");
+    let plain: Vec<Pod> = (1..=3).map(|i| net.pod(&format!("p{i}"))).collect();
+    let meshed: Vec<Pod> = (1..=3).map(|i| net.pod(&format!("m{i}"))).collect();
+    let certs = Certs::new(
+        "churn",
+        &["client=shop/web", "m1=shop/db", "m2=shop/db", "m3=shop/db"],
+    );
+    let _apps: Vec<Background> = plain.iter().chain(&meshed).map(|p| echo(p, 0)).collect();
+    let servers: Vec<Sidecar> = meshed
+        .iter()
+        .enumerate()
+        .map(|(i, p)| {
+            let identity = certs.identity(&format!("m{}", i + 1));
+            Sidecar::start(
+                p,
+                &format!("{identity}inbound:\n  mode: strict\n"),
+                Placement::InPodCgroup,
+            )
+        })
+        .collect();
+    let plain_w: Vec<(&Pod, u32)> = plain.iter().map(|p| (p, 1)).collect();
+    let meshed_w: Vec<(&Pod, u32)> = meshed.iter().map(|p| (p, 1)).collect();
+    let config = format!(
+        "{}services:\n{}{}",
+        certs.identity("client"),
+        service("plain", VIP, &plain_w, ""),
+        service(
+            "meshed",
+            VIP2,
+            &meshed_w,
+            "mtls: true\nserver_identity: spiffe://cluster.local/ns/shop/sa/db"
+        )
+    );
+    let sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
+    const EACH: usize = 5000;
+    let runs: Vec<(&str, std::process::Child)> = [(VIP, "plain"), (VIP2, "meshed")]
+        .into_iter()
+        .map(|(to, name)| {
+            let child = churn(&client, to, EACH, "mixed")
+                .stdout(Stdio::piped())
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("spawn tally");
+            (name, child)
+        })
+        .collect();
+    for (name, child) in runs {
+        let out = child.wait_with_output().expect("tally");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "{name}: tally failed ({}): {stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let summary: serde_json::Value =
+            serde_json::from_str(stdout.lines().last().unwrap_or("")).expect("summary");
+        assert_eq!(summary["ok"], EACH, "{name}: {summary}");
+    }
+    // Every connection left every table: the client's and each meshed backend's.
+    for (who, s) in
+        std::iter::once(("client", &sidecar)).chain(servers.iter().map(|s| ("server", s)))
+    {
+        within(
+            Duration::from_secs(5),
+            &format!("the {who} sidecar's table to empty"),
+            || {
+                s.admin_json("/connections")
+                    .as_array()
+                    .is_some_and(Vec::is_empty)
+            },
+        );
+    }
+    let closed = sidecar.metric("sidecar_connections_closed_total", &[]);
+    assert_eq!(closed, (2 * EACH) as f64, "closed connections");
+    assert_eq!(
+        sidecar.closed("normal"),
+        (2 * EACH) as u64,
+        "every close was a clean one"
+    );
+}

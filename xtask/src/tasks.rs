@@ -135,13 +135,24 @@ pub fn test() -> Result<()> {
             .current_dir(&root)
             .args(["build", "--workspace", "--bins"]),
     )?;
-    // Pod tests run two at a time: each makes its own namespaces and cgroups, and the
-    // machines this runs on have two cores.
+    ensure_nextest()?;
     let (passed, failed) = cargo_test(&root)?;
+    // A test killed at its deadline cannot clean up: remove what it left, and fail.
     let leftovers = Command::new("ip").args(["netns", "list"]).output()?;
-    let left = String::from_utf8_lossy(&leftovers.stdout);
-    if left.lines().any(|l| l.starts_with("sct")) {
-        bail!("tests left network namespaces behind:\n{left}");
+    let left: Vec<String> = String::from_utf8_lossy(&leftovers.stdout)
+        .lines()
+        .filter(|l| l.starts_with("sct"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+        .collect();
+    for ns in &left {
+        let _ = Command::new("ip").args(["netns", "del", ns]).status();
+    }
+    if !left.is_empty() {
+        println!("tests: {passed} passed, {failed} failed");
+        bail!(
+            "tests left network namespaces behind (removed): {}",
+            left.join(" ")
+        );
     }
     // One closing line for the whole run (cargo prints one per test binary, the last
     // of which may be an empty doc-test run).
@@ -152,44 +163,72 @@ pub fn test() -> Result<()> {
     Ok(())
 }
 
-/// Runs `cargo test` over the workspace, echoing its output, and adds up the
-/// `test result:` lines.
+/// Runs every test binary of the workspace with nextest (`.config/nextest.toml`:
+/// no fail-fast, a deadline per test, failures listed at the end), echoing its
+/// output, and reads the counts off its summary line.
 fn cargo_test(root: &std::path::Path) -> Result<(u64, u64)> {
     use std::io::{BufRead, BufReader};
     let mut child = Command::new("cargo")
         .current_dir(root)
-        .args(["test", "--workspace", "--", "--test-threads=2"])
+        .args(["nextest", "run", "--workspace", "--no-fail-fast"])
         .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
         .spawn()?;
-    let (mut passed, mut failed) = (0, 0);
-    let stdout = child
-        .stdout
+    let stderr = child
+        .stderr
         .take()
-        .ok_or_else(|| anyhow::anyhow!("no stdout"))?;
-    for line in BufReader::new(stdout).lines() {
-        let line = line?;
-        println!("{line}");
-        if let Some(rest) = line.strip_prefix("test result: ") {
-            let count = |word: &str| {
-                rest.split(';')
-                    .find_map(|part| {
-                        part.trim()
-                            .trim_start_matches("ok. ")
-                            .trim_start_matches("FAILED. ")
-                            .strip_suffix(word)
-                    })
-                    .and_then(|n| n.trim().parse::<u64>().ok())
-                    .unwrap_or(0)
-            };
-            passed += count(" passed");
-            failed += count(" failed");
+        .ok_or_else(|| anyhow::anyhow!("no stderr"))?;
+    // nextest writes its progress and summary to stderr, the tests' output to stdout.
+    let summary = std::thread::spawn(move || {
+        let mut summary = None;
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            eprintln!("{line}");
+            if line.contains(" tests run: ") || line.contains(" test run: ") {
+                summary = Some(line);
+            }
+        }
+        summary
+    });
+    if let Some(stdout) = child.stdout.take() {
+        for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+            println!("{line}");
         }
     }
     let status = child.wait()?;
-    if !status.success() && failed == 0 {
-        bail!("cargo test failed: {status}");
+    let summary = summary
+        .join()
+        .map_err(|_| anyhow::anyhow!("reading nextest's output failed"))?;
+    let Some(summary) = summary else {
+        bail!("cargo nextest printed no summary ({status}): did the build fail?");
+    };
+    // "211 tests run: 210 passed (1 slow), 1 failed, 1 timed out, 2 skipped"
+    let count = |word: &str| -> u64 {
+        summary
+            .split([':', ','])
+            .find_map(|part| {
+                let mut words = part.split_whitespace();
+                let n = words.next()?.parse().ok()?;
+                (words.next() == Some(word)).then_some(n)
+            })
+            .unwrap_or(0)
+    };
+    let failed = count("failed") + count("timed");
+    Ok((count("passed"), failed))
+}
+
+/// nextest, which `test` runs the tests with: installed from crates.io when missing.
+fn ensure_nextest() -> Result<()> {
+    let present = Command::new("cargo")
+        .args(["nextest", "--version"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .status()
+        .is_ok_and(|s| s.success());
+    if present {
+        return Ok(());
     }
-    Ok((passed, failed))
+    eprintln!("xtask: installing cargo-nextest (cargo install --locked)");
+    cmd::run(Command::new("cargo").args(["install", "--locked", "cargo-nextest"]))
 }
 
 /// The Dockerfile's build step: the same command CI runs (`cargo xtask dist`), so the

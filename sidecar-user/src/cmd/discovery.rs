@@ -25,6 +25,7 @@ pub fn run(mut config: Config, trust_domain: Option<String>, json: bool) -> Resu
         // Not in a pod: only `kubernetes.zone` says where it would be.
         pod_ips: Vec::new(),
         plaintext: config.kubernetes.plaintext,
+        limits: config.kubernetes.limits,
     };
     let discovered = tokio::runtime::Builder::new_current_thread()
         .enable_all()

@@ -35,6 +35,34 @@ pub struct KubernetesConfig {
     /// refused (the sidecar is not ready until then).
     #[serde(deserialize_with = "duration")]
     pub initial_sync_timeout: Duration,
+    /// Caps on what discovery routes: anyone allowed to create Services or Pods
+    /// anywhere in the watched namespaces writes into every sidecar's memory.
+    pub limits: DiscoveryLimits,
+}
+
+/// Caps on discovered objects. What a cap leaves out is counted
+/// (`sidecar_kubernetes_capped`) and logged; it is never routed.
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(default, deny_unknown_fields)]
+pub struct DiscoveryLimits {
+    /// Routed services (one per Service port) at most; past it, by name order.
+    pub max_services: usize,
+    /// Ports routed per Service (its first ones).
+    pub max_ports_per_service: usize,
+    /// Endpoints per Service port (the lowest addresses).
+    pub max_endpoints_per_service: usize,
+}
+
+impl Default for DiscoveryLimits {
+    fn default() -> Self {
+        // A large cluster has a few thousand Service ports; Kubernetes itself puts
+        // at most 1,000 endpoints in a Service's Endpoints object.
+        Self {
+            max_services: 5_000,
+            max_ports_per_service: 32,
+            max_endpoints_per_service: 1_000,
+        }
+    }
 }
 
 /// What happens to endpoints that cannot speak mTLS.
@@ -58,6 +86,7 @@ impl Default for KubernetesConfig {
             zone: None,
             plaintext: PlaintextPolicy::Allow,
             initial_sync_timeout: Duration::from_secs(10),
+            limits: DiscoveryLimits::default(),
         }
     }
 }

@@ -22,7 +22,7 @@ mod tests;
 mod validate;
 
 pub use error::ConfigError;
-pub use kubernetes::{KubernetesConfig, PlaintextPolicy};
+pub use kubernetes::{DiscoveryLimits, KubernetesConfig, PlaintextPolicy};
 pub use mesh::{HboneConfig, MeshConfig, MeshIdentityRule};
 pub use services::{
     DnsConfig, DnsTarget, EndpointConfig, HashKey, HealthCheckConfig, LbPolicy, LimitsConfig,
@@ -175,6 +175,11 @@ pub struct ProxyConfig {
     /// A connection with no bytes either way for this long is closed.
     #[serde(deserialize_with = "duration")]
     pub idle_timeout: Duration,
+    /// Once one side has closed its direction (sent FIN), the connection is closed
+    /// after this long without bytes (at most `idle_timeout`): a peer that finished
+    /// and whose other side went silent is not held for the whole idle timeout.
+    #[serde(deserialize_with = "duration")]
+    pub half_close_timeout: Duration,
     /// On SIGTERM, how long open connections may take to finish before they are closed.
     #[serde(deserialize_with = "duration")]
     pub drain_timeout: Duration,
@@ -231,6 +236,9 @@ impl Default for ProxyConfig {
             connect_timeout: Duration::from_secs(5),
             // Istio's default TCP idle timeout.
             idle_timeout: Duration::from_secs(3600),
+            // HAProxy's `timeout client-fin` in its sample configurations is 30 s;
+            // a server still computing an answer to a half-closed request gets more.
+            half_close_timeout: Duration::from_secs(300),
             // Kubernetes' default grace period is 30 s; leave room for the rest of it.
             drain_timeout: Duration::from_secs(10),
             worker_threads: 2,
@@ -286,10 +294,14 @@ pub struct InboundConfig {
     pub mode: Option<InboundMode>,
     /// Per-port modes.
     pub port_modes: std::collections::BTreeMap<u16, InboundMode>,
-    /// Peers allowed in over HBONE: SPIFFE IDs, `spiffe://<td>/ns/<namespace>/*` or
-    /// `spiffe://<td>/*`. Empty: any workload of the local trust domain (never a
-    /// federated one unless listed). Reloaded with the services section.
-    pub allow: Vec<crate::tls::IdentityMatcher>,
+    /// Peers allowed in: SPIFFE IDs, `spiffe://<td>/ns/<namespace>/*` or
+    /// `spiffe://<td>/*` over HBONE, and `unauthenticated` for plaintext clients on
+    /// ports that are not strict. Empty: any workload of the local trust domain
+    /// (never a federated one unless listed) and plaintext where the port admits it.
+    /// Not empty and without `unauthenticated`: plaintext is refused on every port,
+    /// since a plaintext client has no identity to match. Reloaded with the services
+    /// section.
+    pub allow: Vec<AllowEntry>,
     /// How long a client of the HBONE port may take to finish its mTLS and HTTP/2
     /// handshakes before it is dropped.
     #[serde(deserialize_with = "duration", alias = "detect_timeout")]
@@ -330,6 +342,59 @@ impl Default for InboundConfig {
             // cap per client, so a handshake flood meets that one first.
             max_hbone_connections: 4096,
             max_hbone_connections_per_client: 256,
+        }
+    }
+}
+
+/// One entry of `inbound.allow`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum AllowEntry {
+    /// Peers whose proven identity matches.
+    Peer(crate::tls::IdentityMatcher),
+    /// `unauthenticated`: clients without an identity (plaintext, on ports that are
+    /// not strict).
+    Unauthenticated,
+}
+
+impl AllowEntry {
+    /// The literal naming clients without an identity.
+    pub const UNAUTHENTICATED: &'static str = "unauthenticated";
+
+    /// Whether `allow` admits clients without an identity: empty, or listing
+    /// `unauthenticated`.
+    pub fn admits_unauthenticated(allow: &[AllowEntry]) -> bool {
+        allow.is_empty() || allow.contains(&AllowEntry::Unauthenticated)
+    }
+}
+
+impl InboundMode {
+    /// Its name in the configuration.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            InboundMode::Strict => "strict",
+            InboundMode::Permissive => "permissive",
+            InboundMode::Disabled => "disabled",
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for AllowEntry {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let text = String::deserialize(d)?;
+        if text == Self::UNAUTHENTICATED {
+            return Ok(AllowEntry::Unauthenticated);
+        }
+        text.parse()
+            .map(AllowEntry::Peer)
+            .map_err(serde::de::Error::custom)
+    }
+}
+
+impl std::fmt::Display for AllowEntry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            AllowEntry::Peer(m) => m.fmt(f),
+            AllowEntry::Unauthenticated => f.write_str(Self::UNAUTHENTICATED),
         }
     }
 }

@@ -26,6 +26,7 @@ impl Config {
         for (field, d) in [
             ("proxy.connect_timeout", self.proxy.connect_timeout),
             ("proxy.idle_timeout", self.proxy.idle_timeout),
+            ("proxy.half_close_timeout", self.proxy.half_close_timeout),
             ("proxy.keepalive.time", self.proxy.keepalive.time),
             ("proxy.keepalive.interval", self.proxy.keepalive.interval),
             ("proxy.user_timeout", self.proxy.user_timeout),

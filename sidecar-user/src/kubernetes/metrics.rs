@@ -31,6 +31,13 @@ pub struct DiscoveryMetrics {
     synced: Gauge,
     services: Gauge,
     workloads: Gauge,
+    capped: Family<WhatLabels, Gauge>,
+    rebuilds: Counter,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct WhatLabels {
+    what: &'static str,
 }
 
 /// One kind's handle on the families.
@@ -94,6 +101,18 @@ impl DiscoveryMetrics {
             "Pod IPs with a known identity",
             self.workloads.clone(),
         );
+        r.register(
+            "capped",
+            "Objects left out by kubernetes.limits in the last rebuild, by what \
+             (services, ports, endpoints)",
+            self.capped.clone(),
+        );
+        self.capped(super::translate::Capped::default());
+        r.register(
+            "rebuilds",
+            "Translations of the watched objects into routes (at most four a second)",
+            self.rebuilds.clone(),
+        );
     }
 
     /// The handle of `kind`.
@@ -117,8 +136,22 @@ impl DiscoveryMetrics {
         self.synced.set(1);
     }
 
-    /// What the registry was given.
+    /// What the caps left out of the last rebuild.
+    pub fn capped(&self, capped: super::translate::Capped) {
+        for (what, n) in [
+            ("services", capped.services),
+            ("ports", capped.ports),
+            ("endpoints", capped.endpoints),
+        ] {
+            self.capped
+                .get_or_create(&WhatLabels { what })
+                .set(n as i64);
+        }
+    }
+
+    /// What the registry was given (one rebuild).
     pub fn routed(&self, services: usize, workloads: usize) {
+        self.rebuilds.inc();
         self.services.set(services as i64);
         self.workloads.set(workloads as i64);
     }

@@ -27,7 +27,7 @@ use std::{
 use k8s_openapi::api::{core::v1::Service, discovery::v1::EndpointSlice};
 use kube::Api;
 use tokio::sync::{Notify, watch as channel};
-use tracing::info;
+use tracing::{info, warn};
 
 use self::{
     metrics::DiscoveryMetrics,
@@ -40,6 +40,10 @@ use crate::{config::KubernetesConfig, service::Services};
 
 /// Changes arriving within this long are applied together (a list, a rollout).
 const DEBOUNCE: Duration = Duration::from_millis(50);
+/// Rebuilds of the routed cluster start at least this far apart: an object that
+/// changes all the time (a toggled annotation) costs every sidecar at most four
+/// rebuilds a second, and an endpoint change still applies within about 300 ms.
+const MIN_REBUILD_INTERVAL: Duration = Duration::from_millis(250);
 
 /// Why discovery could not start. Each names the file or source at fault.
 #[derive(Debug, thiserror::Error)]
@@ -175,6 +179,8 @@ pub fn start(
     let (tx, rx) = channel::channel(false);
     tokio::spawn(async move {
         let mut lists_seen = 0;
+        let mut capped_seen = translate::Capped::default();
+        let mut rebuilt: Option<tokio::time::Instant> = None;
         let mut tick = tokio::time::interval(Duration::from_secs(1));
         loop {
             tokio::select! {
@@ -188,6 +194,10 @@ pub fn start(
             if !listed.iter().all(|l| l.load(Relaxed)) {
                 continue;
             }
+            if let Some(last) = rebuilt {
+                tokio::time::sleep_until(last + MIN_REBUILD_INTERVAL).await;
+            }
+            rebuilt = Some(tokio::time::Instant::now());
             let discovered = {
                 let (s, e, p) = (
                     lock(&service_records),
@@ -199,8 +209,18 @@ pub fn start(
                     slices: &e,
                     pods: &p,
                 }
-                .translate(&rules)
+                .translate_capped(&rules)
             };
+            let (discovered, capped) = discovered;
+            if capped != capped_seen {
+                capped_seen = capped;
+                if capped.any() {
+                    warn!(services = capped.services, ports = capped.ports, endpoints = capped.endpoints, limits = ?rules.limits, "kubernetes: caps left objects out; they are not routed (raise kubernetes.limits to route them)");
+                } else {
+                    info!("kubernetes: every object is within the caps again");
+                }
+            }
+            metrics.capped(capped);
             metrics.routed(discovered.services.len(), discovered.workloads.len());
             services.set_discovered(discovered);
             objects::forget_unused_names();

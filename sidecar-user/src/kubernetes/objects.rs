@@ -106,6 +106,8 @@ pub struct PodRecord {
     pub ipv6: Option<Ipv6Addr>,
     /// Served over HBONE: injected with our sidecar, or enrolled in Istio ambient.
     pub hbone: bool,
+    /// In phase `Running` (another pod claiming its IP loses to it).
+    pub running: bool,
 }
 
 fn key(meta: &k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta) -> Option<Key> {
@@ -232,9 +234,13 @@ impl PodRecord {
     }
 
     /// The record of `pod`, with its key; `None` for a pod with no IP of its own yet
-    /// (pending, or on the host network: its IP is the node's).
+    /// (pending, or on the host network: its IP is the node's), or one being deleted
+    /// (its IP may already be another pod's).
     pub fn of(pod: &PodIdentity) -> Option<(Key, Self)> {
         let key = key(&pod.metadata)?;
+        if pod.metadata.deletion_timestamp.is_some() {
+            return None;
+        }
         let spec = pod.spec.as_ref()?;
         if spec.host_network == Some(true) {
             return None;
@@ -283,6 +289,7 @@ impl PodRecord {
                 ipv6,
                 hbone: annotated(INJECTED_ANNOTATION, "true")
                     || annotated(AMBIENT_ANNOTATION, "enabled"),
+                running: status.phase.as_deref() == Some("Running"),
             },
         ))
     }

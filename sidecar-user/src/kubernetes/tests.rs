@@ -65,6 +65,7 @@ fn translate(
         zone: Some("a".into()),
         pod_ips: Vec::new(),
         plaintext,
+        limits: Default::default(),
     };
     translate_with(services, slices, pods, &rules)
 }
@@ -233,6 +234,7 @@ fn without_a_configured_zone_the_pod_s_own_endpoint_tells_it() {
             zone: None,
             pod_ips: pod_ips.iter().map(|ip| ip.parse().expect("ip")).collect(),
             plaintext: PlaintextPolicy::Allow,
+            limits: Default::default(),
         };
         let d = translate_with(s, e, p, &rules);
         let eps: Vec<_> = d.services[0].endpoints.iter().map(|e| e.address).collect();
@@ -347,4 +349,115 @@ fn a_full_pod_reads_as_its_identity_fields() {
     done["status"]["phase"] = json!("Succeeded");
     let done: PodIdentity = serde_json::from_value(done).expect("json");
     assert!(PodRecord::of(&done).is_none(), "the phase was read");
+}
+
+#[test]
+fn caps_leave_out_ports_endpoints_and_services_past_them_and_count_them() {
+    let ports: Vec<serde_json::Value> = (1..=40)
+        .map(|p| json!({"name": format!("p{p}"), "port": 1000 + p}))
+        .collect();
+    let many = service(
+        "shop",
+        "many",
+        json!({"clusterIP": "10.96.0.9", "ports": ports}),
+    );
+    let eps: Vec<serde_json::Value> = (1..=30)
+        .map(|i| json!({"addresses": [format!("10.0.1.{i}")]}))
+        .collect();
+    let s: EndpointSlice = serde_json::from_value(json!({
+        "metadata": {"namespace": "shop", "name": "many-x",
+                     "labels": {"kubernetes.io/service-name": "many"}},
+        "addressType": "IPv4",
+        "ports": [{"name": "p1", "port": 8080, "protocol": "TCP"}],
+        "endpoints": eps,
+    }))
+    .expect("slice");
+    let slice = SliceRecord::of(&s).expect("record");
+    let mut rules = Rules {
+        trust_domain: "cluster.local".into(),
+        zone: None,
+        pod_ips: Vec::new(),
+        plaintext: PlaintextPolicy::Allow,
+        limits: Default::default(),
+    };
+    rules.limits.max_ports_per_service = 8;
+    rules.limits.max_endpoints_per_service = 10;
+    rules.limits.max_services = 5;
+    let (services, slices, pods): (HashMap<_, _>, HashMap<_, _>, HashMap<_, _>) = (
+        [many].into_iter().collect(),
+        [slice].into_iter().collect(),
+        HashMap::new(),
+    );
+    let (d, capped) = Cluster {
+        services: &services,
+        slices: &slices,
+        pods: &pods,
+    }
+    .translate_capped(&rules);
+    assert_eq!(d.services.len(), 5);
+    assert_eq!(capped.ports, 32, "{capped:?}");
+    assert_eq!(capped.services, 3, "{capped:?}");
+    let p1 = d
+        .services
+        .iter()
+        .find(|s| s.name == "many.shop:1001")
+        .expect("the first port is routed");
+    assert_eq!(p1.endpoints.len(), 10);
+    assert_eq!(capped.endpoints, 20, "{capped:?}");
+    // Within the caps nothing is left out.
+    rules.limits = crate::config::DiscoveryLimits {
+        max_services: 40,
+        max_ports_per_service: 40,
+        max_endpoints_per_service: 30,
+    };
+    let (_, none) = Cluster {
+        services: &services,
+        slices: &slices,
+        pods: &pods,
+    }
+    .translate_capped(&rules);
+    assert!(!none.any(), "{none:?}");
+}
+
+#[test]
+fn an_ip_two_pods_claim_is_the_running_pods_and_a_deleted_pod_claims_nothing() {
+    let pod_in = |name: &str, sa: &str, phase: &str, deleting: bool| {
+        let mut meta = json!({"namespace": "shop", "name": name});
+        if deleting {
+            meta["deletionTimestamp"] = json!("2026-01-01T00:00:00Z");
+        }
+        let p: PodIdentity = serde_json::from_value(json!({
+            "metadata": meta,
+            "spec": {"serviceAccountName": sa, "containers": []},
+            "status": {"phase": phase, "podIP": "10.0.0.7", "podIPs": [{"ip": "10.0.0.7"}]},
+        }))
+        .expect("pod json");
+        PodRecord::of(&p)
+    };
+    assert!(
+        pod_in("gone", "old", "Running", true).is_none(),
+        "a pod being deleted"
+    );
+    let ip: std::net::IpAddr = "10.0.0.7".parse().expect("ip");
+    // Whatever the order (names chosen so that the lower name is the pending pod).
+    for order in [["a-new", "z-old"], ["z-old", "a-new"]] {
+        let pods: Vec<(Key, PodRecord)> = order
+            .iter()
+            .map(|n| match *n {
+                "a-new" => pod_in(n, "pending-sa", "Pending", false),
+                _ => pod_in(n, "running-sa", "Running", false),
+            })
+            .map(|p| p.expect("record"))
+            .collect();
+        let d = translate(Vec::new(), Vec::new(), pods, PlaintextPolicy::Allow);
+        let w = d.workloads.get(&ip).expect("a workload at the IP");
+        assert_eq!(&*w.pod.1, "z-old", "the running pod wins");
+    }
+    // Two running pods: the lower name, in every sidecar.
+    let pods = vec![
+        pod_in("b", "sa-b", "Running", false).expect("record"),
+        pod_in("a", "sa-a", "Running", false).expect("record"),
+    ];
+    let d = translate(Vec::new(), Vec::new(), pods, PlaintextPolicy::Allow);
+    assert_eq!(&*d.workloads.get(&ip).expect("workload").pod.1, "a");
 }

@@ -10,7 +10,7 @@ use std::{
 
 use super::objects::{EndpointRecord, Key, PodRecord, ServiceRecord, SliceRecord};
 use crate::{
-    config::{EndpointConfig, HashKey, LbPolicy, PlaintextPolicy, ServiceConfig},
+    config::{DiscoveryLimits, EndpointConfig, HashKey, LbPolicy, PlaintextPolicy, ServiceConfig},
     service::{Discovered, Workload},
     tls::{IdentityMatcher, SpiffeId},
 };
@@ -39,6 +39,26 @@ pub struct Rules {
     pub pod_ips: Vec<IpAddr>,
     /// Endpoints without a sidecar.
     pub plaintext: PlaintextPolicy,
+    /// Caps on what is routed.
+    pub limits: DiscoveryLimits,
+}
+
+/// What the caps of [`DiscoveryLimits`] left out of one translation.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Capped {
+    /// Services (Service ports) past `max_services`.
+    pub services: usize,
+    /// Service ports past `max_ports_per_service`.
+    pub ports: usize,
+    /// Endpoints past `max_endpoints_per_service`.
+    pub endpoints: usize,
+}
+
+impl Capped {
+    /// Whether anything was left out.
+    pub fn any(&self) -> bool {
+        *self != Capped::default()
+    }
 }
 
 /// The registry name of a Service's port: `<name>.<namespace>:<port>`.
@@ -49,6 +69,13 @@ pub fn service_name(namespace: &str, name: &str, port: u16) -> String {
 impl Cluster<'_> {
     /// The services and pods to route, under `rules`.
     pub fn translate(&self, rules: &Rules) -> Discovered {
+        self.translate_capped(rules).0
+    }
+
+    /// As [`Cluster::translate`], with what the caps left out.
+    pub fn translate_capped(&self, rules: &Rules) -> (Discovered, Capped) {
+        let limits = rules.limits;
+        let mut capped = Capped::default();
         let workloads = self.workloads(rules);
         let zone = rules
             .zone
@@ -72,7 +99,9 @@ impl Cluster<'_> {
                 .get(&(ns.as_ref(), name.as_ref()))
                 .map(Vec::as_slice)
                 .unwrap_or_default();
-            for port in &svc.ports {
+            let ports = &svc.ports[..svc.ports.len().min(limits.max_ports_per_service)];
+            capped.ports += svc.ports.len() - ports.len();
+            for port in ports {
                 let mut c = ServiceConfig::named(
                     service_name(ns, name, port.port),
                     svc.cluster_ips
@@ -86,15 +115,21 @@ impl Cluster<'_> {
                 }
                 let port_name = port.name.as_deref();
                 c.endpoints = endpoints(slices, port_name, svc, &workloads, rules, zone);
+                let max = limits.max_endpoints_per_service;
+                capped.endpoints += c.endpoints.len().saturating_sub(max);
+                c.endpoints.truncate(max);
                 services.push(Arc::new(c));
             }
         }
         // Stable order: a rebuild with nothing changed finds every service equal.
         services.sort_by(|a, b| a.name.cmp(&b.name));
-        Discovered {
+        capped.services = services.len().saturating_sub(limits.max_services);
+        services.truncate(limits.max_services);
+        let discovered = Discovered {
             services,
             workloads: Arc::new(workloads),
-        }
+        };
+        (discovered, capped)
     }
 
     /// This pod's zone, as an EndpointSlice with one of `ips` as an endpoint says.
@@ -109,11 +144,16 @@ impl Cluster<'_> {
             .find_map(|e| e.zone.as_deref())
     }
 
+    /// Every pod by IP. Two pods claiming one IP (a pod being replaced, a stale
+    /// record) resolve the same way in every sidecar: a running pod over one that is
+    /// not, then the lower namespace and name.
     fn workloads(&self, rules: &Rules) -> HashMap<IpAddr, Workload> {
         let mut out = HashMap::with_capacity(self.pods.len());
+        let mut claims: HashMap<IpAddr, (bool, &Key)> = HashMap::with_capacity(self.pods.len());
         // One identity per service account, shared by its pods and their endpoints.
         let mut identities: HashMap<(&str, &str), Arc<IdentityMatcher>> = HashMap::new();
-        for ((ns, name), pod) in self.pods {
+        for (key, pod) in self.pods {
+            let (ns, name) = key;
             let identity = match identities.get(&(ns.as_ref(), pod.service_account.as_ref())) {
                 Some(id) => id.clone(),
                 None => {
@@ -132,7 +172,14 @@ impl Cluster<'_> {
                 hbone: pod.hbone,
             };
             for ip in pod.ips() {
-                out.insert(ip, workload.clone());
+                let claim = (pod.running, key);
+                let wins = claims.get(&ip).is_none_or(|&(running, other)| {
+                    (claim.0 && !running) || (claim.0 == running && key < other)
+                });
+                if wins {
+                    claims.insert(ip, claim);
+                    out.insert(ip, workload.clone());
+                }
             }
         }
         out

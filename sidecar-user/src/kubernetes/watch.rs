@@ -23,6 +23,10 @@ const PAGE: u32 = 500;
 const WATCH_SECONDS: u32 = 290;
 /// Backoff after an error: doubles from the first to the last.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(200), Duration::from_secs(10));
+/// A watch the server ends sooner than this after it opened (its own timeout is
+/// minutes) is resumed after the backoff, as an error is: an API server or a load
+/// balancer that ends every watch at once must not make every sidecar spin.
+const SHORT_WATCH: Duration = Duration::from_secs(5);
 
 /// Where one watch keeps its records, and whom it tells of changes.
 pub struct Sink<R> {
@@ -78,7 +82,13 @@ where
                 }
             },
         };
+        let opened = tokio::time::Instant::now();
         match watch(&api, &rv, record, &sink, &mut version).await {
+            End::Resume if opened.elapsed() < SHORT_WATCH => {
+                debug!(%what, lasted = ?opened.elapsed(), ?backoff, "watch ended early; resuming after the backoff");
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(BACKOFF.1);
+            }
             End::Resume => backoff = BACKOFF.0,
             End::Relist => {
                 sink.metrics.relisted();

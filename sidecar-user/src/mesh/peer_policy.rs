@@ -9,7 +9,7 @@ use arc_swap::ArcSwap;
 use tokio::sync::watch;
 
 use crate::{
-    config::Config,
+    config::{AllowEntry, Config},
     mesh::server_identity::{Expected, ServerIdentityPolicy},
     tls::{IdentityMatcher, SpiffeId},
 };
@@ -17,7 +17,7 @@ use crate::{
 /// The identity rules in force.
 #[derive(Debug)]
 pub struct PeerPolicy {
-    inbound_allow: ArcSwap<Vec<IdentityMatcher>>,
+    inbound_allow: ArcSwap<Vec<AllowEntry>>,
     outbound: ArcSwap<ServerIdentityPolicy>,
     local_trust_domain: String,
     changed: watch::Sender<u64>,
@@ -70,14 +70,29 @@ impl PeerPolicy {
         tracing::info!("identity rules reloaded: open connections are checked again");
     }
 
-    /// Whether an inbound client `id` may connect: on `inbound.allow`, or, with an
-    /// empty list, of the local trust domain (a federated one only when listed).
+    /// Whether an inbound client `id` may connect: on `inbound.allow`, or, with no
+    /// identity in the list, of the local trust domain (a federated one only when
+    /// listed).
     pub fn allows_client(&self, id: &SpiffeId) -> bool {
         let allow = self.inbound_allow.load();
-        if allow.is_empty() {
+        let mut peers = allow
+            .iter()
+            .filter_map(|entry| match entry {
+                AllowEntry::Peer(m) => Some(m),
+                AllowEntry::Unauthenticated => None,
+            })
+            .peekable();
+        if peers.peek().is_none() {
             return id.trust_domain() == self.local_trust_domain;
         }
-        allow.iter().any(|m| m.matches(id))
+        peers.any(|m| m.matches(id))
+    }
+
+    /// Whether a client without an identity (plaintext, on a port that is not
+    /// strict) may connect: with an empty `inbound.allow`, or one that lists
+    /// `unauthenticated`.
+    pub fn allows_unauthenticated(&self) -> bool {
+        AllowEntry::admits_unauthenticated(&self.inbound_allow.load())
     }
 
     /// Checks server `id` at `ip` (see [`ServerIdentityPolicy::check`]).

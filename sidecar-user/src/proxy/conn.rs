@@ -34,6 +34,7 @@ use crate::{
         upstream::{self, Upstream, UpstreamError},
     },
     service::{Admission, EndpointLease, Overflow, Services},
+    telemetry::LogBudget,
     tls::IdentityMatcher,
     woken::woken,
 };
@@ -46,8 +47,8 @@ pub struct Inputs {
     pub own_ports: Vec<u16>,
     /// Budget for connecting upstream.
     pub connect_timeout: Duration,
-    /// Close after this long without bytes.
-    pub idle_timeout: Duration,
+    /// Close after this long without bytes (shorter once half-closed).
+    pub timeouts: copy::Timeouts,
     /// Connection metrics.
     pub metrics: Arc<ProxyMetrics>,
     /// Open connections, for `/connections`.
@@ -131,9 +132,11 @@ pub struct Connected {
     pub endpoint: SocketAddr,
     /// The server sidecar's identity, outbound over mTLS.
     pub server: Option<PeerIdentity>,
-    /// The service's `server_identity` when the connection was made: a reload of the
-    /// identity rules re-checks the peer against it (a reload that changes only the
-    /// service's `server_identity` applies to new connections).
+    /// What the destination itself required of the server when the connection was
+    /// made (a service's `server_identity`, or the identity discovery knows for the
+    /// pod at the address): a reload of the identity rules re-checks the peer against
+    /// it, as a new connection would be checked (a reload that changes only the
+    /// requirement applies to new connections).
     pub server_identity: Option<IdentityMatcher>,
     /// A service's connection slot and the endpoint's active count, held while open.
     pub leases: Option<(Admission, EndpointLease)>,
@@ -280,7 +283,16 @@ impl Conn {
     ) {
         self.recorder.label_refused(peer.map(|p| &p.id));
         self.recorder.set_reason(reason);
-        warn!(%error, "refusing connection");
+        // Anyone who reaches a port can cause these: a bounded number of lines per
+        // reason (the metrics count every one).
+        static LINES: LogBudget = LogBudget::new(Duration::from_secs(10), 20);
+        match LINES.admit(reason.as_str()) {
+            Some(0) => warn!(%error, "refusing connection"),
+            Some(suppressed) => {
+                warn!(%error, suppressed, reason = reason.as_str(), "refusing connection (and {suppressed} more for this reason, not logged)")
+            }
+            None => {}
+        }
     }
 
     /// Connects straight to `dst`, not to a service: the application inbound, a
@@ -297,6 +309,7 @@ impl Conn {
         let dead_peer = (self.direction == Direction::Outbound).then_some(&inputs.dead_peer);
         // `Forwarded: for=`, only for an HBONE stream.
         let client = mesh.map(|_| inputs.pod.app_addr(self.client.0, dst.0));
+        let required = mesh.and_then(|m| m.expected).map(|r| r.matcher().clone());
         let (up, server) =
             upstream::open(dst.0, self.direction, deadline, mesh, dead_peer, client).await?;
         let labels = ServiceLabels {
@@ -309,7 +322,7 @@ impl Conn {
             dst,
             endpoint: dst.0,
             server,
-            server_identity: None,
+            server_identity: required,
             leases: None,
         })
     }
@@ -381,7 +394,7 @@ impl Conn {
             };
             let up = &mut connected.up;
             let ended = tokio::select! {
-                result = copy_between(&mut down, up, inputs.idle_timeout, &transfer, totals) => Ended::Copied(result),
+                result = copy_between(&mut down, up, inputs.timeouts, &transfer, totals) => Ended::Copied(result),
                 // Polled when they fire, not for every message copied.
                 () = woken(self.drain.forced()) => Ended::Drained,
                 () = woken(revoked) => Ended::Revoked,
@@ -392,7 +405,7 @@ impl Conn {
             self.recorder.set_reason(reason);
             if !matches!(
                 ended,
-                Ended::Copied(Ok(())) | Ended::Copied(Err(CopyError::Idle(_)))
+                Ended::Copied(Ok(()) | Err(CopyError::Idle(_) | CopyError::HalfClosedIdle(_)))
             ) {
                 // Pass a reset on to the other side, so neither end waits on a dead
                 // peer.
@@ -403,7 +416,7 @@ impl Conn {
             let received = transfer.received.load(std::sync::atomic::Ordering::Relaxed);
             let peer_identity = identity.as_deref().unwrap_or("-");
             match ended {
-                Ended::Copied(Ok(())) | Ended::Copied(Err(CopyError::Idle(_))) => {
+                Ended::Copied(Ok(()) | Err(CopyError::Idle(_) | CopyError::HalfClosedIdle(_))) => {
                     debug!(%dst, %endpoint, peer_identity, sent, received, reason = reason.as_str(), "connection closed")
                 }
                 Ended::Copied(Err(error)) => {
@@ -426,6 +439,7 @@ impl Ended {
         match self {
             Ended::Copied(Ok(())) => CloseReason::Normal,
             Ended::Copied(Err(CopyError::Idle(_))) => CloseReason::Idle,
+            Ended::Copied(Err(CopyError::HalfClosedIdle(_))) => CloseReason::HalfClosedIdle,
             // Keepalive probes or sent data went unanswered: the peer is gone.
             Ended::Copied(Err(CopyError::Client(e) | CopyError::Upstream(e)))
                 if e.raw_os_error() == Some(libc::ETIMEDOUT) =>
@@ -444,7 +458,7 @@ impl Ended {
 async fn copy_between(
     down: &mut Downstream,
     up: &mut Upstream,
-    idle: Duration,
+    idle: copy::Timeouts,
     transfer: &copy::Transfer,
     totals: copy::Totals,
 ) -> Result<(), CopyError> {

@@ -1,6 +1,6 @@
-//! Bounds on inbound HBONE connections held at once, sidecar-wide and per client
-//! address (so that one client cannot take every slot from the others); past either,
-//! a new connection is reset at once and counted. Two gates:
+//! Bounds on inbound connections held at once, sidecar-wide and per client address;
+//! past the per-client cap a new connection is reset at once and counted. Two gates
+//! for HBONE, one per HTTP listener:
 //! - [`Gate::unauthenticated`]: connections that have not proved anything yet (in the
 //!   mTLS and HTTP/2 handshakes). Each holds a socket and a task for up to
 //!   `inbound.handshake_timeout`, so a client that opens connections and stalls would
@@ -8,12 +8,26 @@
 //! - [`Gate::hbone`]: every HBONE connection, from accept to close. A peer that did
 //!   prove its identity (any workload of the mesh, or a compromised one) could
 //!   otherwise open connections without end, each allowed its streams.
+//! - [`Gate::new`]: the health and admin listeners' connections.
+//!
+//! Admission is fair: when the sidecar-wide cap is reached, a new client is still
+//! admitted if another client holds at least two more connections than it and one of
+//! them is idle (no stream or request in progress): the oldest such connection of the
+//! busiest client is asked to close ([`Pass::evicted`]). So a few clients holding
+//! their maximum cannot lock out a new one (the kubelet on the health port, a new
+//! peer on the HBONE port); only a new client that would hold as many as the busiest
+//! is refused.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::{Arc, Mutex},
+    sync::{
+        Arc, Mutex,
+        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+    },
 };
+
+use tokio::sync::Notify;
 
 use prometheus_client::{
     encoding::EncodeLabelSet,
@@ -41,13 +55,33 @@ pub struct Gate {
     state: Mutex<State>,
     in_progress: Gauge,
     refused: Family<RefusedLabels, Counter>,
+    evicted: Counter,
 }
 
 #[derive(Debug, Default)]
 struct State {
     total: usize,
-    by_client: HashMap<IpAddr, usize>,
+    /// Slots asked to close and not yet dropped.
+    evicting: usize,
+    /// Admissions so far (each slot's order, for "oldest").
+    admitted: u64,
+    by_client: HashMap<IpAddr, Vec<Arc<Slot>>>,
 }
+
+/// What the gate knows of one admitted connection.
+#[derive(Debug)]
+pub struct Slot {
+    /// Admission order.
+    order: u64,
+    /// Streams or requests in progress; a slot with none is idle.
+    busy: AtomicUsize,
+    evicted: AtomicBool,
+    notify: Notify,
+}
+
+/// Keeps its slot busy (not evictable) while it lives: one stream or request.
+#[derive(Debug)]
+pub struct Busy(Arc<Slot>);
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
@@ -59,6 +93,7 @@ struct RefusedLabels {
 pub struct Pass {
     gate: Arc<Gate>,
     client: IpAddr,
+    slot: Arc<Slot>,
 }
 
 impl Limit {
@@ -110,6 +145,7 @@ impl Gate {
             state: Mutex::default(),
             in_progress: Gauge::default(),
             refused: Family::default(),
+            evicted: Counter::default(),
         })
     }
 
@@ -131,6 +167,15 @@ impl Gate {
             ),
             self.refused.clone(),
         );
+        registry.register(
+            format!("{}_evicted", self.name),
+            format!(
+                "Idle inbound HBONE connections ({}) closed to admit a client holding \
+                 fewer (the cap was reached)",
+                self.held
+            ),
+            self.evicted.clone(),
+        );
         // Declared at zero, so a dashboard sees the series before the first refusal.
         for limit in [Limit::Sidecar, Limit::Client] {
             let _ = self.refused.get_or_create(&RefusedLabels {
@@ -139,14 +184,20 @@ impl Gate {
         }
     }
 
-    /// A slot for a connection from `client`, or the cap that is full.
+    /// A slot for a connection from `client`, or the cap that is full. At the
+    /// sidecar-wide cap, the oldest idle connection of the busiest other client is
+    /// asked to close, if that client holds at least two more than `client`.
     pub fn enter(self: &Arc<Self>, client: IpAddr) -> Result<Pass, Limit> {
         let client = client.to_canonical();
         let mut state = self.state.lock().unwrap_or_else(|p| p.into_inner());
-        let refused = if state.total >= self.max {
-            Some(Limit::Sidecar)
-        } else if state.by_client.get(&client).copied().unwrap_or(0) >= self.max_per_client {
+        let held = state.by_client.get(&client).map_or(0, Vec::len);
+        let refused = if held >= self.max_per_client {
             Some(Limit::Client)
+        } else if state.total - state.evicting >= self.max {
+            match self.evict_for(&mut state, client, held) {
+                true => None,
+                false => Some(Limit::Sidecar),
+            }
         } else {
             None
         };
@@ -159,12 +210,88 @@ impl Gate {
             return Err(limit);
         }
         state.total += 1;
-        *state.by_client.entry(client).or_default() += 1;
+        state.admitted += 1;
+        let slot = Arc::new(Slot {
+            order: state.admitted,
+            busy: AtomicUsize::new(0),
+            evicted: AtomicBool::new(false),
+            notify: Notify::new(),
+        });
+        state
+            .by_client
+            .entry(client)
+            .or_default()
+            .push(slot.clone());
         self.in_progress.set(state.total as i64);
         Ok(Pass {
             gate: self.clone(),
             client,
+            slot,
         })
+    }
+
+    /// Asks the oldest idle connection of the busiest client other than `client`
+    /// (which holds `held`) to close, if that client holds at least two more.
+    fn evict_for(&self, state: &mut State, client: IpAddr, held: usize) -> bool {
+        // Connections asked to close are closing: at most an eighth of the cap (at
+        // least one) at once, so the gate never holds more than that over its cap.
+        if state.evicting >= (self.max / 8).max(1) {
+            return false;
+        }
+        let live = |slots: &[Arc<Slot>]| slots.iter().filter(|s| !s.is_evicted()).count();
+        let victim = state
+            .by_client
+            .iter()
+            .filter(|(ip, _)| **ip != client)
+            .map(|(_, slots)| (live(slots), slots))
+            .filter(|(n, _)| *n > held + 1)
+            .max_by_key(|(n, _)| *n)
+            .and_then(|(_, slots)| {
+                slots
+                    .iter()
+                    .filter(|s| !s.is_evicted() && s.busy.load(Relaxed) == 0)
+                    .min_by_key(|s| s.order)
+            });
+        let Some(victim) = victim else {
+            return false;
+        };
+        victim.evicted.store(true, Relaxed);
+        victim.notify.notify_one();
+        state.evicting += 1;
+        self.evicted.inc();
+        true
+    }
+}
+
+impl Slot {
+    fn is_evicted(&self) -> bool {
+        self.evicted.load(Relaxed)
+    }
+}
+
+impl Pass {
+    /// Marks the connection busy (not evictable) while the guard lives.
+    pub fn busy(&self) -> Busy {
+        self.slot.busy.fetch_add(1, Relaxed);
+        Busy(self.slot.clone())
+    }
+
+    /// Resolves once the gate has asked this connection to close (it was idle, and
+    /// a client holding fewer connections needed its place).
+    pub async fn evicted(&self) {
+        loop {
+            let notified = self.slot.notify.notified();
+            if self.slot.is_evicted() {
+                return;
+            }
+            notified.await;
+        }
+    }
+}
+
+impl Drop for Busy {
+    fn drop(&mut self) {
+        self.0.busy.fetch_sub(1, Relaxed);
     }
 }
 
@@ -172,9 +299,12 @@ impl Drop for Pass {
     fn drop(&mut self) {
         let mut state = self.gate.state.lock().unwrap_or_else(|p| p.into_inner());
         state.total = state.total.saturating_sub(1);
-        if let Some(n) = state.by_client.get_mut(&self.client) {
-            *n -= 1;
-            if *n == 0 {
+        if self.slot.is_evicted() {
+            state.evicting = state.evicting.saturating_sub(1);
+        }
+        if let Some(slots) = state.by_client.get_mut(&self.client) {
+            slots.retain(|s| !Arc::ptr_eq(s, &self.slot));
+            if slots.is_empty() {
                 state.by_client.remove(&self.client);
             }
         }
@@ -198,10 +328,18 @@ mod tests {
         // The same client as an IPv4-mapped address counts as the same client.
         let mapped: IpAddr = "::ffff:10.0.0.1".parse().expect("ip");
         assert_eq!(gate.enter(mapped).expect_err("mapped"), Limit::Client);
-        let _b1 = gate.enter(b).expect("b1");
-        assert_eq!(gate.enter(c).expect_err("full"), Limit::Sidecar);
+        let b1 = gate.enter(b).expect("b1");
+        // Full: c takes the place of a's oldest idle connection (a holds two more
+        // than c would), which is asked to close.
+        let _c1 = gate.enter(c).expect("fair admission");
+        assert!(a1.slot.is_evicted());
+        let d: IpAddr = "10.0.0.4".parse().expect("ip");
+        // One eviction in flight at most; then nobody holds two more than d.
+        assert_eq!(gate.enter(d).expect_err("closing"), Limit::Sidecar);
         drop(a1);
-        let _c1 = gate.enter(c).expect("a slot was freed");
+        assert_eq!(gate.enter(d).expect_err("full and fair"), Limit::Sidecar);
+        drop(b1);
+        let _d1 = gate.enter(d).expect("a slot was freed");
         assert_eq!(gate.in_progress.get(), 3);
         let refused = |limit: Limit| {
             gate.refused
@@ -211,6 +349,74 @@ mod tests {
                 .get()
         };
         assert_eq!(refused(Limit::Client), 2);
-        assert_eq!(refused(Limit::Sidecar), 1);
+        assert_eq!(refused(Limit::Sidecar), 2);
+    }
+
+    fn ip(n: u8) -> IpAddr {
+        IpAddr::from([10, 0, 0, n])
+    }
+
+    #[tokio::test]
+    async fn at_the_cap_a_new_client_takes_the_oldest_idle_slot_of_the_busiest() {
+        let gate = Gate::hbone(6, 4);
+        // Two hostile clients fill the gate: four and two connections.
+        let a: Vec<Pass> = (0..4).map(|_| gate.enter(ip(1)).expect("a")).collect();
+        let b: Vec<Pass> = (0..2).map(|_| gate.enter(ip(2)).expect("b")).collect();
+        // a's oldest is busy (a stream in progress): the next oldest idle one goes.
+        let _stream = a[0].busy();
+        let newcomer = gate.enter(ip(3)).expect("a new client is admitted");
+        assert!(
+            !a[0].slot.is_evicted(),
+            "a busy connection is never evicted"
+        );
+        let evicted = tokio::time::timeout(std::time::Duration::from_secs(1), a[1].evicted()).await;
+        assert!(
+            evicted.is_ok(),
+            "the oldest idle connection of the busiest client is asked to close"
+        );
+        assert!(a[2..].iter().chain(&b).all(|p| !p.slot.is_evicted()));
+        assert_eq!(gate.evicted.get(), 1);
+        // While it closes, the gate holds one more than its cap, and no more.
+        assert_eq!(
+            gate.enter(ip(4)).expect_err("one eviction in flight"),
+            Limit::Sidecar
+        );
+        let mut a = a;
+        drop(a.remove(1));
+        // Closed: a holds 3 (one busy), two more than a new client's 0 + 1.
+        let second = gate.enter(ip(4)).expect("a takes its turn again");
+        assert!(a[1].slot.is_evicted(), "a's next oldest idle one");
+        drop(a.remove(1));
+        drop((newcomer, second, a, b));
+        assert_eq!(gate.in_progress.get(), 0);
+        let state = gate.state.lock().expect("state");
+        assert_eq!((state.total, state.evicting), (0, 0));
+        assert!(state.by_client.is_empty());
+    }
+
+    #[tokio::test]
+    async fn clients_are_evicted_toward_equal_shares_and_no_further() {
+        let gate = Gate::hbone(4, 4);
+        let mut held: Vec<Pass> = (0..4).map(|_| gate.enter(ip(1)).expect("fill")).collect();
+        // One client holds everything; newcomers take from it, one at a time, until
+        // it holds no more than one above any of them.
+        for n in 2..=3 {
+            held.push(gate.enter(ip(n)).expect("admitted"));
+            let gone = held
+                .iter()
+                .position(|p| p.slot.is_evicted())
+                .expect("one asked to close");
+            drop(held.remove(gone));
+        }
+        // Now 1 holds 2, 2 and 3 hold 1: a fourth client takes 1's idle one.
+        held.push(gate.enter(ip(4)).expect("admitted"));
+        let gone = held
+            .iter()
+            .position(|p| p.slot.is_evicted())
+            .expect("one asked to close");
+        drop(held.remove(gone));
+        // Every client holds 1: a fifth is refused.
+        assert_eq!(gate.enter(ip(5)).expect_err("equal shares"), Limit::Sidecar);
+        assert_eq!(gate.evicted.get(), 3);
     }
 }

@@ -8,7 +8,6 @@
 use std::sync::Arc;
 
 use tokio::net::{TcpListener, TcpStream};
-use tracing::warn;
 
 use crate::{
     drain::DrainWatcher,
@@ -24,7 +23,7 @@ pub async fn serve(listener: TcpListener, inputs: Arc<Inputs>, drain: DrainWatch
     conn::accept_loop(listener, Direction::Inbound, inputs, drain, handle).await;
 }
 
-async fn handle(mut conn: Conn, client: TcpStream) {
+async fn handle(conn: Conn, client: TcpStream) {
     let inputs = conn.inputs.clone();
     // Inbound clients are other hosts: dead ones must be noticed.
     inputs.dead_peer.apply(&client);
@@ -35,15 +34,24 @@ async fn handle(mut conn: Conn, client: TcpStream) {
             return conn.carry(Downstream::Plain(client), connected).await;
         }
     };
-    if let Err(refusal) = inputs
-        .inbound
-        .admit_direct(local.0.port(), inputs.hbone_port)
+    let unauthenticated = inputs
+        .peers
+        .as_ref()
+        .map_or(inputs.inbound.unauthenticated, |peers| {
+            peers.allows_unauthenticated()
+        });
+    if let Err(refusal) =
+        inputs
+            .inbound
+            .admit_direct(local.0.port(), inputs.hbone_port, unauthenticated)
     {
-        conn.recorder.label_refused(None);
-        conn.recorder.set_reason(refusal.reason());
-        warn!(%refusal, port = local.0.port(), "refusing inbound connection");
         let _ = client.set_zero_linger();
-        return;
+        let port = local.0.port();
+        return conn.refused(
+            None,
+            &format_args!("{refusal} (port {port})"),
+            refusal.reason(),
+        );
     }
     let connected = deliver(&conn, local).await;
     conn.carry(Downstream::Plain(client), connected).await;

@@ -43,6 +43,8 @@ pub enum CloseReason {
     Timeout,
     /// No bytes either way for `idle_timeout`.
     Idle,
+    /// One side had closed, then no bytes for `half_close_timeout`.
+    HalfClosedIdle,
     /// The destination refused or was unreachable.
     Refused,
     /// The kernel recorded no original destination.
@@ -92,6 +94,7 @@ impl CloseReason {
             CloseReason::PeerLost => "peer_lost",
             CloseReason::Timeout => "timeout",
             CloseReason::Idle => "idle",
+            CloseReason::HalfClosedIdle => "half_closed_idle",
             CloseReason::Refused => "refused",
             CloseReason::Overflow => "overflow",
             CloseReason::NoDestination => "no_destination",

@@ -5,18 +5,28 @@
 //! (400 for a bad target, 503 for the sidecar's own ports, 401 for a peer the
 //! allow-list refuses), delivered to the application like a direct connection
 //! ([`super::inbound::deliver`]: 503 when it refuses), answered 200, and carried.
+//!
+//! A stream task holds one of its connection's stream permits (as many as the
+//! advertised `SETTINGS_MAX_CONCURRENT_STREAMS`) for its whole life: h2 frees a
+//! stream's slot when the peer resets it, the permit only when the task has ended, so
+//! resets cannot start more tasks than the cap (a stream over it is refused with
+//! `REFUSED_STREAM`). A reset stops the stream's delivery at once, and a connection
+//! whose streams are mostly reset before their answer is closed with `GOAWAY
+//! ENHANCE_YOUR_CALM`.
 
 use std::sync::{
     Arc,
     atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
 };
 
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+
 use bytes::Bytes;
 use h2::{RecvStream, server::SendResponse};
 use http::{Request, StatusCode};
 use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
-use tracing::{Instrument, debug, info_span, warn};
+use tracing::{Instrument, debug, info, info_span, warn};
 
 use crate::{
     drain::DrainWatcher,
@@ -24,7 +34,7 @@ use crate::{
         PeerIdentity,
         hbone::{
             H2Stream, Settings, keepalive,
-            metrics::{HboneMetrics, Side},
+            metrics::{Abuse, HboneMetrics, Side},
             server::{self, Reject},
         },
         peer_policy::PeerPolicy,
@@ -33,10 +43,11 @@ use crate::{
         ClientAddr, CloseReason, Direction, OrigDstAddr,
         addr::unmap,
         conn::{Conn, ConnError, Downstream, Inputs},
-        gate::{Gate, Pass},
+        gate::{Busy, Gate, Pass},
         inbound::deliver,
         listener,
     },
+    tls::IdentityStore,
     woken::woken,
 };
 
@@ -50,7 +61,15 @@ pub struct TunnelServer {
     pub peers: Arc<PeerPolicy>,
     /// Connection and stream counts.
     pub metrics: Arc<HboneMetrics>,
+    /// The identity whose bundle verified each client: a bundle change ends the
+    /// connections verified under the old one.
+    pub store: Arc<IdentityStore>,
 }
+
+/// After a connection's trust ends (its peer's certificate expired, or the bundle
+/// that verified it changed), its open streams get this long to finish after the
+/// GOAWAY before the connection is closed.
+const TRUST_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Accepts HBONE connections on `listener` until a drain starts; each connection's
 /// streams are served until it closes (after a drain: once its streams end).
@@ -88,7 +107,7 @@ async fn connection(
     };
     // Held for the connection's life, whoever the client turns out to be.
     let gate = &inputs.hbone_connections;
-    let Some(_held) = enter_or_reset(gate, "open HBONE", &inputs, &tcp, client, &drain) else {
+    let Some(held) = enter_or_reset(gate, "open HBONE", &inputs, &tcp, client, &drain) else {
         return;
     };
     // Held until the client has proved who it is (or failed).
@@ -97,19 +116,32 @@ async fn connection(
         return;
     };
     let budget = inputs.handshake_timeout;
-    let (mut h2, peer) =
-        match server::handshake(&server.acceptor, tcp, &server.settings, budget).await {
-            Ok(ok) => ok,
-            Err(error) => {
-                let reason = match error {
-                    server::HandshakeError::Timeout(_) => CloseReason::Timeout,
-                    _ => CloseReason::HandshakeFailed,
-                };
-                let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain);
-                conn.refused(None, &error, reason);
-                return;
-            }
-        };
+    // The bundle the handshake verifies against (read before it, so a change during
+    // the handshake ends the connection too).
+    let mut bundles = server.store.bundle_changes();
+    let verified_under = *bundles.borrow_and_update();
+    let handshake = server::handshake(&server.acceptor, tcp, &server.settings, budget);
+    let handshaken = tokio::select! {
+        handshaken = handshake => handshaken,
+        // A client holding fewer connections needed this one's place.
+        () = evicted(&pass, &held) => {
+            let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain);
+            conn.refused(None, &"closed in its handshake to admit a client holding fewer connections", CloseReason::Overflow);
+            return;
+        }
+    };
+    let (mut h2, peer, not_after) = match handshaken {
+        Ok(ok) => ok,
+        Err(error) => {
+            let reason = match error {
+                server::HandshakeError::Timeout(_) => CloseReason::Timeout,
+                _ => CloseReason::HandshakeFailed,
+            };
+            let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain);
+            conn.refused(None, &error, reason);
+            return;
+        }
+    };
     drop(pass);
     server.metrics.connection_opened(Side::Server);
     debug!(peer = %peer.id, "HBONE connection accepted");
@@ -137,17 +169,38 @@ async fn connection(
         }
     });
     let drained = woken(drain.wait_for_drain());
-    tokio::pin!(keepalive, unused, drained);
+    let evicted = woken(held.evicted());
+    let trust_ends = woken(trust_ends(not_after, bundles, verified_under));
+    // Armed once trust has ended: the streams' time to finish.
+    let cut = tokio::time::sleep(std::time::Duration::MAX / 4);
+    tokio::pin!(keepalive, unused, drained, evicted, trust_ends, cut);
+    let mut distrusted = false;
+    let book = Arc::new(StreamBook::new(server.settings.max_inbound_streams));
+    let mut calmed = false;
     loop {
         tokio::select! {
             next = h2.accept() => match next {
-                Some(Ok((request, respond))) => {
+                Some(Ok((request, mut respond))) => {
                     used.store(true, Relaxed);
+                    let Some(permit) = book.admit() else {
+                        server.metrics.abuse(Abuse::OverStreamCap);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    };
+                    if !calmed && book.resets_dominate() {
+                        calmed = true;
+                        warn!(peer = %peer.id, resets = book.early_resets.load(Relaxed), "HBONE connection closed with GOAWAY ENHANCE_YOUR_CALM: most of its streams were reset before their answer");
+                        server.metrics.abuse(Abuse::EnhanceYourCalm);
+                        h2.abrupt_shutdown(h2::Reason::ENHANCE_YOUR_CALM);
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    }
                     let peer = first.take().unwrap_or_else(|| PeerIdentity { id: peer.id.clone(), handshake: None });
                     let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain.clone());
                     let span = info_span!("stream", peer = %peer.id);
-                    let guard = Open::new(server.metrics.clone(), open.clone());
-                    drain.spawn(stream(conn, server.clone(), local, request, respond, peer, guard).instrument(span));
+                    let guard = Open::new(server.metrics.clone(), open.clone(), held.busy());
+                    let task = Stream { server: server.clone(), local, peer, guard, book: book.clone(), _permit: permit };
+                    drain.spawn(task.serve(conn, request, respond).instrument(span));
                 }
                 Some(Err(error)) => {
                     debug!(%error, "HBONE connection failed");
@@ -164,6 +217,24 @@ async fn connection(
                 draining = true;
                 h2.graceful_shutdown();
             }
+            why = &mut trust_ends, if !distrusted => {
+                // No new streams; the open ones get TRUST_DRAIN.
+                info!(peer = %peer.id, why, "HBONE connection closing (GOAWAY): the peer is no longer trusted");
+                distrusted = true;
+                draining = true;
+                h2.graceful_shutdown();
+                cut.as_mut().reset(tokio::time::Instant::now() + TRUST_DRAIN);
+            }
+            () = &mut cut, if distrusted => {
+                warn!(peer = %peer.id, after = ?TRUST_DRAIN, "HBONE connection closed: streams still open after its peer stopped being trusted");
+                break;
+            }
+            () = &mut evicted, if !draining => {
+                // Idle, and a client holding fewer connections needed its place.
+                debug!("HBONE connection closed to admit a client holding fewer connections");
+                draining = true;
+                h2.graceful_shutdown();
+            }
             () = &mut drained, if !draining => {
                 // GOAWAY: no new streams; the open ones finish.
                 draining = true;
@@ -172,6 +243,40 @@ async fn connection(
         }
     }
     server.metrics.connection_closed(Side::Server);
+}
+
+/// Resolves, saying why, when a client verified under bundle `verified_under`
+/// stops being trusted: at its certificate's `not_after` (seconds since the epoch),
+/// or when the bundle changes.
+async fn trust_ends(
+    not_after: i64,
+    mut bundles: tokio::sync::watch::Receiver<u64>,
+    verified_under: u64,
+) -> &'static str {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64);
+    let left = std::time::Duration::from_secs(not_after.saturating_sub(now).max(0) as u64);
+    let changed = async {
+        let changed = bundles.wait_for(|h| *h != verified_under).await.is_ok();
+        match changed {
+            true => "the trust bundle changed",
+            // The store is gone: the sidecar is stopping.
+            false => std::future::pending().await,
+        }
+    };
+    tokio::select! {
+        () = tokio::time::sleep(left) => "its certificate expired",
+        why = changed => why,
+    }
+}
+
+/// Resolves when either gate asks the connection to close.
+async fn evicted(unauthenticated: &Pass, open: &Pass) {
+    tokio::select! {
+        () = unauthenticated.evicted() => {}
+        () = open.evicted() => {}
+    }
 }
 
 /// A slot in `gate` for a connection from `client`; past a cap, the connection is
@@ -200,20 +305,23 @@ fn enter_or_reset(
 }
 
 /// A server stream, counted from its request to its end: in its connection's
-/// count (idle detection) and, once answered 200, in the stream metrics.
+/// count (idle detection), as work of its connection's gate slot (not evictable),
+/// and, once answered 200, in the stream metrics.
 struct Open {
     metrics: Arc<HboneMetrics>,
     open: Arc<AtomicUsize>,
     answered: bool,
+    _busy: Busy,
 }
 
 impl Open {
-    fn new(metrics: Arc<HboneMetrics>, open: Arc<AtomicUsize>) -> Self {
+    fn new(metrics: Arc<HboneMetrics>, open: Arc<AtomicUsize>, busy: Busy) -> Self {
         open.fetch_add(1, Relaxed);
         Self {
             metrics,
             open,
             answered: false,
+            _busy: busy,
         }
     }
 
@@ -234,66 +342,136 @@ impl Drop for Open {
     }
 }
 
-/// One `CONNECT` stream: checks, delivery, the answer, then the copy.
-async fn stream(
-    conn: Conn,
+/// Resets before the answer, past which (and past half of a connection's streams)
+/// the connection is closed with `ENHANCE_YOUR_CALM`: a client that gives up on a
+/// slow application now and then stays well below it.
+const CALM_AFTER_RESETS: usize = 100;
+
+/// One inbound connection's stream permits and what its peer did with its streams.
+struct StreamBook {
+    permits: Arc<Semaphore>,
+    /// Streams admitted.
+    streams: AtomicUsize,
+    /// Streams the peer reset before they were answered.
+    early_resets: AtomicUsize,
+}
+
+impl StreamBook {
+    fn new(cap: u32) -> Self {
+        Self {
+            permits: Arc::new(Semaphore::new(cap as usize)),
+            streams: AtomicUsize::new(0),
+            early_resets: AtomicUsize::new(0),
+        }
+    }
+
+    /// A permit for a new stream's task, if one is free.
+    fn admit(&self) -> Option<OwnedSemaphorePermit> {
+        let permit = self.permits.clone().try_acquire_owned().ok()?;
+        self.streams.fetch_add(1, Relaxed);
+        Some(permit)
+    }
+
+    fn resets_dominate(&self) -> bool {
+        let resets = self.early_resets.load(Relaxed);
+        resets >= CALM_AFTER_RESETS && resets * 2 > self.streams.load(Relaxed)
+    }
+}
+
+/// One `CONNECT` stream's task and what it holds until it ends.
+struct Stream {
     server: Arc<TunnelServer>,
     local: std::net::IpAddr,
-    request: Request<RecvStream>,
-    mut respond: SendResponse<Bytes>,
     peer: PeerIdentity,
     guard: Open,
-) {
-    let metrics = server.metrics.clone();
-    let refuse = |conn: Conn, respond: &mut SendResponse<Bytes>, reject: Reject, reason| {
-        metrics.stream_refused(Side::Server, reject.status.as_u16());
-        let _ = server::respond(respond, reject.status);
-        conn.refused(Some(&peer), &reject, reason);
-    };
-    let dst = match server::target(&request, local) {
-        Ok(dst) => OrigDstAddr(dst),
-        Err(reject) => return refuse(conn, &mut respond, reject, CloseReason::PolicyDenied),
-    };
-    if conn.inputs.own_ports.contains(&dst.0.port()) {
-        let reject = Reject {
-            status: StatusCode::SERVICE_UNAVAILABLE,
-            reason: format!("{dst} is a port of the sidecar itself"),
+    book: Arc<StreamBook>,
+    /// The connection's stream permit, released when the task ends.
+    _permit: OwnedSemaphorePermit,
+}
+
+/// Resolves when the peer resets the stream.
+async fn reset_by_peer(respond: &mut SendResponse<Bytes>) {
+    let _ = std::future::poll_fn(|cx| respond.poll_reset(cx)).await;
+}
+
+impl Stream {
+    /// Checks, delivery (stopped if the peer resets the stream), the answer, then the
+    /// copy.
+    async fn serve(
+        self,
+        conn: Conn,
+        request: Request<RecvStream>,
+        mut respond: SendResponse<Bytes>,
+    ) {
+        let Stream {
+            server,
+            local,
+            peer,
+            guard,
+            book,
+            _permit,
+        } = self;
+        let metrics = server.metrics.clone();
+        let refuse = |conn: Conn, respond: &mut SendResponse<Bytes>, reject: Reject, reason| {
+            metrics.stream_refused(Side::Server, reject.status.as_u16());
+            let _ = server::respond(respond, reject.status);
+            conn.refused(Some(&peer), &reject, reason);
         };
-        return refuse(conn, &mut respond, reject, CloseReason::Loop);
-    }
-    if !server.peers.allows_client(&peer.id) {
-        let reject = Reject {
-            status: StatusCode::UNAUTHORIZED,
-            reason: format!(
-                "peer {} is not allowed by inbound.allow (an empty list allows the local trust domain)",
-                peer.id
-            ),
+        let dst = match server::target(&request, local) {
+            Ok(dst) => OrigDstAddr(dst),
+            Err(reject) => return refuse(conn, &mut respond, reject, CloseReason::PolicyDenied),
         };
-        return refuse(conn, &mut respond, reject, CloseReason::PolicyDenied);
-    }
-    let connected = match deliver(&conn, dst).await {
-        Ok(connected) => connected,
-        Err(error) => {
-            let reason = error.reason();
+        if conn.inputs.own_ports.contains(&dst.0.port()) {
             let reject = Reject {
                 status: StatusCode::SERVICE_UNAVAILABLE,
-                reason: error.to_string(),
+                reason: format!("{dst} is a port of the sidecar itself"),
             };
-            return refuse(conn, &mut respond, reject, reason);
+            return refuse(conn, &mut respond, reject, CloseReason::Loop);
         }
-    };
-    let mut connected = connected;
-    let send = match server::respond(&mut respond, StatusCode::OK) {
-        Ok(send) => send,
-        Err(error) => {
-            // The client gave up (reset the stream) while we connected.
-            connected.up.reset();
-            let error = ConnError::ClientGone(std::io::Error::other(error));
-            return conn.refused(Some(&peer), &error, CloseReason::Reset);
+        if !server.peers.allows_client(&peer.id) {
+            let reject = Reject {
+                status: StatusCode::UNAUTHORIZED,
+                reason: format!(
+                    "peer {} is not allowed by inbound.allow (an empty list allows the local trust domain)",
+                    peer.id
+                ),
+            };
+            return refuse(conn, &mut respond, reject, CloseReason::PolicyDenied);
         }
-    };
-    let guard: Box<dyn Send + Sync> = Box::new(guard.answered());
-    let stream = H2Stream::new(send, request.into_body(), Some(guard));
-    conn.carry(Downstream::Hbone(Box::new(stream), peer), Ok(connected))
-        .await;
+        let gone = |conn: Conn, what: &str| {
+            book.early_resets.fetch_add(1, Relaxed);
+            server.metrics.abuse(Abuse::ResetBeforeAnswer);
+            let error = ConnError::ClientGone(std::io::Error::other(what.to_string()));
+            conn.refused(Some(&peer), &error, CloseReason::Reset);
+        };
+        let delivered = tokio::select! {
+            delivered = deliver(&conn, dst) => delivered,
+            () = reset_by_peer(&mut respond) => {
+                return gone(conn, "the peer reset the stream while it was delivered");
+            }
+        };
+        let mut connected = match delivered {
+            Ok(connected) => connected,
+            Err(error) => {
+                let reason = error.reason();
+                let reject = Reject {
+                    status: StatusCode::SERVICE_UNAVAILABLE,
+                    reason: error.to_string(),
+                };
+                return refuse(conn, &mut respond, reject, reason);
+            }
+        };
+        let send = match server::respond(&mut respond, StatusCode::OK) {
+            Ok(send) => send,
+            Err(_) => {
+                // The client gave up (reset the stream) as we connected.
+                connected.up.reset();
+                return gone(conn, "the peer reset the stream before its answer");
+            }
+        };
+        let guard: Box<dyn Send + Sync> = Box::new(guard.answered());
+        let stream = H2Stream::new(send, request.into_body(), Some(guard));
+        conn.carry(Downstream::Hbone(Box::new(stream), peer), Ok(connected))
+            .await;
+    }
 }

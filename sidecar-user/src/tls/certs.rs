@@ -106,6 +106,8 @@ pub struct Identity {
 /// The current identity, swapped atomically on rotation.
 pub struct IdentityStore {
     current: ArcSwap<Identity>,
+    /// The current bundle's hash: connections verified under an older bundle end.
+    bundles: tokio::sync::watch::Sender<u64>,
     /// Fingerprint of the files the current identity (or the last rejected rotation)
     /// was read from, taken before reading them so no change can slip between.
     seen: std::sync::atomic::AtomicU64,
@@ -329,6 +331,7 @@ impl IdentityStore {
     /// A store holding `identity`, loaded from `files`.
     pub fn new(files: &IdentityFiles, identity: Identity) -> Self {
         Self {
+            bundles: tokio::sync::watch::Sender::new(identity.bundle_hash),
             current: ArcSwap::from_pointee(identity),
             seen: fingerprint(files).into(),
         }
@@ -339,9 +342,22 @@ impl IdentityStore {
         self.current.load_full()
     }
 
-    /// Replaces the identity; connections already established are not affected.
+    /// Replaces the identity for new handshakes. Connections already established
+    /// keep running, unless the trust bundle changed: they watch
+    /// [`IdentityStore::bundle_changes`].
     pub fn replace(&self, identity: Identity) {
+        let bundle = identity.bundle_hash;
         self.current.store(Arc::new(identity));
+        self.bundles.send_if_modified(|current| {
+            let changed = *current != bundle;
+            *current = bundle;
+            changed
+        });
+    }
+
+    /// The hash of the trust bundle in force, changing with it.
+    pub fn bundle_changes(&self) -> tokio::sync::watch::Receiver<u64> {
+        self.bundles.subscribe()
     }
 
     /// Re-reads `files` every `every`, swapping in a changed identity that loads and

@@ -1,9 +1,14 @@
 //! Test workloads run inside pods: servers that say who they are, and clients that
 //! check every byte. Output is one JSON line, so tests can assert on it.
 //!
-//! Echo protocol: the client sends one mode byte — `S` (stream: echo as it arrives)
-//! or `H` (half-close: echo everything only after the client's FIN) — then its payload.
+//! Echo protocol: the client sends one mode byte — `S` (stream: echo as it arrives),
+//! `H` (half-close: echo everything only after the client's FIN) or `F` (server
+//! first: echo one line, then close before the client does) — then its payload.
 //! The server first sends its own address padded to 64 bytes, then the echo.
+//!
+//! Every client command ends within `--deadline-s` (exit status 3, naming what it was
+//! waiting for), and each connection of `tally` within `--conn-deadline-ms`: a hung
+//! connection fails its test in seconds instead of stalling the run.
 
 use std::{
     net::SocketAddr,
@@ -24,11 +29,26 @@ const HEADER: usize = 64;
 
 #[derive(Parser)]
 struct Cli {
+    /// A client command still running after this long exits with status 3 (servers
+    /// run until killed).
+    #[arg(long, global = true, default_value_t = 120)]
+    deadline_s: u64,
     #[command(subcommand)]
     cmd: Cmd,
 }
 
-#[derive(Subcommand)]
+/// Who closes first in a `tally` exchange.
+#[derive(Clone, Copy, Debug, clap::ValueEnum)]
+enum Order {
+    /// The client half-closes after its payload; the server answers, then closes.
+    Client,
+    /// The server answers one line and closes; the client closes after its EOF.
+    Server,
+    /// Alternately, connection by connection.
+    Mixed,
+}
+
+#[derive(Subcommand, Debug)]
 enum Cmd {
     /// Echo servers on each address (prints `ready` once all are bound).
     Echo {
@@ -49,6 +69,17 @@ enum Cmd {
         concurrency: usize,
         #[arg(long, default_value_t = 0)]
         interval_ms: u64,
+        /// Who closes first.
+        #[arg(long, value_enum, default_value_t = Order::Client)]
+        order: Order,
+        /// A connection not finished (both ends closed) after this long is counted
+        /// as an error `timeout`, naming the step it was in.
+        #[arg(long, default_value_t = 10_000)]
+        conn_deadline_ms: u64,
+        /// Stop starting connections after this many errors (the summary says so);
+        /// by default every connection is tried.
+        #[arg(long, default_value_t = usize::MAX)]
+        max_errors: usize,
     },
     /// Minimal HTTP servers answering `served-by <addr>`, plus UDP echo on the same addresses.
     Http {
@@ -134,6 +165,27 @@ enum Cmd {
         count: usize,
         #[arg(long)]
         hold_ms: u64,
+        /// Source addresses (the pod's own): `count` connections from each.
+        #[arg(long = "from")]
+        from: Vec<std::net::IpAddr>,
+    },
+    /// Keep-alive HTTP/1.1 clients: `per_source` connections from each `--from`
+    /// address to `to`, each sending `GET path` every `every_ms` (idle between), for
+    /// `hold_ms`. Prints `connected` once all are open, then how many were opened and
+    /// how many the server closed.
+    HttpHold {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long = "from", required = true)]
+        from: Vec<std::net::IpAddr>,
+        #[arg(long)]
+        per_source: usize,
+        #[arg(long, default_value = "/healthz")]
+        path: String,
+        #[arg(long, default_value_t = 1000)]
+        every_ms: u64,
+        #[arg(long)]
+        hold_ms: u64,
     },
     /// A slow-loris flood: `count` connections to `to`, each sending nothing (even
     /// ones) or the first half of a TLS ClientHello offering HBONE's ALPN (odd
@@ -165,6 +217,27 @@ enum Cmd {
         #[arg(long, default_value_t = 3000)]
         read_ms: u64,
     },
+    /// Rapid reset: one HBONE connection to `to` with the certificate in `cert`,
+    /// `count` CONNECT streams to `authority` in batches of `batch`, each batch
+    /// reset `reset_after_ms` after its HEADERS; then waits up to `wait_ms` for the
+    /// server to end the connection. Prints how many streams went out and how the
+    /// connection ended.
+    ResetFlood {
+        #[arg(long)]
+        to: SocketAddr,
+        #[arg(long)]
+        cert: std::path::PathBuf,
+        #[arg(long)]
+        authority: String,
+        #[arg(long)]
+        count: usize,
+        #[arg(long, default_value_t = 50)]
+        batch: usize,
+        #[arg(long, default_value_t = 5)]
+        reset_after_ms: u64,
+        #[arg(long, default_value_t = 3000)]
+        wait_ms: u64,
+    },
     /// A reader that never reads: one echo connection (stream mode) to `to` that
     /// writes until its writes stall for two seconds (every window and buffer on the
     /// way is full), prints `connected`, holds `hold_ms` without reading, and prints
@@ -188,16 +261,46 @@ fn main() -> Result<()> {
         .worker_threads(2)
         .enable_all()
         .build()?;
+    let cli = Cli::parse();
+    let deadline = Duration::from_secs(cli.deadline_s);
+    let name = format!("{:?}", cli.cmd);
     rt.block_on(async {
-        match Cli::parse().cmd {
-            Cmd::Echo { listen, delay_ms } => serve(listen, false, delay_ms).await,
-            Cmd::Http { listen } => serve(listen, true, 0).await,
+        let client = match cli.cmd {
+            Cmd::Echo { listen, delay_ms } => return serve(listen, false, delay_ms).await,
+            Cmd::Http { listen } => return serve(listen, true, 0).await,
+            client => client,
+        };
+        match tokio::time::timeout(deadline, run_client(client)).await {
+            Ok(result) => result,
+            Err(_) => {
+                eprintln!("pod-tool: {name} did not finish within {deadline:?}");
+                std::process::exit(3);
+            }
+        }
+    })
+}
+
+async fn run_client(cmd: Cmd) -> Result<()> {
+    {
+        match cmd {
+            Cmd::Echo { .. } | Cmd::Http { .. } => unreachable!("servers run above"),
             Cmd::Tally {
                 to,
                 count,
                 concurrency,
                 interval_ms,
-            } => tally(to, count, concurrency, interval_ms).await,
+                order,
+                conn_deadline_ms,
+                max_errors,
+            } => {
+                let plan = Plan {
+                    to,
+                    order,
+                    deadline: Duration::from_millis(conn_deadline_ms),
+                    max_errors,
+                };
+                tally(plan, count, concurrency, interval_ms).await
+            }
             Cmd::Clients {
                 to,
                 connections,
@@ -236,10 +339,46 @@ fn main() -> Result<()> {
                 authority,
                 count,
                 hold_ms,
-            } => hbone_hold(to, &cert, &authority, count, hold_ms).await,
+                from,
+            } => hbone_hold(to, &cert, &authority, (count, &from), hold_ms).await,
+            Cmd::HttpHold {
+                to,
+                from,
+                per_source,
+                path,
+                every_ms,
+                hold_ms,
+            } => http_hold(to, &from, per_source, &path, (every_ms, hold_ms)).await,
             Cmd::Stall { to, count, hold_ms } => stall(to, count, hold_ms).await,
+            Cmd::ResetFlood {
+                to,
+                cert,
+                authority,
+                count,
+                batch,
+                reset_after_ms,
+                wait_ms,
+            } => {
+                use sidecar_tests::hbone::{Client, tls_config};
+                let config = Arc::new(tls_config(Some(&cert))?);
+                let client = Client::connect(to, config).await?;
+                let reset_after = Duration::from_millis(reset_after_ms);
+                let sent = client
+                    .reset_flood(&authority, count, batch, reset_after)
+                    .await;
+                let waited = Instant::now();
+                while client.ended().is_none() && waited.elapsed() < Duration::from_millis(wait_ms)
+                {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                println!(
+                    "{}",
+                    serde_json::json!({"sent": sent, "ended": client.ended()})
+                );
+                Ok(())
+            }
         }
-    })
+    }
 }
 
 fn raise_nofile_limit() {
@@ -335,6 +474,19 @@ async fn echo(mut stream: TcpStream, addr: SocketAddr) -> Result<()> {
         let mut all = Vec::new();
         r.read_to_end(&mut all).await?;
         w.write_all(&all).await?;
+    } else if mode[0] == b'F' {
+        // One line back, then this side closes first; the client's FIN follows.
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < 64 * 1024 && r.read(&mut byte).await? == 1 && byte[0] != b'\n' {
+            line.push(byte[0]);
+        }
+        line.push(b'\n');
+        w.write_all(&line).await?;
+        w.shutdown().await?;
+        let mut rest = Vec::new();
+        r.read_to_end(&mut rest).await?;
+        return Ok(());
     } else {
         tokio::io::copy(&mut r, &mut w).await?;
     }
@@ -428,26 +580,69 @@ async fn enrol(to: SocketAddr) -> Result<()> {
     Ok(())
 }
 
-/// One short echo exchange: returns the server's address (from its header).
-async fn tally_one(to: SocketAddr) -> Result<String> {
-    let mut s = tokio::time::timeout(Duration::from_secs(10), TcpStream::connect(to))
-        .await
-        .context("connect timed out")??;
-    let mut header = [0u8; HEADER];
-    tokio::time::timeout(Duration::from_secs(10), s.read_exact(&mut header))
-        .await
-        .context("no header within 10 s")??;
-    s.write_all(b"Stally-ping").await?;
-    s.shutdown().await?;
-    let mut back = Vec::new();
-    s.read_to_end(&mut back).await?;
-    if back != b"tally-ping" {
-        bail!("echo mismatch: {:?}", String::from_utf8_lossy(&back));
-    }
-    Ok(String::from_utf8_lossy(&header).trim().to_string())
+/// Where `tally` connects, who closes first, each connection's deadline, and the
+/// errors after which it stops.
+struct Plan {
+    to: SocketAddr,
+    order: Order,
+    deadline: Duration,
+    max_errors: usize,
 }
 
-async fn tally(to: SocketAddr, count: usize, concurrency: usize, interval_ms: u64) -> Result<()> {
+/// One short echo exchange, the `nth` of the tally: returns the server's address
+/// (from its header). Each step is named, so a connection that hangs says where.
+async fn tally_one(plan: &Plan, nth: usize) -> Result<String> {
+    let step = std::sync::Mutex::new("connect");
+    let at = |name| {
+        if let Ok(mut s) = step.lock() {
+            *s = name;
+        }
+    };
+    let server_first = match plan.order {
+        Order::Client => false,
+        Order::Server => true,
+        Order::Mixed => nth % 2 == 1,
+    };
+    let exchange = async {
+        let mut s = TcpStream::connect(plan.to).await?;
+        at("read the header");
+        let mut header = [0u8; HEADER];
+        s.read_exact(&mut header).await?;
+        let mut back = Vec::new();
+        if server_first {
+            at("write the line");
+            s.write_all(b"Ftally-ping\n").await?;
+            at("read until the server's EOF");
+            s.read_to_end(&mut back).await?;
+            at("close after the server");
+            s.shutdown().await?;
+            back.pop_if(|b| *b == b'\n');
+        } else {
+            at("write and half-close");
+            s.write_all(b"Stally-ping").await?;
+            s.shutdown().await?;
+            at("read until the server's EOF, after half-closing");
+            s.read_to_end(&mut back).await?;
+        }
+        if back != b"tally-ping" {
+            bail!("echo mismatch: {:?}", String::from_utf8_lossy(&back));
+        }
+        anyhow::Ok(String::from_utf8_lossy(&header).trim().to_string())
+    };
+    match tokio::time::timeout(plan.deadline, exchange).await {
+        Ok(result) => result,
+        Err(_) => {
+            let step = step.lock().map(|s| *s).unwrap_or("?");
+            bail!(
+                "timeout: not finished within {:?} at: {step}",
+                plan.deadline
+            )
+        }
+    }
+}
+
+async fn tally(plan: Plan, count: usize, concurrency: usize, interval_ms: u64) -> Result<()> {
+    let plan = Arc::new(plan);
     use std::collections::BTreeMap;
     let next = Arc::new(std::sync::atomic::AtomicUsize::new(0));
     let results = Arc::new(std::sync::Mutex::new((
@@ -457,10 +652,17 @@ async fn tally(to: SocketAddr, count: usize, concurrency: usize, interval_ms: u6
     let start = Instant::now();
     let mut workers = Vec::new();
     for _ in 0..concurrency.max(1) {
-        let (next, results) = (next.clone(), results.clone());
+        let (next, results, plan) = (next.clone(), results.clone(), plan.clone());
         workers.push(tokio::spawn(async move {
-            while next.fetch_add(1, std::sync::atomic::Ordering::Relaxed) < count {
-                let outcome = tally_one(to).await;
+            loop {
+                let nth = next.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let too_many = results
+                    .lock()
+                    .map_or(true, |r| r.1.len() >= plan.max_errors);
+                if nth >= count || too_many {
+                    break;
+                }
+                let outcome = tally_one(&plan, nth).await;
                 if let Ok(mut r) = results.lock() {
                     match outcome {
                         Ok(server) => *r.0.entry(server).or_default() += 1,
@@ -482,6 +684,7 @@ async fn tally(to: SocketAddr, count: usize, concurrency: usize, interval_ms: u6
         serde_json::json!({
             "ok": ok,
             "failed": errors.len(),
+            "stopped_early": errors.len() >= plan.max_errors,
             "by_server": by_server,
             "errors": errors.iter().take(5).collect::<Vec<_>>(),
             "elapsed_ms": start.elapsed().as_millis(),
@@ -844,15 +1047,19 @@ async fn hbone_hold(
     to: SocketAddr,
     cert: &std::path::Path,
     authority: &str,
-    count: usize,
+    (count, from): (usize, &[std::net::IpAddr]),
     hold_ms: u64,
 ) -> Result<()> {
     use sidecar_tests::hbone::{Client, expect_echo, tls_config};
     let config = Arc::new(tls_config(Some(cert))?);
     let (mut held, mut refused, mut first_error) = (Vec::new(), 0, None);
-    for _ in 0..count {
+    let sources: Vec<Option<std::net::IpAddr>> = match from {
+        [] => vec![None],
+        list => list.iter().copied().map(Some).collect(),
+    };
+    for source in sources.iter().flat_map(|s| std::iter::repeat_n(*s, count)) {
         let attempt = async {
-            let client = Client::connect(to, config.clone()).await?;
+            let client = Client::connect_from(source, to, config.clone()).await?;
             let answer = client
                 .request("CONNECT", authority, b"Hx-echo", Duration::from_secs(5))
                 .await?;
@@ -869,9 +1076,69 @@ async fn hbone_hold(
     }
     println!("connected");
     tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    // Still open at the end: not closed (GOAWAY) by the server meanwhile.
+    let open = held.iter().filter(|c| c.ended().is_none()).count();
     println!(
         "{}",
-        serde_json::json!({"ok": held.len(), "refused": refused, "first_error": first_error})
+        serde_json::json!({"ok": held.len(), "refused": refused, "open_at_end": open, "first_error": first_error})
+    );
+    Ok(())
+}
+
+async fn http_hold(
+    to: SocketAddr,
+    from: &[std::net::IpAddr],
+    per_source: usize,
+    path: &str,
+    (every_ms, hold_ms): (u64, u64),
+) -> Result<()> {
+    let closed = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let mut tasks = Vec::new();
+    let mut failed = 0;
+    let request = format!("GET {path} HTTP/1.1\r\nHost: x\r\n\r\n");
+    for &source in from {
+        for _ in 0..per_source {
+            let socket = match to {
+                SocketAddr::V4(_) => TcpSocket::new_v4()?,
+                SocketAddr::V6(_) => TcpSocket::new_v6()?,
+            };
+            socket.bind(SocketAddr::new(source, 0))?;
+            let Ok(mut s) = socket.connect(to).await else {
+                failed += 1;
+                continue;
+            };
+            let (closed, request) = (closed.clone(), request.clone());
+            tasks.push(tokio::spawn(async move {
+                let mut buf = vec![0u8; 4096];
+                loop {
+                    // One request, its whole answer (a small body), then idle.
+                    let answered = async {
+                        s.write_all(request.as_bytes()).await?;
+                        let n = s.read(&mut buf).await?;
+                        anyhow::ensure!(n > 0, "closed");
+                        anyhow::Ok(())
+                    };
+                    if answered.await.is_err() {
+                        closed.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(every_ms)).await;
+                }
+            }));
+        }
+    }
+    println!("connected");
+    tokio::time::sleep(Duration::from_millis(hold_ms)).await;
+    for t in &tasks {
+        t.abort();
+    }
+    println!(
+        "{}",
+        serde_json::json!({
+            "opened": tasks.len(),
+            "failed": failed,
+            "closed_by_server": closed.load(std::sync::atomic::Ordering::Relaxed),
+        })
     );
     Ok(())
 }

@@ -116,6 +116,8 @@ struct Shared {
     /// Open connections, aborted when the server goes down.
     connections: Mutex<Vec<tokio::task::AbortHandle>>,
     bookmark_every: Duration,
+    /// Every watch ends at once with a 200 (as a misbehaving load balancer does).
+    end_watches: AtomicBool,
 }
 
 /// A running test API server.
@@ -153,6 +155,7 @@ impl KubeApi {
             down: AtomicBool::new(false),
             connections: Mutex::new(Vec::new()),
             bookmark_every,
+            end_watches: AtomicBool::new(false),
         });
         let netns = std::fs::File::open(pod.netns_path()).context("pod netns")?;
         let (stop, stopped) = tokio::sync::oneshot::channel();
@@ -267,6 +270,11 @@ impl KubeApi {
                 c.abort();
             }
         }
+    }
+
+    /// Makes every watch from now on end at once, with a 200 and no event.
+    pub fn end_watches_at_once(&self, on: bool) {
+        self.shared.end_watches.store(on, SeqCst);
     }
 
     /// Lists (`"list"`) or watches (`"watch"`) of `kind` served so far.

@@ -208,6 +208,10 @@ fn handle(shared: &Arc<Shared>, req: Request<hyper::body::Incoming>) -> Response
         let timeout = param("timeoutSeconds")
             .and_then(|v| v.parse().ok())
             .map_or(Duration::from_secs(1800), Duration::from_secs);
+        let timeout = match shared.end_watches.load(std::sync::atomic::Ordering::SeqCst) {
+            true => Duration::ZERO,
+            false => timeout,
+        };
         let bookmarks = param("allowWatchBookmarks") == Some("true");
         lock(&shared.state)
             .requests

@@ -57,6 +57,11 @@ pub struct InjectOptions {
     pub config_map: String,
     /// Secret holding `cert.pem`, `key.pem`, `bundle.pem`; none: no identity volume.
     pub identity_secret: Option<String>,
+    /// Leave the application containers the service-account token Kubernetes mounts
+    /// by default. Off: the pod's `automountServiceAccountToken` becomes `false`
+    /// (unless the pod sets it itself), so only the sidecar holds the token that may
+    /// list every pod of the cluster.
+    pub keep_app_token: bool,
 }
 
 /// Injects every pod template in `input` (one or more YAML documents).
@@ -194,6 +199,13 @@ fn inject_pod(pod: &mut Value, options: &InjectOptions) -> Result<(), String> {
         .or_insert_with(|| Value::Sequence(Vec::new()));
     if let Value::Sequence(list) = volumes {
         list.extend(sidecar_volumes(options));
+    }
+    // The discovery token may list and watch every pod of the cluster: the
+    // application does not get it by default (the sidecar has its own mount). A pod
+    // that says what it wants keeps it.
+    if !options.keep_app_token {
+        spec.entry("automountServiceAccountToken".into())
+            .or_insert(Value::Bool(false));
     }
     let metadata = pod
         .as_mapping_mut()

@@ -7,6 +7,7 @@ fn options() -> InjectOptions {
         image: "ghcr.io/example/sidecar:0.1.0".into(),
         config_map: "sidecar-config".into(),
         identity_secret: Some("web-identity".into()),
+        keep_app_token: false,
     }
 }
 
@@ -216,4 +217,26 @@ fn the_pod_is_marked_for_discovery_and_the_sidecar_alone_gets_the_token() {
         Value::from("token")
     );
     assert_eq!(volume["projected"]["defaultMode"], 292);
+    // The application gets no token of its own by default (the discovery token may
+    // list every pod of the cluster) ...
+    assert_eq!(spec["automountServiceAccountToken"], false);
+    // ... unless the pod says what it wants, or the operator asks to keep it.
+    let own = DEPLOYMENT.replace(
+        "    spec:\n",
+        "    spec:\n      automountServiceAccountToken: true\n",
+    );
+    assert_ne!(own, DEPLOYMENT);
+    let out: Value =
+        serde_yaml_ng::from_str(&inject(&own, &options()).expect("inject")).expect("yaml");
+    assert_eq!(
+        out["spec"]["template"]["spec"]["automountServiceAccountToken"],
+        true
+    );
+    let keep = InjectOptions {
+        keep_app_token: true,
+        ..options()
+    };
+    let out: Value =
+        serde_yaml_ng::from_str(&inject(DEPLOYMENT, &keep).expect("inject")).expect("yaml");
+    assert!(out["spec"]["template"]["spec"]["automountServiceAccountToken"].is_null());
 }

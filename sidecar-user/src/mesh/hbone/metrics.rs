@@ -37,6 +37,39 @@ struct SideLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct AbuseLabels {
+    kind: &'static str,
+}
+
+/// What a peer did to an inbound connection that the server had to push back on.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Abuse {
+    /// A stream reset by the peer before it was answered (its delivery stopped).
+    ResetBeforeAnswer,
+    /// A stream refused (`REFUSED_STREAM`) because every stream slot of its
+    /// connection was still held by a stream task.
+    OverStreamCap,
+    /// A connection closed with `GOAWAY ENHANCE_YOUR_CALM`: resets dominated it.
+    EnhanceYourCalm,
+}
+
+impl Abuse {
+    const ALL: [Abuse; 3] = [
+        Abuse::ResetBeforeAnswer,
+        Abuse::OverStreamCap,
+        Abuse::EnhanceYourCalm,
+    ];
+
+    fn as_str(self) -> &'static str {
+        match self {
+            Abuse::ResetBeforeAnswer => "reset_before_answer",
+            Abuse::OverStreamCap => "over_stream_cap",
+            Abuse::EnhanceYourCalm => "goaway_enhance_your_calm",
+        }
+    }
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RefusedLabels {
     side: &'static str,
     status: u16,
@@ -50,6 +83,7 @@ pub struct HboneMetrics {
     streams: Family<SideLabels, Gauge>,
     streams_opened: Family<SideLabels, Counter>,
     streams_refused: Family<RefusedLabels, Counter>,
+    server_abuse: Family<AbuseLabels, Counter>,
 }
 
 impl HboneMetrics {
@@ -81,6 +115,17 @@ impl HboneMetrics {
              allowed, 503 application refused)",
             self.streams_refused.clone(),
         );
+        registry.register(
+            "hbone_server_abuse",
+            "What inbound HBONE peers did that the server pushed back on, by kind \
+             (reset_before_answer, over_stream_cap, goaway_enhance_your_calm)",
+            self.server_abuse.clone(),
+        );
+        for kind in Abuse::ALL {
+            let _ = self.server_abuse.get_or_create(&AbuseLabels {
+                kind: kind.as_str(),
+            });
+        }
         for side in [Side::Client, Side::Server] {
             let labels = side.labels();
             let _ = self.connections.get_or_create(&labels);
@@ -119,5 +164,14 @@ impl HboneMetrics {
             status,
         };
         self.streams_refused.get_or_create(&labels).inc();
+    }
+
+    /// The server pushed back on a peer.
+    pub fn abuse(&self, kind: Abuse) {
+        self.server_abuse
+            .get_or_create(&AbuseLabels {
+                kind: kind.as_str(),
+            })
+            .inc();
     }
 }

@@ -1,10 +1,11 @@
 //! The client side of HBONE: pooled mTLS connections to peers' HBONE ports, and the
 //! `CONNECT` streams opened on them.
 //!
-//! A connection is keyed by the destination (pod IP and HBONE port) and the serial of
-//! our certificate when it was made, so after a rotation new streams go over new
-//! connections with the new certificate, while the old ones finish their streams and
-//! close once idle. A connection takes new streams while it has fewer than the
+//! A connection is keyed by the destination (pod IP and HBONE port), the serial of
+//! our certificate and the trust bundle when it was made, so after a rotation or a
+//! bundle change new streams go over new connections (with the new certificate,
+//! verified under the new bundle), while the old ones finish their streams and close
+//! once idle. A connection takes new streams while it has fewer than the
 //! streams limit (ours, or the server's when lower) and neither certificate has
 //! expired; past that a new one is opened, up to the per-destination cap, after
 //! which streams share the least loaded one. A connection that fails (an error, a
@@ -123,9 +124,11 @@ impl Pool {
         self: &Arc<Self>,
         ip: std::net::IpAddr,
     ) -> Result<(Arc<Tunnel>, SendRequest<Bytes>, Box<dyn Send + Sync>, bool), MeshError> {
+        let current = self.store.current();
         let key = Key {
             dst: SocketAddr::new(ip, self.settings.port),
-            local: self.store.current().serial.clone(),
+            local: current.serial.clone(),
+            bundle: current.bundle_hash,
         };
         if let Some(found) = self.take_slot(&key, false) {
             return Ok(self.claimed(found, false));

@@ -40,14 +40,15 @@ pub enum HandshakeError {
     Timeout(Duration),
 }
 
-/// Terminates mTLS and HTTP/2 from a client within `budget`: the connection and who
-/// the client proved to be.
+/// Terminates mTLS and HTTP/2 from a client within `budget`: the connection, who
+/// the client proved to be, and when its certificate expires (seconds since the
+/// epoch).
 pub async fn handshake(
     acceptor: &TlsAcceptor,
     client: TcpStream,
     settings: &Settings,
     budget: Duration,
-) -> Result<(Connection, PeerIdentity), HandshakeError> {
+) -> Result<(Connection, PeerIdentity, i64), HandshakeError> {
     let started = std::time::Instant::now();
     let both = async {
         let tls = acceptor
@@ -63,21 +64,28 @@ pub async fn handshake(
         if let Some(reason) = resumed_with_expired_certificate(conn) {
             return Err(HandshakeError::Tls(reason));
         }
+        // rustls verified the chain at this moment; its leaf says until when.
+        let not_after = conn
+            .peer_certificates()
+            .and_then(|c| c.first())
+            .and_then(|leaf| x509_parser::parse_x509_certificate(leaf.as_ref()).ok())
+            .map(|(_, leaf)| leaf.validity().not_after.timestamp())
+            .ok_or_else(|| HandshakeError::Tls("the peer certificate has no expiry".into()))?;
         let connection = settings
             .server()
             .handshake(tls)
             .await
             .map_err(|e| HandshakeError::Http2(e.to_string()))?;
-        Ok((connection, id))
+        Ok((connection, id, not_after))
     };
-    let (connection, id) = tokio::time::timeout(budget, both)
+    let (connection, id, not_after) = tokio::time::timeout(budget, both)
         .await
         .map_err(|_| HandshakeError::Timeout(budget))??;
     let peer = PeerIdentity {
         id,
         handshake: Some(started.elapsed()),
     };
-    Ok((connection, peer))
+    Ok((connection, peer, not_after))
 }
 
 /// A request that cannot be served, and the status that says so.

@@ -26,6 +26,9 @@ pub(super) struct Key {
     pub(super) dst: SocketAddr,
     /// Serial of our certificate.
     pub(super) local: String,
+    /// Hash of the trust bundle that verified the peer: after a bundle change (a CA
+    /// removed, say), new streams go over a new handshake under the new bundle.
+    pub(super) bundle: u64,
 }
 
 /// The socket of a pooled connection, for `TCP_INFO` in `/connections` (its streams

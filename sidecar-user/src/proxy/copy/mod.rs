@@ -2,7 +2,10 @@
 //!
 //! Each direction runs until its reader sends EOF, then half-closes the other side
 //! (FIN) while the opposite direction keeps flowing. An error in either direction ends
-//! both, and so does a period with no bytes either way.
+//! both, and so does a period with no bytes either way: `idle` while both directions
+//! are open, the shorter `half_closed` once one of them has passed its EOF on (a peer
+//! that said it is done and whose other side has gone silent is not held for the
+//! whole idle timeout).
 //!
 //! Between two plain sockets a connection owns no buffer: each read goes into the
 //! worker thread's scratch buffer and is written on at once, and a direction that fills
@@ -55,6 +58,18 @@ pub enum CopyError {
     /// No bytes moved either way for the idle timeout.
     #[error("idle for {0:?}")]
     Idle(Duration),
+    /// One direction had ended, and no bytes moved for the half-closed timeout.
+    #[error("half-closed and idle for {0:?}")]
+    HalfClosedIdle(Duration),
+}
+
+/// How long a connection may go without bytes before it is closed.
+#[derive(Clone, Copy, Debug)]
+pub struct Timeouts {
+    /// While both directions are open.
+    pub idle: Duration,
+    /// Once one direction has ended (never longer than `idle`).
+    pub half_closed: Duration,
 }
 
 /// Byte counts of one connection, readable while it runs.
@@ -137,21 +152,29 @@ macro_rules! opaque_halves {
 #[cfg(test)]
 opaque_halves!(tokio::io::BufWriter<IO>);
 
-/// Copies until both directions are closed, one fails, or `idle` passes with no bytes.
+/// Copies until both directions are closed, one fails, or a timeout of `timeouts`
+/// passes with no bytes.
 pub async fn copy_bidirectional<C: Halves, U: Halves>(
     client: &mut C,
     upstream: &mut U,
-    idle: Duration,
+    timeouts: Timeouts,
     transfer: &Transfer,
     totals: Totals,
 ) -> Result<(), CopyError> {
-    copy_halves(client.halves(), upstream.halves(), idle, transfer, totals).await
+    copy_halves(
+        client.halves(),
+        upstream.halves(),
+        timeouts,
+        transfer,
+        totals,
+    )
+    .await
 }
 
 async fn copy_halves<CR, CW, UR, UW>(
     client: (CR, CW),
     upstream: (UR, UW),
-    idle: Duration,
+    timeouts: Timeouts,
     transfer: &Transfer,
     totals: Totals,
 ) -> Result<(), CopyError>
@@ -183,10 +206,36 @@ where
         },
     };
     // Each direction is polled when it has work, not when the other one has.
-    tokio::select! {
-        result = async { tokio::try_join!(woken(out.run()), woken(back.run())) } => result.map(|_| ()),
-        () = woken(idle_expired(&last_activity, start, idle)) => Err(CopyError::Idle(idle)),
+    let (out, back) = (woken(out.run()), woken(back.run()));
+    tokio::pin!(out, back);
+    let idle = timeouts.idle;
+    let first = tokio::select! {
+        result = &mut out => result.map(|()| Finished::Out)?,
+        result = &mut back => result.map(|()| Finished::Back)?,
+        () = woken(idle_expired(&last_activity, start, idle)) => return Err(CopyError::Idle(idle)),
+    };
+    // The half-closed timeout counts from the EOF that ended the first direction.
+    last_activity.store(start.elapsed().as_millis() as u64, Relaxed);
+    let limit = timeouts.half_closed.min(idle);
+    let expired = woken(idle_expired(&last_activity, start, limit));
+    match first {
+        Finished::Out => tokio::select! {
+            result = back => result,
+            () = expired => Err(CopyError::HalfClosedIdle(limit)),
+        },
+        Finished::Back => tokio::select! {
+            result = out => result,
+            () = expired => Err(CopyError::HalfClosedIdle(limit)),
+        },
     }
+}
+
+/// Which direction passed its EOF on first.
+enum Finished {
+    /// Application → destination.
+    Out,
+    /// Destination → application.
+    Back,
 }
 
 /// A read half that may be a plain TCP socket (read without a buffer of its own).

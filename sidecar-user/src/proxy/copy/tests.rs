@@ -8,18 +8,24 @@ use super::{
 };
 use crate::proxy::test_support::tcp_pair as pair;
 
+/// Timeouts no test reaches.
+const LONG: Timeouts = Timeouts {
+    idle: Duration::from_secs(30),
+    half_closed: Duration::from_secs(30),
+};
+
 struct Rig {
     app: TcpStream,
     server: TcpStream,
     task: tokio::task::JoinHandle<(Result<(), CopyError>, Transfer)>,
 }
 
-async fn rig(idle: Duration) -> Rig {
+async fn rig(idle: Timeouts) -> Rig {
     rig_with(idle, |upstream| upstream).await
 }
 
 /// A copy from a socket pair's proxy end to `wrap` of another pair's proxy end.
-async fn rig_with<U: Halves + 'static>(idle: Duration, wrap: fn(TcpStream) -> U) -> Rig {
+async fn rig_with<U: Halves + 'static>(idle: Timeouts, wrap: fn(TcpStream) -> U) -> Rig {
     let (app, mut proxy_client) = pair().await;
     let (proxy_upstream, server) = pair().await;
     let task = tokio::spawn(async move {
@@ -34,7 +40,7 @@ async fn rig_with<U: Halves + 'static>(idle: Duration, wrap: fn(TcpStream) -> U)
 async fn copy_counted<C: Halves, U: Halves>(
     client: &mut C,
     upstream: &mut U,
-    idle: Duration,
+    idle: Timeouts,
 ) -> (Result<(), CopyError>, Transfer) {
     let transfer = Transfer::default();
     let totals = Totals {
@@ -51,7 +57,7 @@ async fn half_close_keeps_the_other_direction_flowing() {
         mut app,
         mut server,
         task,
-    } = rig(Duration::from_secs(30)).await;
+    } = rig(LONG).await;
     app.write_all(b"request").await.expect("write");
     app.shutdown().await.expect("half-close");
     let mut got = Vec::new();
@@ -78,7 +84,7 @@ async fn bytes_a_writer_holds_back_are_flushed() {
     let (proxy_upstream, mut server) = pair().await;
     let task = tokio::spawn(async move {
         let mut held = tokio::io::BufWriter::new(proxy_upstream);
-        copy_counted(&mut proxy_client, &mut held, Duration::from_secs(30)).await
+        copy_counted(&mut proxy_client, &mut held, LONG).await
     });
     app.write_all(b"ping").await.expect("write");
     let mut got = [0u8; 4];
@@ -93,7 +99,7 @@ async fn bytes_a_writer_holds_back_are_flushed() {
 /// A copy whose destination side is not a plain socket (a buffered writer stands in
 /// for a TLS stream), so bytes coming back take the TLS-reader path.
 async fn opaque_rig() -> Rig {
-    rig_with(Duration::from_secs(30), tokio::io::BufWriter::new).await
+    rig_with(LONG, tokio::io::BufWriter::new).await
 }
 
 /// Bulk bytes out of a stream that is not a plain socket (the TLS-reader path,
@@ -174,11 +180,74 @@ async fn idle_connection_is_closed() {
         app: _app,
         server: _server,
         task,
-    } = rig(Duration::from_millis(200)).await;
+    } = rig(Timeouts {
+        idle: Duration::from_millis(200),
+        half_closed: Duration::from_secs(30),
+    })
+    .await;
     let started = std::time::Instant::now();
     let (result, _) = task.await.expect("join");
     assert!(matches!(result, Err(CopyError::Idle(_))), "{result:?}");
     assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+/// The application half-closes and the destination goes silent without closing:
+/// the connection ends at the half-closed timeout, not at the (long) idle timeout.
+#[tokio::test]
+async fn a_half_closed_connection_gone_silent_ends_at_the_half_closed_timeout() {
+    let Rig {
+        mut app,
+        server: _server,
+        task,
+    } = rig(Timeouts {
+        idle: Duration::from_secs(30),
+        half_closed: Duration::from_millis(300),
+    })
+    .await;
+    app.write_all(b"done").await.expect("write");
+    let started = std::time::Instant::now();
+    app.shutdown().await.expect("half-close");
+    let (result, transfer) = tokio::time::timeout(Duration::from_secs(10), task)
+        .await
+        .expect("the half-closed connection was held past its timeout")
+        .expect("join");
+    assert!(
+        matches!(result, Err(CopyError::HalfClosedIdle(_))),
+        "{result:?}"
+    );
+    // Not before the timeout: the other direction had its full 300 ms.
+    assert!(
+        started.elapsed() >= Duration::from_millis(290),
+        "{:?}",
+        started.elapsed()
+    );
+    assert_eq!(transfer.sent.load(Relaxed), 4);
+}
+
+/// Bytes still flowing in the open direction keep a half-closed connection alive
+/// past the half-closed timeout.
+#[tokio::test]
+async fn a_half_closed_connection_still_answering_is_kept() {
+    let Rig {
+        mut app,
+        mut server,
+        task,
+    } = rig(Timeouts {
+        idle: Duration::from_secs(30),
+        half_closed: Duration::from_millis(300),
+    })
+    .await;
+    app.shutdown().await.expect("half-close");
+    for _ in 0..8 {
+        server.write_all(b"tick").await.expect("write");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    server.shutdown().await.expect("close");
+    let mut got = Vec::new();
+    app.read_to_end(&mut got).await.expect("read");
+    assert_eq!(got.len(), 32);
+    let (result, _) = task.await.expect("join");
+    result.expect("clean close after 800 ms of answers");
 }
 
 #[tokio::test]
@@ -187,7 +256,7 @@ async fn reset_ends_both_directions() {
         app,
         mut server,
         task,
-    } = rig(Duration::from_secs(30)).await;
+    } = rig(LONG).await;
     app.set_zero_linger().expect("linger");
     drop(app);
     let (result, _) = task.await.expect("join");
@@ -233,7 +302,7 @@ async fn h2_rig() -> (
     let recv = response.await.expect("response").into_body();
     let task = tokio::spawn(async move {
         let mut stream = H2Stream::new(send, recv, None);
-        copy_counted(&mut proxy_client, &mut stream, Duration::from_secs(30)).await
+        copy_counted(&mut proxy_client, &mut stream, LONG).await
     });
     (app, served, task)
 }
