@@ -140,21 +140,27 @@ fn stalled_handshakes_are_bounded_and_a_real_client_keeps_working() {
     assert_eq!(summary["closed_by_server"], 40, "{summary}");
 }
 
-/// A client that completes mTLS with a valid certificate of the mesh (any workload,
-/// or a compromised one) is still held to its share of HBONE connections: past
-/// `max_hbone_connections_per_client` its new connections are reset at accept, while
-/// another pod's sidecar still gets in, and a closed connection frees its slot.
-#[test]
-fn an_authenticated_client_is_held_to_its_share_of_hbone_connections() {
-    let mut net = Net::new("flood-auth");
+/// A server pod `b` with an echo app, its sidecar strict and capped at 8 HBONE
+/// connections (4 per client), and pods `good` and `greedy` with certificates of
+/// the mesh. Fields drop in order: the sidecar before the net.
+struct Capped {
+    server: Sidecar,
+    dst: String,
+    _echo: sidecar_tests::tools::Background,
+    certs: Certs,
+    b: sidecar_tests::Pod,
+    good: sidecar_tests::Pod,
+    greedy: sidecar_tests::Pod,
+    _net: Net,
+}
+
+fn capped(tag: &str) -> Capped {
+    let mut net = Net::new(tag);
     let b = net.pod("b");
     let good = net.pod("good");
     let greedy = net.pod("greedy");
-    let certs = Certs::new(
-        "flood-auth",
-        &["b=shop/db", "good=shop/web", "greedy=shop/web"],
-    );
-    let (_echo, dst) = echo_server(&b, 8080);
+    let certs = Certs::new(tag, &["b=shop/db", "good=shop/web", "greedy=shop/web"]);
+    let (echo, dst) = echo_server(&b, 8080);
     let server = Sidecar::start(
         &b,
         &format!(
@@ -164,6 +170,33 @@ fn an_authenticated_client_is_held_to_its_share_of_hbone_connections() {
         ),
         Placement::InPodCgroup,
     );
+    Capped {
+        server,
+        dst,
+        _echo: echo,
+        certs,
+        b,
+        good,
+        greedy,
+        _net: net,
+    }
+}
+
+/// A client that completes mTLS with a valid certificate of the mesh (any workload,
+/// or a compromised one) is still held to its share of HBONE connections: past
+/// `max_hbone_connections_per_client` its new connections are reset at accept, while
+/// another pod's sidecar still gets in, and a closed connection frees its slot.
+#[test]
+fn an_authenticated_client_is_held_to_its_share_of_hbone_connections() {
+    let Capped {
+        server,
+        dst,
+        certs,
+        b,
+        good,
+        greedy,
+        ..
+    } = capped("flood-auth");
     let _client = Sidecar::meshed_client(&good, &certs, "good");
     let hold = |count: usize, hold_ms: u64| {
         let mut cmd = greedy.outsider(&pod_tool_bin());
@@ -361,24 +394,15 @@ fn a_new_peer_is_served_while_others_hold_every_hbone_connection() {
     // Two addresses of one pod hold their maximum (4 each) of authenticated,
     // idle HBONE connections: the sidecar-wide cap of 8. A new peer is still served:
     // the oldest idle connection of a client holding the most is closed (GOAWAY).
-    let mut net = Net::new("hbone-fair");
-    let b = net.pod("b");
-    let good = net.pod("good");
-    let greedy = net.pod("greedy");
-    let certs = Certs::new(
-        "hbone-fair",
-        &["b=shop/db", "good=shop/web", "greedy=shop/web"],
-    );
-    let (_echo, dst) = echo_server(&b, 8080);
-    let server = Sidecar::start(
-        &b,
-        &format!(
-            "{}inbound:\n  mode: strict\n  max_hbone_connections: 8\n  \
-             max_hbone_connections_per_client: 4\n",
-            certs.identity("b")
-        ),
-        Placement::InPodCgroup,
-    );
+    let Capped {
+        server,
+        dst,
+        certs,
+        b,
+        good,
+        greedy,
+        ..
+    } = capped("hbone-fair");
     let sources = ["198.18.0.120", "198.18.0.121"];
     for s in sources {
         greedy.add_address(s.parse().expect("ip"));

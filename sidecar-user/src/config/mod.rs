@@ -14,6 +14,7 @@ use serde::{Deserialize, Deserializer};
 
 mod env;
 mod error;
+mod inbound;
 mod kubernetes;
 mod mesh;
 mod services;
@@ -22,6 +23,7 @@ mod tests;
 mod validate;
 
 pub use error::ConfigError;
+pub use inbound::AllowEntry;
 pub use kubernetes::{DiscoveryLimits, KubernetesConfig, PlaintextPolicy};
 pub use mesh::{HboneConfig, MeshConfig, MeshIdentityRule};
 pub use services::{
@@ -342,59 +344,6 @@ impl Default for InboundConfig {
             // cap per client, so a handshake flood meets that one first.
             max_hbone_connections: 4096,
             max_hbone_connections_per_client: 256,
-        }
-    }
-}
-
-/// One entry of `inbound.allow`.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub enum AllowEntry {
-    /// Peers whose proven identity matches.
-    Peer(crate::tls::IdentityMatcher),
-    /// `unauthenticated`: clients without an identity (plaintext, on ports that are
-    /// not strict).
-    Unauthenticated,
-}
-
-impl AllowEntry {
-    /// The literal naming clients without an identity.
-    pub const UNAUTHENTICATED: &'static str = "unauthenticated";
-
-    /// Whether `allow` admits clients without an identity: empty, or listing
-    /// `unauthenticated`.
-    pub fn admits_unauthenticated(allow: &[AllowEntry]) -> bool {
-        allow.is_empty() || allow.contains(&AllowEntry::Unauthenticated)
-    }
-}
-
-impl InboundMode {
-    /// Its name in the configuration.
-    pub const fn as_str(self) -> &'static str {
-        match self {
-            InboundMode::Strict => "strict",
-            InboundMode::Permissive => "permissive",
-            InboundMode::Disabled => "disabled",
-        }
-    }
-}
-
-impl<'de> Deserialize<'de> for AllowEntry {
-    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
-        let text = String::deserialize(d)?;
-        if text == Self::UNAUTHENTICATED {
-            return Ok(AllowEntry::Unauthenticated);
-        }
-        text.parse()
-            .map(AllowEntry::Peer)
-            .map_err(serde::de::Error::custom)
-    }
-}
-
-impl std::fmt::Display for AllowEntry {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            AllowEntry::Peer(m) => m.fmt(f),
-            AllowEntry::Unauthenticated => f.write_str(Self::UNAUTHENTICATED),
         }
     }
 }

@@ -40,7 +40,11 @@ use crate::{
 };
 
 mod h2;
+mod idle;
 mod tls_read;
+
+pub use idle::Timeouts;
+use idle::idle_expired;
 
 /// Size of each worker thread's buffer for reads from plain sockets: a read this
 /// full starts splicing (plain to plain) or becomes four TLS records in one `writev`.
@@ -61,15 +65,6 @@ pub enum CopyError {
     /// One direction had ended, and no bytes moved for the half-closed timeout.
     #[error("half-closed and idle for {0:?}")]
     HalfClosedIdle(Duration),
-}
-
-/// How long a connection may go without bytes before it is closed.
-#[derive(Clone, Copy, Debug)]
-pub struct Timeouts {
-    /// While both directions are open.
-    pub idle: Duration,
-    /// Once one direction has ended (never longer than `idle`).
-    pub half_closed: Duration,
 }
 
 /// Byte counts of one connection, readable while it runs.
@@ -489,18 +484,6 @@ async fn write_all(dst: &TcpStream, mut bytes: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
-}
-
-/// Resolves once `idle` has passed since the last recorded activity.
-async fn idle_expired(last_activity: &AtomicU64, start: Instant, idle: Duration) {
-    loop {
-        let last = Duration::from_millis(last_activity.load(Relaxed));
-        let deadline = start + last + idle;
-        if Instant::now() >= deadline {
-            return;
-        }
-        tokio::time::sleep_until(deadline).await;
-    }
 }
 
 #[cfg(test)]
