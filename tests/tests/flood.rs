@@ -188,14 +188,16 @@ fn capped(tag: &str) -> Capped {
 /// another pod's sidecar still gets in, and a closed connection frees its slot.
 #[test]
 fn an_authenticated_client_is_held_to_its_share_of_hbone_connections() {
+    // Bound in this order so the sidecar goes first and the net last.
     let Capped {
-        server,
-        dst,
+        _net,
+        _echo,
         certs,
         b,
         good,
         greedy,
-        ..
+        dst,
+        server,
     } = capped("flood-auth");
     let _client = Sidecar::meshed_client(&good, &certs, "good");
     let hold = |count: usize, hold_ms: u64| {
@@ -394,14 +396,16 @@ fn a_new_peer_is_served_while_others_hold_every_hbone_connection() {
     // Two addresses of one pod hold their maximum (4 each) of authenticated,
     // idle HBONE connections: the sidecar-wide cap of 8. A new peer is still served:
     // the oldest idle connection of a client holding the most is closed (GOAWAY).
+    // Bound in this order so the sidecar goes first and the net last.
     let Capped {
-        server,
-        dst,
+        _net,
+        _echo,
         certs,
         b,
         good,
         greedy,
-        ..
+        dst,
+        server,
     } = capped("hbone-fair");
     let sources = ["198.18.0.120", "198.18.0.121"];
     for s in sources {
