@@ -311,6 +311,11 @@ struct Plain {
 }
 
 fn plain(tag: &str, n: usize, ready: &[usize]) -> Plain {
+    plain_with(tag, n, ready, "")
+}
+
+/// As [`plain`], with `limits` (YAML lines) under `kubernetes.limits`.
+fn plain_with(tag: &str, n: usize, ready: &[usize], limits: &str) -> Plain {
     let mut net = Net::new(tag);
     let api_pod = net.pod("api");
     let client = net.pod("client");
@@ -329,7 +334,14 @@ fn plain(tag: &str, n: usize, ready: &[usize]) -> Plain {
         api.apply(&kube_pod(&format!("web-{}", i + 1), "web", p, false))
             .expect("apply");
     }
-    let sidecar = Sidecar::start(&client, &discovery(&api), Placement::InPodCgroup);
+    let mut config = discovery(&api);
+    if !limits.is_empty() {
+        config.push_str("  limits:\n");
+        for line in limits.lines() {
+            config.push_str(&format!("    {line}\n"));
+        }
+    }
+    let sidecar = Sidecar::start(&client, &config, Placement::InPodCgroup);
     Plain {
         _net: net,
         api,
@@ -556,4 +568,51 @@ fn narrowing_mesh_identities_keeps_open_connections_to_a_pod_discovery_vouches_f
         "open connections were reset by the reload"
     );
     assert_eq!(sidecar.closed("policy_denied"), 0);
+}
+
+#[test]
+fn an_oversized_watch_event_fails_its_watch_and_the_rest_keeps_working() {
+    // One Service carries a 200 KiB annotation: its watch event is over the
+    // configured line bound, so the services watch fails (and backs off) instead of
+    // buffering it, while endpoint changes still reach traffic.
+    let rig = plain_with(
+        "kube-bound",
+        2,
+        &[0, 1],
+        "max_watch_line_bytes: 65536\nmax_response_bytes: 1048576",
+    );
+    let vip = format!("{CLUSTER_IP}:80");
+    let errors = || {
+        rig.sidecar
+            .metric("sidecar_kubernetes_errors_total", &[("kind", "services")])
+    };
+    let before = errors();
+    rig.api
+        .apply_json(json!({"apiVersion": "v1", "kind": "Service",
+            "metadata": {"namespace": "shop", "name": "bloated",
+                         "annotations": {"x": "y".repeat(200 * 1024)}},
+            "spec": {"clusterIP": "10.96.0.99", "ports": [{"port": 80}]}}))
+        .expect("apply");
+    sidecar_tests::tools::wait_until(
+        Duration::from_secs(10),
+        "the services watch to fail",
+        || errors() > before,
+    );
+    let log = rig.sidecar.logs();
+    assert!(log.contains("max_watch_line_bytes"), "{log}");
+    // The failing watch backs off: a few errors, not one per round trip.
+    std::thread::sleep(Duration::from_secs(3));
+    let failures = errors() - before;
+    assert!(failures <= 6.0, "{failures} failed watches in 3 s");
+    // Endpoint slices are watched on their own: b2 leaving still applies.
+    rig.api
+        .apply(&slice(
+            "web",
+            &[(rig.b[0].ip4, true), (rig.b[1].ip4, false)],
+        ))
+        .expect("apply");
+    let b2 = endpoint(&rig.b[1]);
+    sidecar_tests::tools::wait_until(Duration::from_secs(5), "b2 to leave", || {
+        !tally_by_server(&tally(&rig.client, &vip, 4)).contains_key(&b2)
+    });
 }

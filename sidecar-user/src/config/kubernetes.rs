@@ -51,6 +51,12 @@ pub struct DiscoveryLimits {
     pub max_ports_per_service: usize,
     /// Endpoints per Service port (the lowest addresses).
     pub max_endpoints_per_service: usize,
+    /// Bytes of one API server response that is not a watch (a list page of 500
+    /// objects); a larger one fails, and the list is retried after the backoff.
+    pub max_response_bytes: usize,
+    /// Bytes of one watch event (one object: etcd stores at most 1.5 MiB); a larger
+    /// one ends the watch, which is resumed after the backoff.
+    pub max_watch_line_bytes: usize,
 }
 
 impl Default for DiscoveryLimits {
@@ -61,6 +67,8 @@ impl Default for DiscoveryLimits {
             max_services: 5_000,
             max_ports_per_service: 32,
             max_endpoints_per_service: 1_000,
+            max_response_bytes: 64 << 20,
+            max_watch_line_bytes: 8 << 20,
         }
     }
 }

@@ -7,6 +7,7 @@
 //! Outbound connections wait for the first full list ([`Synced`]); after that the
 //! last known state serves through API server outages ([`watch`]).
 
+mod bounded;
 pub mod metrics;
 pub mod objects;
 pub mod pod;
@@ -105,7 +106,13 @@ pub async fn client(config: &KubernetesConfig) -> Result<kube::Client, Discovery
         }
         None => kube::Config::incluster().map_err(|e| DiscoveryError::InCluster(e.to_string()))?,
     };
-    kube::Client::try_from(kube_config).map_err(|e| DiscoveryError::Client(e.to_string()))
+    let bounds = bounded::Bounds {
+        max_response_bytes: config.limits.max_response_bytes,
+        max_watch_line_bytes: config.limits.max_watch_line_bytes,
+    };
+    let builder = kube::client::ClientBuilder::try_from(kube_config)
+        .map_err(|e| DiscoveryError::Client(e.to_string()))?;
+    Ok(builder.with_layer(&bounded::BoundedLayer(bounds)).build())
 }
 
 /// The records every watch of one kind shares.

@@ -409,6 +409,7 @@ fn caps_leave_out_ports_endpoints_and_services_past_them_and_count_them() {
         max_services: 40,
         max_ports_per_service: 40,
         max_endpoints_per_service: 30,
+        ..Default::default()
     };
     let (_, none) = Cluster {
         services: &services,
