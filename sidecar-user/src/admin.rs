@@ -109,7 +109,9 @@ pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminStat
             let serving = pass.clone();
             let service = service_fn(move |req: Request<Incoming>| {
                 let state = state.clone();
-                // A request in progress: this connection is not idle.
+                // A request in progress: this connection is not idle (`None`: it
+                // was asked to close; the request is still answered, and the
+                // connection then closes).
                 let busy = serving.busy();
                 async move {
                     let _busy = busy;
@@ -132,15 +134,24 @@ pub async fn serve(listener: TcpListener, surface: Surface, state: Arc<AdminStat
                 .timer(hyper_util::rt::TokioTimer::new())
                 .header_read_timeout(HEADER_READ_TIMEOUT)
                 .serve_connection(TokioIo::new(stream), service);
-            tokio::select! {
-                served = tokio::time::timeout(MAX_CONNECTION_AGE, connection) => match served {
-                    Ok(Err(error)) => debug!(%error, %peer, "admin connection error"),
-                    Err(_) => debug!(%peer, "admin connection closed at its maximum age"),
-                    Ok(Ok(())) => {}
-                },
-                // Idle (between requests), and a client holding fewer connections
-                // (the kubelet) needed its place.
-                () = pass.evicted() => debug!(%peer, "idle connection closed to admit a client holding fewer"),
+            let served = async {
+                tokio::pin!(connection);
+                tokio::select! {
+                    served = connection.as_mut() => served,
+                    // Idle, and a client holding fewer connections (the kubelet)
+                    // needs its place: a response being written is finished, then
+                    // the connection closes.
+                    () = pass.evicted() => {
+                        debug!(%peer, "idle connection closing to admit a client holding fewer");
+                        connection.as_mut().graceful_shutdown();
+                        connection.await
+                    }
+                }
+            };
+            match tokio::time::timeout(MAX_CONNECTION_AGE, served).await {
+                Ok(Err(error)) => debug!(%error, %peer, "admin connection error"),
+                Err(_) => debug!(%peer, "admin connection closed at its maximum age"),
+                Ok(Ok(())) => {}
             }
         });
     }

@@ -23,7 +23,7 @@ use std::{
     net::IpAddr,
     sync::{
         Arc, Mutex,
-        atomic::{AtomicBool, AtomicUsize, Ordering::Relaxed},
+        atomic::{AtomicUsize, Ordering::AcqRel, Ordering::Acquire},
     },
 };
 
@@ -73,11 +73,15 @@ struct State {
 pub struct Slot {
     /// Admission order.
     order: u64,
-    /// Streams or requests in progress; a slot with none is idle.
-    busy: AtomicUsize,
-    evicted: AtomicBool,
+    /// Streams or requests in progress (a slot with none is idle), and [`EVICTED`]:
+    /// one word, so that a slot is evicted only while idle and takes no work once
+    /// evicted.
+    state: AtomicUsize,
     notify: Notify,
 }
+
+/// The bit of [`Slot::state`] that says the connection was asked to close.
+const EVICTED: usize = 1 << (usize::BITS - 1);
 
 /// Keeps its slot busy (not evictable) while it lives: one stream or request.
 #[derive(Debug)]
@@ -213,8 +217,7 @@ impl Gate {
         state.admitted += 1;
         let slot = Arc::new(Slot {
             order: state.admitted,
-            busy: AtomicUsize::new(0),
-            evicted: AtomicBool::new(false),
+            state: AtomicUsize::new(0),
             notify: Notify::new(),
         });
         state
@@ -231,31 +234,37 @@ impl Gate {
     }
 
     /// Asks the oldest idle connection of the busiest client other than `client`
-    /// (which holds `held`) to close, if that client holds at least two more.
+    /// (which holds `held`) to close, among the clients holding at least two more
+    /// and having an idle one (ties: the oldest idle connection).
     fn evict_for(&self, state: &mut State, client: IpAddr, held: usize) -> bool {
         // Connections asked to close are closing: at most an eighth of the cap (at
         // least one) at once, so the gate never holds more than that over its cap.
         if state.evicting >= (self.max / 8).max(1) {
             return false;
         }
-        let live = |slots: &[Arc<Slot>]| slots.iter().filter(|s| !s.is_evicted()).count();
-        let victim = state
+        let mut candidates: Vec<(usize, u64, &Arc<Slot>)> = state
             .by_client
             .iter()
             .filter(|(ip, _)| **ip != client)
-            .map(|(_, slots)| (live(slots), slots))
-            .filter(|(n, _)| *n > held + 1)
-            .max_by_key(|(n, _)| *n)
-            .and_then(|(_, slots)| {
-                slots
+            .filter_map(|(_, slots)| {
+                let live = slots.iter().filter(|s| !s.is_evicted()).count();
+                let oldest_idle = slots
                     .iter()
-                    .filter(|s| !s.is_evicted() && s.busy.load(Relaxed) == 0)
-                    .min_by_key(|s| s.order)
-            });
-        let Some(victim) = victim else {
+                    .filter(|s| s.state.load(Acquire) == 0)
+                    .min_by_key(|s| s.order)?;
+                (live > held + 1).then_some((live, oldest_idle.order, oldest_idle))
+            })
+            .collect();
+        // The busiest first; among equals, the oldest idle connection.
+        candidates.sort_by_key(|&(live, order, _)| (std::cmp::Reverse(live), order));
+        // A slot that took work since it was looked at is passed over.
+        let Some(victim) = candidates.into_iter().map(|(_, _, s)| s).find(|s| {
+            s.state
+                .compare_exchange(0, EVICTED, AcqRel, Acquire)
+                .is_ok()
+        }) else {
             return false;
         };
-        victim.evicted.store(true, Relaxed);
         victim.notify.notify_one();
         state.evicting += 1;
         self.evicted.inc();
@@ -265,15 +274,28 @@ impl Gate {
 
 impl Slot {
     fn is_evicted(&self) -> bool {
-        self.evicted.load(Relaxed)
+        self.state.load(Acquire) & EVICTED != 0
     }
 }
 
 impl Pass {
-    /// Marks the connection busy (not evictable) while the guard lives.
-    pub fn busy(&self) -> Busy {
-        self.slot.busy.fetch_add(1, Relaxed);
-        Busy(self.slot.clone())
+    /// Marks the connection busy (not evictable) while the guard lives; `None`
+    /// once it was asked to close (it must take no more work).
+    pub fn busy(&self) -> Option<Busy> {
+        let mut current = self.slot.state.load(Acquire);
+        loop {
+            if current & EVICTED != 0 {
+                return None;
+            }
+            match self
+                .slot
+                .state
+                .compare_exchange_weak(current, current + 1, AcqRel, Acquire)
+            {
+                Ok(_) => return Some(Busy(self.slot.clone())),
+                Err(now) => current = now,
+            }
+        }
     }
 
     /// Resolves once the gate has asked this connection to close (it was idle, and
@@ -291,7 +313,7 @@ impl Pass {
 
 impl Drop for Busy {
     fn drop(&mut self) {
-        self.0.busy.fetch_sub(1, Relaxed);
+        self.0.state.fetch_sub(1, AcqRel);
     }
 }
 
@@ -363,7 +385,7 @@ mod tests {
         let a: Vec<Pass> = (0..4).map(|_| gate.enter(ip(1)).expect("a")).collect();
         let b: Vec<Pass> = (0..2).map(|_| gate.enter(ip(2)).expect("b")).collect();
         // a's oldest is busy (a stream in progress): the next oldest idle one goes.
-        let _stream = a[0].busy();
+        let _stream = a[0].busy().expect("not evicted");
         let newcomer = gate.enter(ip(3)).expect("a new client is admitted");
         assert!(
             !a[0].slot.is_evicted(),
@@ -376,6 +398,10 @@ mod tests {
         );
         assert!(a[2..].iter().chain(&b).all(|p| !p.slot.is_evicted()));
         assert_eq!(gate.evicted.get(), 1);
+        assert!(
+            a[1].busy().is_none(),
+            "an evicted connection takes no more work"
+        );
         // While it closes, the gate holds one more than its cap, and no more.
         assert_eq!(
             gate.enter(ip(4)).expect_err("one eviction in flight"),
@@ -418,5 +444,19 @@ mod tests {
         // Every client holds 1: a fifth is refused.
         assert_eq!(gate.enter(ip(5)).expect_err("equal shares"), Limit::Sidecar);
         assert_eq!(gate.evicted.get(), 3);
+    }
+
+    #[test]
+    fn a_busiest_client_with_only_busy_connections_does_not_shield_the_others() {
+        let gate = Gate::hbone(8, 8);
+        // x holds 5, each with a stream open; y holds 3 idle ones.
+        let x: Vec<Pass> = (0..5).map(|_| gate.enter(ip(1)).expect("x")).collect();
+        let _streams: Vec<Busy> = x.iter().map(|p| p.busy().expect("busy")).collect();
+        let y: Vec<Pass> = (0..3).map(|_| gate.enter(ip(2)).expect("y")).collect();
+        let _z = gate
+            .enter(ip(3))
+            .expect("y's oldest idle connection makes room");
+        assert!(y[0].slot.is_evicted());
+        assert!(x.iter().all(|p| !p.slot.is_evicted()));
     }
 }

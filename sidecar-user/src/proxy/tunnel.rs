@@ -71,6 +71,10 @@ pub struct TunnelServer {
 /// GOAWAY before the connection is closed.
 const TRUST_DRAIN: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// An evicted connection carries nothing (only idle ones are evicted, and they take
+/// no new stream): it is closed this long after its GOAWAY at the latest.
+const EVICTED_CLOSE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// Accepts HBONE connections on `listener` until a drain starts; each connection's
 /// streams are served until it closes (after a drain: once its streams end).
 pub async fn serve(
@@ -171,10 +175,11 @@ async fn connection(
     let drained = woken(drain.wait_for_drain());
     let evicted = woken(held.evicted());
     let trust_ends = woken(trust_ends(not_after, bundles, verified_under));
-    // Armed once trust has ended: the streams' time to finish.
+    // Armed once trust has ended or the gate asked the connection to go: the time
+    // left before it is closed, whatever it still carries.
     let cut = tokio::time::sleep(std::time::Duration::MAX / 4);
     tokio::pin!(keepalive, unused, drained, evicted, trust_ends, cut);
-    let mut distrusted = false;
+    let (mut distrusted, mut cut_armed) = (false, false);
     let book = Arc::new(StreamBook::new(server.settings.max_inbound_streams));
     let mut calmed = false;
     loop {
@@ -182,6 +187,12 @@ async fn connection(
             next = h2.accept() => match next {
                 Some(Ok((request, mut respond))) => {
                     used.store(true, Relaxed);
+                    let Some(busy) = held.busy() else {
+                        // Asked to close (it was idle, and a client holding fewer
+                        // connections needed its place): no more streams.
+                        respond.send_reset(h2::Reason::REFUSED_STREAM);
+                        continue;
+                    };
                     let Some(permit) = book.admit() else {
                         server.metrics.abuse(Abuse::OverStreamCap);
                         respond.send_reset(h2::Reason::REFUSED_STREAM);
@@ -198,7 +209,7 @@ async fn connection(
                     let peer = first.take().unwrap_or_else(|| PeerIdentity { id: peer.id.clone(), handshake: None });
                     let conn = Conn::start(inputs.clone(), Direction::Inbound, client, drain.clone());
                     let span = info_span!("stream", peer = %peer.id);
-                    let guard = Open::new(server.metrics.clone(), open.clone(), held.busy());
+                    let guard = Open::new(server.metrics.clone(), open.clone(), busy);
                     let task = Stream { server: server.clone(), local, peer, guard, book: book.clone(), _permit: permit };
                     drain.spawn(task.serve(conn, request, respond).instrument(span));
                 }
@@ -223,17 +234,24 @@ async fn connection(
                 distrusted = true;
                 draining = true;
                 h2.graceful_shutdown();
-                cut.as_mut().reset(tokio::time::Instant::now() + TRUST_DRAIN);
+                if !cut_armed {
+                    cut_armed = true;
+                    cut.as_mut().reset(tokio::time::Instant::now() + TRUST_DRAIN);
+                }
             }
-            () = &mut cut, if distrusted => {
-                warn!(peer = %peer.id, after = ?TRUST_DRAIN, "HBONE connection closed: streams still open after its peer stopped being trusted");
+            () = &mut cut, if cut_armed => {
+                debug!(peer = %peer.id, "HBONE connection closed at the end of its drain");
                 break;
             }
-            () = &mut evicted, if !draining => {
-                // Idle, and a client holding fewer connections needed its place.
+            () = &mut evicted, if !cut_armed => {
+                // It was idle, takes no new stream (refused), and a client holding
+                // fewer connections needs its place: GOAWAY, and closed soon after
+                // even if the peer does not finish the shutdown.
                 debug!("HBONE connection closed to admit a client holding fewer connections");
                 draining = true;
                 h2.graceful_shutdown();
+                cut_armed = true;
+                cut.as_mut().reset(tokio::time::Instant::now() + EVICTED_CLOSE);
             }
             () = &mut drained, if !draining => {
                 // GOAWAY: no new streams; the open ones finish.
