@@ -67,20 +67,24 @@ impl<F: Future> Future for Woken<F> {
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
         let this = self.project();
+        let mut registered = false;
         if !this.flag.woken.load(Ordering::Acquire) {
             // Registering the same waker again is two uncontended atomic operations,
             // far less than polling the branch.
             this.flag.task.register(cx.waker());
+            registered = true;
             // A wake before the registration set the flag: do not miss it.
             if !this.flag.woken.load(Ordering::Acquire) {
                 return Poll::Pending;
             }
         }
-        // Woken: the wake took the registered waker, so register again, then let
-        // the inner future see what woke it (a wake from here on is seen by the
-        // next poll of the task).
+        // Woken: unless just done, register again (the wake took the registered
+        // waker), then let the inner future see what woke it (a wake from here on
+        // is seen by the next poll of the task).
         this.flag.woken.store(false, Ordering::Release);
-        this.flag.task.register(cx.waker());
+        if !registered {
+            this.flag.task.register(cx.waker());
+        }
         this.inner.poll(&mut Context::from_waker(this.waker))
     }
 }

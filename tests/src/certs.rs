@@ -89,14 +89,22 @@ pub fn kubelet_write(mount: &Path, generation: u32, from: &Path) {
 /// `sidecar certs --ca <ca_dir> --out <out> --workload <workload>`: a new certificate
 /// from an existing CA, as a rotation brings.
 pub fn reissue(ca_dir: &Path, out: &Path, workload: &str) {
-    let done = Command::new(sidecar_bin())
-        .args(["certs", "--out"])
+    reissue_valid_for(ca_dir, out, workload, None);
+}
+
+/// As [`reissue`], valid for `seconds` from now when given (short-lived
+/// certificates, to see expiry).
+pub fn reissue_valid_for(ca_dir: &Path, out: &Path, workload: &str, seconds: Option<u32>) {
+    let mut cmd = Command::new(sidecar_bin());
+    cmd.args(["certs", "--out"])
         .arg(out)
         .arg("--ca")
         .arg(ca_dir)
-        .args(["--workload", workload])
-        .output()
-        .expect("sidecar certs --ca");
+        .args(["--workload", workload]);
+    if let Some(seconds) = seconds {
+        cmd.args(["--seconds", &seconds.to_string()]);
+    }
+    let done = crate::tools::output_within(&mut cmd, std::time::Duration::from_secs(20));
     assert!(
         done.status.success(),
         "sidecar certs --ca: {}",

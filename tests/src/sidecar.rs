@@ -329,7 +329,9 @@ impl Sidecar {
 impl Drop for Sidecar {
     fn drop(&mut self) {
         // A failed test shows what the sidecar still held open, read before it dies.
-        let open = std::thread::panicking().then(|| {
+        // (Not once the pod's namespace is gone: a panic here would abort the run.)
+        let reachable = self.pod.netns_path().exists();
+        let open = (std::thread::panicking() && reachable).then(|| {
             self.pod
                 .outsider("curl")
                 .args([

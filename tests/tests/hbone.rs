@@ -390,25 +390,6 @@ fn a_killed_server_sidecar_fails_closed_and_its_broken_connection_is_never_reuse
     assert_eq!(pool.as_array().map(Vec::len), Some(1), "{pool}");
 }
 
-/// `sidecar certs --ca <ca_dir> --seconds <seconds>`: a certificate for `workload`
-/// from the CA in `ca_dir` valid for `seconds` more, in `<out>/<name>`.
-fn short_lived(ca_dir: &std::path::Path, out: &std::path::Path, workload: &str, seconds: u32) {
-    let done = sidecar_tests::tools::output_within(
-        std::process::Command::new(sidecar_tests::tools::sidecar_bin())
-            .args(["certs", "--out"])
-            .arg(out)
-            .arg("--ca")
-            .arg(ca_dir)
-            .args(["--workload", workload, "--seconds", &seconds.to_string()]),
-        Duration::from_secs(20),
-    );
-    assert!(
-        done.status.success(),
-        "{}",
-        String::from_utf8_lossy(&done.stderr)
-    );
-}
-
 /// An `identity:` section with `name`'s certificate and key from `certs`, the
 /// bundle at `bundle`, re-read every 200 ms (so the files are made readable by the
 /// proxy's unprivileged user, as a Secret volume's are).
@@ -440,7 +421,7 @@ fn the_server_sends_goaway_at_a_clients_expiry_and_when_its_ca_leaves_the_bundle
     let bundle = ours.dir().join("b-bundle.pem");
     std::fs::write(&bundle, format!("{}{}", read(&ours), read(&theirs))).expect("bundle");
     let short_dir = ours.dir().join("short");
-    short_lived(ours.dir(), &short_dir, "short=shop/web", 8);
+    sidecar_tests::certs::reissue_valid_for(ours.dir(), &short_dir, "short=shop/web", Some(8));
     let (_echo, dst) = echo_server(&b, 8080);
     let server = Sidecar::start(
         &b,

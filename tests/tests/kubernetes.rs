@@ -301,13 +301,14 @@ impl Holders {
 
 /// A net with the API server, a client pod with discovery, and plain echo pods
 /// `b1..bn` registered as pods of service account `web` (no sidecar).
+/// Fields drop in order: the sidecar first, the net last.
 struct Plain {
-    _net: Net,
+    sidecar: Sidecar,
     api: KubeApi,
     client: Pod,
     b: Vec<Pod>,
     _apps: Vec<Background>,
-    sidecar: Sidecar,
+    _net: Net,
 }
 
 fn plain(tag: &str, n: usize, ready: &[usize]) -> Plain {

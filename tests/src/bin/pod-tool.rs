@@ -281,102 +281,99 @@ fn main() -> Result<()> {
 }
 
 async fn run_client(cmd: Cmd) -> Result<()> {
-    {
-        match cmd {
-            Cmd::Echo { .. } | Cmd::Http { .. } => unreachable!("servers run above"),
-            Cmd::Tally {
+    match cmd {
+        Cmd::Echo { .. } | Cmd::Http { .. } => bail!("a server, not a client command"),
+        Cmd::Tally {
+            to,
+            count,
+            concurrency,
+            interval_ms,
+            order,
+            conn_deadline_ms,
+            max_errors,
+        } => {
+            let plan = Plan {
                 to,
-                count,
-                concurrency,
-                interval_ms,
                 order,
-                conn_deadline_ms,
+                deadline: Duration::from_millis(conn_deadline_ms),
                 max_errors,
-            } => {
-                let plan = Plan {
-                    to,
-                    order,
-                    deadline: Duration::from_millis(conn_deadline_ms),
-                    max_errors,
-                };
-                tally(plan, count, concurrency, interval_ms).await
+            };
+            tally(plan, count, concurrency, interval_ms).await
+        }
+        Cmd::Clients {
+            to,
+            connections,
+            max_small,
+            big,
+            seed,
+        } => clients(to, connections, max_small, big, seed).await,
+        Cmd::Hold {
+            to,
+            count,
+            linger_ms,
+            concurrency,
+        } => hold(to, count, linger_ms, concurrency).await,
+        Cmd::Abort { to, count } => abort(to, count).await,
+        Cmd::Slow {
+            to,
+            streams,
+            bytes,
+            seconds,
+        } => slow(to, streams, bytes, seconds).await,
+        Cmd::Identities { to, ca, count } => identities(to, &ca, count).await,
+        Cmd::Udp { to } => udp(to).await,
+        Cmd::Stuck { to, hold_ms } => stuck(to, hold_ms).await,
+        Cmd::Hbone {
+            to,
+            cert,
+            authorities,
+            method,
+            payload,
+            read_ms,
+        } => hbone(to, cert, authorities, method, payload, read_ms).await,
+        Cmd::Enrol { to } => enrol(to).await,
+        Cmd::HboneHold {
+            to,
+            cert,
+            authority,
+            count,
+            hold_ms,
+            from,
+        } => hbone_hold(to, &cert, &authority, (count, &from), hold_ms).await,
+        Cmd::HttpHold {
+            to,
+            from,
+            per_source,
+            path,
+            every_ms,
+            hold_ms,
+        } => http_hold(to, &from, per_source, &path, (every_ms, hold_ms)).await,
+        Cmd::Stall { to, count, hold_ms } => stall(to, count, hold_ms).await,
+        Cmd::ResetFlood {
+            to,
+            cert,
+            authority,
+            count,
+            batch,
+            reset_after_ms,
+            wait_ms,
+        } => {
+            use sidecar_tests::hbone::{Client, tls_config};
+            let config = Arc::new(tls_config(Some(&cert))?);
+            let client = Client::connect(to, config).await?;
+            let reset_after = Duration::from_millis(reset_after_ms);
+            let sent = client
+                .reset_flood(&authority, count, batch, reset_after)
+                .await;
+            let waited = Instant::now();
+            while client.ended().is_none() && waited.elapsed() < Duration::from_millis(wait_ms) {
+                tokio::time::sleep(Duration::from_millis(20)).await;
             }
-            Cmd::Clients {
-                to,
-                connections,
-                max_small,
-                big,
-                seed,
-            } => clients(to, connections, max_small, big, seed).await,
-            Cmd::Hold {
-                to,
-                count,
-                linger_ms,
-                concurrency,
-            } => hold(to, count, linger_ms, concurrency).await,
-            Cmd::Abort { to, count } => abort(to, count).await,
-            Cmd::Slow {
-                to,
-                streams,
-                bytes,
-                seconds,
-            } => slow(to, streams, bytes, seconds).await,
-            Cmd::Identities { to, ca, count } => identities(to, &ca, count).await,
-            Cmd::Udp { to } => udp(to).await,
-            Cmd::Stuck { to, hold_ms } => stuck(to, hold_ms).await,
-            Cmd::Hbone {
-                to,
-                cert,
-                authorities,
-                method,
-                payload,
-                read_ms,
-            } => hbone(to, cert, authorities, method, payload, read_ms).await,
-            Cmd::Enrol { to } => enrol(to).await,
-            Cmd::HboneHold {
-                to,
-                cert,
-                authority,
-                count,
-                hold_ms,
-                from,
-            } => hbone_hold(to, &cert, &authority, (count, &from), hold_ms).await,
-            Cmd::HttpHold {
-                to,
-                from,
-                per_source,
-                path,
-                every_ms,
-                hold_ms,
-            } => http_hold(to, &from, per_source, &path, (every_ms, hold_ms)).await,
-            Cmd::Stall { to, count, hold_ms } => stall(to, count, hold_ms).await,
-            Cmd::ResetFlood {
-                to,
-                cert,
-                authority,
-                count,
-                batch,
-                reset_after_ms,
-                wait_ms,
-            } => {
-                use sidecar_tests::hbone::{Client, tls_config};
-                let config = Arc::new(tls_config(Some(&cert))?);
-                let client = Client::connect(to, config).await?;
-                let reset_after = Duration::from_millis(reset_after_ms);
-                let sent = client
-                    .reset_flood(&authority, count, batch, reset_after)
-                    .await;
-                let waited = Instant::now();
-                while client.ended().is_none() && waited.elapsed() < Duration::from_millis(wait_ms)
-                {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-                println!(
-                    "{}",
-                    serde_json::json!({"sent": sent, "ended": client.ended()})
-                );
-                Ok(())
-            }
+            println!(
+                "{}",
+                serde_json::json!({"sent": sent, "ended": client.ended()})
+            );
+            Ok(())
         }
     }
 }
